@@ -1,0 +1,201 @@
+"""Medformer: one transformer for packed batches of 2D and 3D images and many tasks."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .adaptformer import InputAdaptformer, OutputAdaptformer
+from .blocks import Block
+from .config import DomainVocab, MedformerConfig
+from .heads import HeadContext, LabelError, build_head
+from .packing import Batch, TokenLayout
+from .rope import Rotary3D
+from .segmentation import feature_depths
+from .tasks import TaskKind, TaskSpec
+from .tokenizer import LearnedPositions, PatchEmbed
+
+__all__ = ["Medformer", "MedformerOutput"]
+
+
+@dataclass
+class MedformerOutput:
+    """What a forward pass returns.
+
+    Attributes:
+        predictions: per task name, the head's prediction (see each head for its form).
+        embedding: (S, D) pooled embedding of each sample.
+        tokens: (T, D) final normalised packed tokens, laid out by ``layout``.
+        layout: the packing of this batch.
+        input_attention: (T, L) each token's attention over its domain latents, or None.
+        attentions: on request, per block one list of (B, H, n, n) weights per segment.
+        query_attention: on request, per task a list of per-sample (H, Q, n_i) weights.
+    """
+
+    predictions: dict[str, object]
+    embedding: Tensor
+    tokens: Tensor
+    layout: TokenLayout
+    input_attention: Tensor | None = None
+    attentions: list[list[Tensor]] = field(default_factory=list)
+    query_attention: dict[str, list[Tensor]] = field(default_factory=dict)
+
+
+class Medformer(nn.Module):
+    """Tokenizer -> Input Adaptformer -> timm-compatible body -> Output Adaptformer -> task heads.
+
+    Example:
+        >>> from medexplore.models import create_model, TaskSpec, Batch, Domain
+        >>> model = create_model("medformer_tiny", tasks=[TaskSpec("tumour", "binary", 1)],
+        ...                      depth=2, patch_size=4)
+        >>> batch = Batch.from_images([torch.rand(1, 28, 28), torch.rand(1, 28, 28, 28)],
+        ...                           [Domain("2d", "xray", "chest"), Domain("3d", "mri", "brain")])
+        >>> model(batch).predictions["tumour"].shape
+        torch.Size([2])
+    """
+
+    def __init__(self, config: MedformerConfig, tasks: list[TaskSpec] = ()):
+        super().__init__()
+        self.config = config
+        self.tasks: dict[str, TaskSpec] = {}
+        d = config.embed_dim
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, d)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if config.class_token else None
+        self.pos = (LearnedPositions(config.pos_grid, config.num_prefix_tokens, d)
+                    if "learned" in config.pos_embed else None)
+        self.rope = Rotary3D(config.head_dim, config.rope_theta) if "rope" in config.pos_embed else None
+        self.input_adaptformer = (InputAdaptformer(d, config.num_heads, config.vocab, config.domain_latents)
+                                  if config.input_adaptformer else None)
+        dpr = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        self.blocks = nn.ModuleList(Block(d, config.num_heads, config.mlp_ratio, config.qkv_bias, dpr[i])
+                                    for i in range(config.depth))
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.feature_depths = feature_depths(config.depth, config.patch_size)
+        self.output_adaptformer = OutputAdaptformer(d, config.num_heads, [], config.mlp_ratio) if config.output_adaptformer else None
+        self.heads = nn.ModuleDict()
+        for task in tasks:
+            self.add_task(task)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+
+    # ------------------------------------------------------------------ tasks and domains
+    def add_task(self, task: TaskSpec) -> None:
+        """Add a task with its Output-Adaptformer queries and head (e.g. when fine-tuning)."""
+        if not isinstance(task, TaskSpec):
+            raise TypeError(f"add_task expects a TaskSpec, got {type(task).__name__}")
+        if task.name in self.tasks:
+            raise ValueError(f"task {task.name!r} already exists; names must be unique")
+        self.tasks[task.name] = task
+        cfg = self.config
+        head = build_head(task, cfg.embed_dim, cfg.in_chans, cfg.patch_size, cfg.seg_channels, len(self.feature_depths))
+        ref = self.norm.weight
+        self.heads[task.name] = head.to(device=ref.device, dtype=ref.dtype)
+        if self.output_adaptformer is not None:
+            self.output_adaptformer.add_task(task)
+
+    def extend_domains(self, modalities=(), body_parts=()) -> DomainVocab:
+        """Add modalities/body parts to the vocabulary (and latents for them); returns the new vocabulary."""
+        new = self.config.vocab.extended(modalities, body_parts)
+        if self.input_adaptformer is not None:
+            self.input_adaptformer.extend_vocab(self.config.vocab, new)
+        self.config = self.config.replace(vocab=new)
+        return new
+
+    # ------------------------------------------------------------------ forward
+    def layout(self, batch: Batch, packing: str = "grouped") -> TokenLayout:
+        """Packing of ``batch``; raises ValueError for images the model cannot take."""
+        grids = []
+        for images, ids in zip(batch.groups, batch.group_samples):
+            grids.append(self.patch_embed.grid(tuple(images.shape[1:]), where=f"image {int(ids[0])}"))
+        shapes = [tuple(g.shape[2:]) for g in batch.groups]
+        return TokenLayout.build(grids, batch.group_samples, shapes, batch.num_samples,
+                                 self.config.num_prefix_tokens, packing, device=self.norm.weight.device)
+
+    def embed(self, batch: Batch, layout: TokenLayout) -> Tensor:
+        """(T, D) packed tokens with class tokens and learned positions."""
+        groups = []
+        for images in batch.groups:
+            tokens = self.patch_embed(images.to(self.norm.weight.dtype))
+            if self.cls_token is not None:
+                tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], 1)
+            groups.append(tokens)
+        x = layout.pack(groups)
+        if self.pos is not None:
+            x = x + self.pos(layout.coords, layout.is_prefix)
+        return x
+
+    def domain_index(self, batch: Batch) -> Tensor:
+        vocab = self.config.vocab
+        return torch.tensor([vocab.encode(d) for d in batch.domains], dtype=torch.long, device=self.norm.weight.device)
+
+    def forward_features(self, batch: Batch, packing: str = "grouped", need_weights: bool = False):
+        """Body only: ``(tokens (T, D), layout, features, input_attention, attentions)``."""
+        layout = self.layout(batch, packing)
+        x = self.embed(batch, layout)
+        input_attention = None
+        if self.input_adaptformer is not None:
+            x, input_attention = self.input_adaptformer(x, layout, self.domain_index(batch))
+        rope = self.rope(layout.coords, layout.is_prefix) if self.rope is not None else None
+        features, attentions = [], []
+        for i, block in enumerate(self.blocks):
+            x, weights = block(x, layout, rope, need_weights)
+            if need_weights:
+                attentions.append(weights)
+            if i in self.feature_depths:
+                features.append(x)
+        x = self.norm(x)
+        features[-1] = x
+        return x, layout, features, input_attention, attentions
+
+    def forward(self, batch: Batch, packing: str = "grouped", return_attention: bool = False) -> MedformerOutput:
+        """Predictions for every task and the pooled embedding of every sample of ``batch``."""
+        x, layout, features, input_attention, attentions = self.forward_features(batch, packing, return_attention)
+        embedding = layout.prefix_pool(x) if self.cls_token is not None else layout.mean_pool(x)
+        if self.output_adaptformer is not None:
+            task_queries, query_attention = self.output_adaptformer(x, layout, return_attention)
+        else:
+            task_queries = {name: embedding[:, None] for name in self.tasks}
+            query_attention = {}
+        ctx = HeadContext(layout, batch, features)
+        predictions = {name: head(task_queries[name], ctx) for name, head in self.heads.items()}
+        return MedformerOutput(predictions, embedding, x, layout, input_attention, attentions, query_attention)
+
+    # ------------------------------------------------------------------ losses
+    def compute_loss(self, output: MedformerOutput, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted sum of the per-task losses over the labels present, and each task's loss.
+
+        A task with no label in the batch contributes nothing; a batch with no label at all gives
+        a zero loss that still back-propagates.
+        """
+        unknown = sorted(set(batch.targets) - set(self.tasks))
+        if unknown:
+            raise LabelError(f"labels for unknown task(s) {unknown}; the model has {sorted(self.tasks)}")
+        per_task, total = {}, None
+        for name, labels in batch.targets.items():
+            spec = self.tasks[name]
+            for i, y in enumerate(labels):
+                if y is not None and not spec.applies_to(batch.domains[i]):
+                    raise LabelError(f"task {name!r}, sample {i}: the task does not apply to domain {batch.domains[i]}")
+            loss = self.heads[name].loss(output.predictions[name], labels)
+            if loss is None:
+                continue
+            per_task[name] = loss
+            total = spec.weight * loss if total is None else total + spec.weight * loss
+        if total is None:
+            total = output.embedding.sum() * 0.0
+        return total, per_task
+
+    # ------------------------------------------------------------------ serialisation helpers
+    def spec_dict(self) -> dict:
+        """JSON-ready description sufficient to rebuild this model (weights aside)."""
+        return {"config": self.config.to_dict(), "tasks": [t.to_dict() for t in self.tasks.values()]}
+
+    @classmethod
+    def from_spec_dict(cls, spec: dict) -> "Medformer":
+        if not isinstance(spec, dict) or "config" not in spec:
+            raise ValueError("model description must be a dict with 'config' and 'tasks'")
+        return cls(MedformerConfig.from_dict(spec["config"]), [TaskSpec.from_dict(t) for t in spec.get("tasks", [])])
+
+    def num_params(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

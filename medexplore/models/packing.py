@@ -1,0 +1,312 @@
+"""Packed batches: many 2D/3D samples of any size in one token sequence.
+
+Samples whose images share a shape form a *group*; the packed sequence holds the groups one after
+another, so every group is a contiguous ``(B_g, n_g, D)`` view of the sequence. Attention runs as
+dense batched attention within each *segment* (a group, or the whole padded batch), which keeps its
+cost at sum(n_i^2) and never lets a token see another sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .tasks import Domain
+
+__all__ = ["Batch", "TokenLayout", "Segment", "Group", "PACKING_MODES"]
+
+PACKING_MODES = ("grouped", "padded")
+
+
+@dataclass
+class Batch:
+    """The model's input: images grouped by shape, each sample's domain, and optional targets.
+
+    Args:
+        groups: image tensors ``(B_g, C, H, W)`` or ``(B_g, C, D, H, W)``, one per shape.
+        group_samples: for each group, the (batch-order) sample index of each of its rows.
+        domains: one :class:`Domain` per sample, in batch order.
+        targets: per task name, one label per sample (``None`` where the sample lacks it).
+        meta: free per-batch information (patient ids, file names...), carried untouched.
+
+    Build one with :meth:`from_images`.
+    """
+
+    groups: list[Tensor]
+    group_samples: list[Tensor]
+    domains: list[Domain]
+    targets: dict[str, list] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_images(cls, images: Sequence[Tensor] | Tensor, domains: Sequence[Domain] | Domain,
+                    targets: dict[str, Sequence] | None = None, meta: dict | None = None) -> "Batch":
+        """Group a list of ``(C, H, W)`` / ``(C, D, H, W)`` images (or one stacked tensor) by shape.
+
+        Example:
+            >>> b = Batch.from_images([torch.zeros(1, 28, 28), torch.zeros(1, 28, 28, 28)],
+            ...                       [Domain("2d"), Domain("3d")])
+            >>> [tuple(g.shape) for g in b.groups]
+            [(1, 1, 28, 28), (1, 1, 28, 28, 28)]
+        """
+        if isinstance(images, Tensor):
+            images = list(images.unbind(0))
+        if isinstance(domains, Domain):
+            domains = [domains] * len(images)
+        if len(images) == 0:
+            raise ValueError("Batch.from_images: no images given")
+        if len(domains) != len(images):
+            raise ValueError(f"Batch.from_images: {len(images)} images but {len(domains)} domains")
+        by_shape: dict[tuple, list[int]] = {}
+        for i, (img, dom) in enumerate(zip(images, domains)):
+            if not isinstance(img, Tensor) or img.dim() not in (3, 4):
+                shape = tuple(getattr(img, "shape", ()))
+                raise ValueError(f"image {i}: expected a (C, H, W) or (C, D, H, W) tensor, got shape {shape}")
+            if img.dim() - 1 != dom.dims:
+                raise ValueError(f"image {i}: shape {tuple(img.shape)} is {img.dim() - 1}D but its domain says {dom.dimensionality}")
+            by_shape.setdefault(tuple(img.shape), []).append(i)
+        groups = [torch.stack([images[i] for i in idx]) for idx in by_shape.values()]
+        group_samples = [torch.tensor(idx, dtype=torch.long) for idx in by_shape.values()]
+        targets = {k: list(v) for k, v in (targets or {}).items()}
+        for name, labels in targets.items():
+            if len(labels) != len(images):
+                raise ValueError(f"targets[{name!r}]: {len(labels)} labels for {len(images)} images")
+        return cls(groups, group_samples, list(domains), targets, dict(meta or {}))
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.domains)
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        move = lambda t: t.to(device, non_blocking=non_blocking) if isinstance(t, Tensor) else t  # noqa: E731
+        return Batch([move(g) for g in self.groups], [move(s) for s in self.group_samples], self.domains,
+                     {k: [move(t) for t in v] for k, v in self.targets.items()}, self.meta)
+
+
+@dataclass
+class Segment:
+    """A stretch of the packed sequence viewed as ``(batch, length)``; attention stays inside rows."""
+
+    start: int
+    batch: int
+    length: int
+    sample_ids: Tensor  # (batch,) sample index of each row
+    key_mask: Tensor | None = None  # (batch, length) True where a real token sits
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.batch * self.length
+
+    def rows(self, x: Tensor) -> Tensor:
+        """View ``x`` (T, ...) of the packed sequence as (batch, length, ...)."""
+        return x[self.start:self.stop].unflatten(0, (self.batch, self.length))
+
+
+@dataclass
+class Group:
+    """Where one same-shape image group lives: its segment, first row and token grid."""
+
+    segment: int
+    row0: int
+    sample_ids: Tensor
+    grid: tuple[int, ...]  # (gh, gw) or (gd, gh, gw)
+    image_shape: tuple[int, ...]  # spatial shape of the images
+
+    @property
+    def num_tokens(self) -> int:
+        n = 1
+        for g in self.grid:
+            n *= g
+        return n
+
+
+@dataclass
+class TokenLayout:
+    """Everything about the packed sequence except the token features themselves."""
+
+    segments: list[Segment]
+    groups: list[Group]
+    sample_idx: Tensor  # (T,) sample of each token, -1 for padding
+    coords: Tensor  # (T, 3) integer (z, y, x) grid coordinates
+    is_prefix: Tensor  # (T,) class tokens
+    num_samples: int
+    num_prefix: int
+    mode: str
+
+    @property
+    def num_tokens(self) -> int:
+        return self.sample_idx.numel()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, grids: Sequence[tuple[int, ...]], group_samples: Sequence[Tensor], image_shapes,
+              num_samples: int, num_prefix: int = 0, mode: str = "grouped", device=None) -> "TokenLayout":
+        """Lay out groups of ``len(group_samples[g])`` samples with token grid ``grids[g]``."""
+        if mode not in PACKING_MODES:
+            raise ValueError(f"packing mode must be one of {PACKING_MODES}, got {mode!r}")
+        lengths = [num_prefix + _prod(g) for g in grids]
+        per_group_coords = [_grid_coords(g, num_prefix, device) for g in grids]
+        segments, groups, sample_idx, coords, prefix = [], [], [], [], []
+        if mode == "grouped":
+            start = 0
+            for g, (grid, ids, n) in enumerate(zip(grids, group_samples, lengths)):
+                ids = ids.to(device)
+                segments.append(Segment(start, len(ids), n, ids))
+                groups.append(Group(g, 0, ids, tuple(grid), tuple(image_shapes[g])))
+                sample_idx.append(ids.repeat_interleave(n))
+                coords.append(per_group_coords[g].repeat(len(ids), 1))
+                prefix.append(_prefix_mask(n, num_prefix, device).repeat(len(ids)))
+                start += len(ids) * n
+        else:
+            n_max = max(lengths)
+            all_ids = torch.cat([ids.to(device) for ids in group_samples])
+            key_mask = torch.zeros(len(all_ids), n_max, dtype=torch.bool, device=device)
+            row = 0
+            for g, (grid, ids, n) in enumerate(zip(grids, group_samples, lengths)):
+                key_mask[row:row + len(ids), :n] = True
+                groups.append(Group(0, row, ids.to(device), tuple(grid), tuple(image_shapes[g])))
+                padded_coords = torch.zeros(n_max, 3, dtype=torch.long, device=device)
+                padded_coords[:n] = per_group_coords[g]
+                coords.append(padded_coords.repeat(len(ids), 1))
+                pre = torch.zeros(n_max, dtype=torch.bool, device=device)
+                pre[:num_prefix] = True
+                prefix.append(pre.repeat(len(ids)))
+                row += len(ids)
+            segments.append(Segment(0, len(all_ids), n_max, all_ids, key_mask))
+            idx = all_ids[:, None].expand(-1, n_max).clone()
+            idx[~key_mask] = -1
+            sample_idx.append(idx.flatten())
+        return cls(segments, groups, torch.cat(sample_idx), torch.cat(coords), torch.cat(prefix),
+                   num_samples, num_prefix, mode)
+
+    # ------------------------------------------------------------------ packing token features
+    def pack(self, group_tokens: Sequence[Tensor]) -> Tensor:
+        """(T, D) sequence from per-group ``(B_g, n_g, D)`` tokens (prefix tokens included)."""
+        if self.mode == "grouped":
+            return torch.cat([t.flatten(0, 1) for t in group_tokens])
+        seg = self.segments[0]
+        width = group_tokens[0].shape[-1]
+        rows = [F.pad(t, (0, 0, 0, seg.length - t.shape[1])) for t in group_tokens]
+        return torch.cat(rows).reshape(seg.batch * seg.length, width)
+
+    def group_tokens(self, x: Tensor, g: int, with_prefix: bool = False) -> Tensor:
+        """Group ``g``'s tokens from the packed ``x``: ``(B_g, n_g, D)``."""
+        group = self.groups[g]
+        rows = self.segments[group.segment].rows(x)[group.row0:group.row0 + len(group.sample_ids)]
+        first = 0 if with_prefix else self.num_prefix
+        return rows[:, first:self.num_prefix + group.num_tokens]
+
+    def group_grid(self, x: Tensor, g: int) -> Tensor:
+        """Group ``g``'s patch tokens as a channels-first image: ``(B_g, D, *grid)``."""
+        tokens = self.group_tokens(x, g)
+        grid = self.groups[g].grid
+        return tokens.reshape(tokens.shape[0], *grid, tokens.shape[-1]).movedim(-1, 1)
+
+    def per_sample(self, x: Tensor, with_prefix: bool = False) -> list[Tensor]:
+        """Each sample's tokens, in batch order (views, no copy)."""
+        out: list[Tensor | None] = [None] * self.num_samples
+        for g, group in enumerate(self.groups):
+            tokens = self.group_tokens(x, g, with_prefix)
+            for row, s in enumerate(group.sample_ids.tolist()):
+                out[s] = tokens[row]
+        return out
+
+    # ------------------------------------------------------------------ attention
+    def self_attention(self, q: Tensor, k: Tensor, v: Tensor, need_weights: bool = False):
+        """Attention of (T, H, hd) queries/keys/values within each sample.
+
+        Returns the (T, H, hd) output and, when ``need_weights``, one ``(B, H, n, n)`` weight tensor
+        per segment (the output is computed the same way either way).
+        """
+        outs, weights = [], []
+        for seg in self.segments:
+            qs, ks, vs = (seg.rows(t).transpose(1, 2) for t in (q, k, v))
+            mask = None if seg.key_mask is None else seg.key_mask[:, None, None, :]
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+            outs.append(out.transpose(1, 2).flatten(0, 1))
+            if need_weights:
+                weights.append(_attention_weights(qs, ks, mask))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)), weights
+
+    def attend_latents(self, q: Tensor, k: Tensor, v: Tensor):
+        """Every token attends to the latents of its own sample.
+
+        ``q``: (T, H, hd) token queries; ``k``, ``v``: (S, H, L, hd) per-sample latents.
+        Returns the (T, H, hd) output and the (T, H, L) attention weights.
+        """
+        outs, weights = [], []
+        for seg in self.segments:
+            qs = seg.rows(q).transpose(1, 2)  # (B, H, n, hd)
+            attn = (qs * qs.shape[-1] ** -0.5) @ k[seg.sample_ids].transpose(-1, -2)
+            attn = attn.softmax(-1)
+            outs.append((attn @ v[seg.sample_ids]).transpose(1, 2).flatten(0, 1))
+            weights.append(attn.transpose(1, 2).flatten(0, 1))
+        cat = (lambda t: t[0]) if len(outs) == 1 else torch.cat
+        return cat(outs), cat(weights)
+
+    def read_tokens(self, q: Tensor, k: Tensor, v: Tensor, need_weights: bool = False):
+        """Shared latent queries read each sample's tokens.
+
+        ``q``: (Q, H, hd) queries; ``k``, ``v``: (T, H, hd) token keys/values.
+        Returns (S, Q, H, hd) in batch order and, on request, per-sample (H, Q, n_i) weights.
+        """
+        out = q.new_zeros(self.num_samples, q.shape[0], q.shape[1], q.shape[2])
+        weights: list[Tensor | None] = [None] * self.num_samples
+        for seg in self.segments:
+            ks, vs = (seg.rows(t).transpose(1, 2) for t in (k, v))
+            qs = q.transpose(0, 1).unsqueeze(0).expand(seg.batch, -1, -1, -1)
+            mask = None if seg.key_mask is None else seg.key_mask[:, None, None, :]
+            res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+            out = out.index_copy(0, seg.sample_ids, res.transpose(1, 2))
+            if need_weights:
+                w = _attention_weights(qs, ks, mask)
+                for row, s in enumerate(seg.sample_ids.tolist()):
+                    n = int(seg.key_mask[row].sum()) if seg.key_mask is not None else seg.length
+                    weights[s] = w[row, :, :, :n]
+        return out, weights
+
+    def mean_pool(self, x: Tensor) -> Tensor:
+        """(S, D) mean of each sample's patch tokens (prefix and padding excluded)."""
+        out = x.new_zeros(self.num_samples, x.shape[-1])
+        for g, group in enumerate(self.groups):
+            out = out.index_copy(0, group.sample_ids, self.group_tokens(x, g).mean(1))
+        return out
+
+    def prefix_pool(self, x: Tensor) -> Tensor:
+        """(S, D) class token of each sample."""
+        out = x.new_zeros(self.num_samples, x.shape[-1])
+        for g, group in enumerate(self.groups):
+            out = out.index_copy(0, group.sample_ids, self.group_tokens(x, g, with_prefix=True)[:, 0])
+        return out
+
+
+def _attention_weights(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if mask is not None:
+        attn = attn.masked_fill(~mask, float("-inf"))
+    return attn.softmax(-1)
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _grid_coords(grid: tuple[int, ...], num_prefix: int, device) -> Tensor:
+    """(prefix + prod(grid), 3) integer (z, y, x) coordinates; z is 0 for 2D, prefix rows are 0."""
+    axes = [torch.arange(g, device=device) for g in grid]
+    mesh = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(grid))
+    if len(grid) == 2:
+        mesh = torch.cat([torch.zeros_like(mesh[:, :1]), mesh], 1)
+    return torch.cat([torch.zeros(num_prefix, 3, dtype=torch.long, device=device), mesh])
+
+
+def _prefix_mask(n: int, num_prefix: int, device) -> Tensor:
+    m = torch.zeros(n, dtype=torch.bool, device=device)
+    m[:num_prefix] = True
+    return m

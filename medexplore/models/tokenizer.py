@@ -1,0 +1,82 @@
+"""Patch tokenizer for 2D and 3D images, with optional learned absolute positions."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .packing import Batch
+
+__all__ = ["PatchEmbed", "LearnedPositions"]
+
+
+class PatchEmbed(nn.Module):
+    """Linear embedding of non-overlapping patches of 2D ``(B, C, H, W)`` and 3D ``(B, C, D, H, W)`` images.
+
+    ``proj`` is a ``Conv2d`` (timm's ``patch_embed.proj``), ``proj_3d`` a ``Conv3d``; both run as one
+    matmul over unfolded patches. A single-channel image uses the channel-summed kernel, which is
+    the same as replicating grey into every channel.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+        self.proj_3d = nn.Conv3d(in_chans, embed_dim, patch_size, patch_size)
+
+    def grid(self, shape: tuple[int, ...], where: str = "image") -> tuple[int, ...]:
+        """Token grid of a ``(C, *spatial)`` image, with a ValueError for unsupported shapes."""
+        channels, spatial = shape[0], tuple(shape[1:])
+        if len(spatial) not in (2, 3):
+            raise ValueError(f"{where}: expected (C, H, W) or (C, D, H, W), got shape {tuple(shape)}")
+        if channels not in (1, self.in_chans):
+            raise ValueError(f"{where}: shape {tuple(shape)} has {channels} channels; this model takes "
+                             f"{self.in_chans} (or 1, treated as grey)")
+        if any(s % self.patch_size or s == 0 for s in spatial):
+            raise ValueError(f"{where}: spatial size {spatial} is not divisible by the patch size "
+                             f"{self.patch_size}; crop or resize to a multiple of {self.patch_size}")
+        return tuple(s // self.patch_size for s in spatial)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, n, D) tokens in row-major (z, y, x) order."""
+        dims = images.dim() - 2
+        conv = self.proj if dims == 2 else self.proj_3d
+        weight = conv.weight
+        if images.shape[1] == 1 and self.in_chans != 1:
+            weight = weight.sum(1, keepdim=True)
+        p = self.patch_size
+        b, c = images.shape[:2]
+        grid = [s // p for s in images.shape[2:]]
+        # (B, C, g0, p, g1, p[, g2, p]) -> (B, g0, g1[, g2], C, p, p[, p])
+        x = images.reshape(b, c, *[v for g in grid for v in (g, p)])
+        perm = [0] + [2 + 2 * i for i in range(dims)] + [1] + [3 + 2 * i for i in range(dims)]
+        x = x.permute(perm).reshape(b, -1, c * p ** dims)
+        return F.linear(x, weight.reshape(weight.shape[0], -1), conv.bias)
+
+
+class LearnedPositions(nn.Module):
+    """Absolute position table over a (z, y, x) grid, indexed by token coordinates.
+
+    ``pos_embed`` has timm's shape ``(1, prefix + Gz*Gy*Gx, D)``: with ``Gz = 1`` a timm ViT's
+    ``pos_embed`` loads unchanged.
+    """
+
+    def __init__(self, grid: tuple[int, int, int], num_prefix: int, embed_dim: int):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.num_prefix = num_prefix
+        self.pos_embed = nn.Parameter(torch.randn(1, num_prefix + grid[0] * grid[1] * grid[2], embed_dim) * 0.02)
+
+    def forward(self, coords: Tensor, is_prefix: Tensor) -> Tensor:
+        """(T, D) position embeddings; prefix tokens take the prefix rows."""
+        gz, gy, gx = self.grid
+        limits = torch.tensor(self.grid, device=coords.device)
+        if (coords >= limits).any():
+            worst = coords.amax(0).tolist()
+            raise ValueError(f"token grid up to (z, y, x) = {tuple(v + 1 for v in worst)} exceeds the learned "
+                             f"position grid {self.grid}; use pos_embed='rope' or a larger pos_grid")
+        index = self.num_prefix + (coords[:, 0] * gy + coords[:, 1]) * gx + coords[:, 2]
+        prefix_rank = torch.cumsum(is_prefix.long(), 0) - 1
+        index = torch.where(is_prefix, prefix_rank % max(self.num_prefix, 1), index)
+        return self.pos_embed[0, index]

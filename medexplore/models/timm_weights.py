@@ -22,6 +22,18 @@ def timm_to_medformer(state_dict: dict[str, Tensor], model: Medformer) -> dict[s
                 continue
             key, value = "pos.pos_embed", _resample_pos(value, model)
         out[key] = value
+    if "patch_embed.proj.weight" in out:
+        out.update(inflate_patch_embed(out["patch_embed.proj.weight"], out.get("patch_embed.proj.bias")))
+    return out
+
+
+def inflate_patch_embed(weight: Tensor, bias: Tensor | None) -> dict[str, Tensor]:
+    """3D patch kernel from a 2D one (I3D inflation): repeated over depth and divided by it, so a
+    volume of identical slices embeds like one slice."""
+    depth = weight.shape[-1]
+    out = {"patch_embed.proj_3d.weight": weight[:, :, None].repeat(1, 1, depth, 1, 1) / depth}
+    if bias is not None:
+        out["patch_embed.proj_3d.bias"] = bias.clone()
     return out
 
 

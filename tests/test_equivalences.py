@@ -1,0 +1,114 @@
+"""Packed == alone == padded, timm parity, and the rotary shift property."""
+import pytest
+import timm
+import torch
+
+from medexplore.models import Batch, Domain, load_timm_weights
+from medexplore.models.blocks import Block
+from medexplore.models.packing import TokenLayout
+from medexplore.models.rope import Rotary3D
+
+from conftest import small_model
+
+
+def _assert_close(a, b, tol=1e-5):
+    assert (a - b).abs().max().item() <= tol, (a - b).abs().max().item()
+
+
+def test_packed_forward_equals_each_sample_alone(model, mixed_batch):
+    packed = model(mixed_batch)
+    for i in range(mixed_batch.num_samples):
+        g = next(g for g, ids in enumerate(mixed_batch.group_samples) if i in ids.tolist())
+        row = mixed_batch.group_samples[g].tolist().index(i)
+        alone = model(Batch.from_images([mixed_batch.groups[g][row]], [mixed_batch.domains[i]]))
+        _assert_close(packed.embedding[i], alone.embedding[0])
+        for name in ("organ", "grade", "size"):
+            _assert_close(packed.predictions[name][i], alone.predictions[name][0])
+        _assert_close(packed.predictions["lesions"]["boxes"][i], alone.predictions["lesions"]["boxes"][0], 1e-4)
+        (_, seg_alone), = alone.predictions["tissue"]
+        seg_packed = {s: l for ids, logits in packed.predictions["tissue"] for s, l in zip(ids.tolist(), logits)}
+        _assert_close(seg_packed[i], seg_alone[0], 1e-4)
+
+
+def test_padded_path_equals_grouped(model, mixed_batch):
+    grouped, padded = model(mixed_batch, packing="grouped"), model(mixed_batch, packing="padded")
+    assert padded.layout.num_tokens > grouped.layout.num_tokens
+    _assert_close(grouped.embedding, padded.embedding)
+    for name in ("presence", "organ", "findings", "grade", "size"):
+        _assert_close(grouped.predictions[name], padded.predictions[name])
+    g_loss, _ = model.compute_loss(grouped, mixed_batch)
+    p_loss, _ = model.compute_loss(padded, mixed_batch)
+    _assert_close(g_loss, p_loss, 1e-4)
+
+
+def test_attention_never_crosses_samples(model):
+    a, b = torch.rand(1, 16, 16), torch.rand(1, 16, 16)
+    domain = Domain("2d", "xray", "chest")
+    first = model(Batch.from_images([a, b], domain)).embedding[0]
+    changed = model(Batch.from_images([a, b * 100 + 5], domain)).embedding[0]
+    assert torch.equal(first, changed)
+
+
+def test_group_layout_is_block_diagonal():
+    layout = TokenLayout.build([(2, 2), (2, 2, 2)], [torch.tensor([1, 2]), torch.tensor([0])],
+                               [(8, 8), (8, 8, 8)], num_samples=3)
+    assert [(s.start, s.batch, s.length) for s in layout.segments] == [(0, 2, 4), (8, 1, 8)]
+    assert layout.sample_idx.tolist() == [1] * 4 + [2] * 4 + [0] * 8
+    assert layout.coords[:4].tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]]
+    assert layout.coords[-1].tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("img_size, patch, in_chans", [(28, 4, 3), (32, 8, 1)])
+def test_timm_vit_parity(img_size, patch, in_chans):
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=img_size, patch_size=patch, in_chans=in_chans, embed_dim=48, depth=3, num_heads=3, num_classes=5).eval()
+    with torch.no_grad():  # make every parameter non-trivial, so a wrong mapping cannot pass
+        for p in vit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    grid = img_size // patch
+    model = small_model([], in_chans=in_chans, depth=3, patch_size=patch, pos_embed="learned", pos_grid=(1, grid, grid),
+                        class_token=True, input_adaptformer=False, output_adaptformer=False)
+    missing, _ = load_timm_weights(model, vit.state_dict())
+    assert missing == []
+    images = torch.randn(4, in_chans, img_size, img_size)
+    expected = vit.forward_features(images)
+    out = model(Batch.from_images(images, Domain("2d")))
+    got = out.tokens.reshape(4, 1 + grid * grid, -1)
+    _assert_close(got, expected)
+    _assert_close(out.embedding, expected[:, 0])
+    # the inflated 3D kernel embeds a stack of identical slices like the slice itself
+    stack = images[:1, :, None].expand(-1, -1, patch, -1, -1)
+    _assert_close(model.patch_embed(stack), model.patch_embed(images[:1]))
+
+
+def test_timm_weights_resample_to_another_grid():
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3)
+    model = small_model([], depth=1, patch_size=8, pos_embed="learned", pos_grid=(1, 6, 6), class_token=True)
+    load_timm_weights(model, vit.state_dict())
+    assert tuple(model.pos.pos_embed.shape) == (1, 37, 48)
+    with pytest.raises(ValueError, match="lack body parameters"):
+        load_timm_weights(model, {k: v for k, v in vit.state_dict().items() if not k.startswith("blocks.0.mlp")})
+
+
+def test_rotary_shift_leaves_attention_unchanged():
+    torch.manual_seed(0)
+    block = Block(48, 3).eval()
+    rope = Rotary3D(16)
+    grids, ids = [(3, 4), (2, 3, 2)], [torch.tensor([0]), torch.tensor([1])]
+    layout = TokenLayout.build(grids, ids, [(12, 16), (8, 12, 8)], num_samples=2)
+    x = torch.randn(layout.num_tokens, 48)
+    base, w_base = block(x, layout, rope(layout.coords), need_weights=True)
+    shifted_coords = layout.coords + torch.tensor([5, -3, 11])
+    shifted, w_shift = block(x, layout, rope(shifted_coords), need_weights=True)
+    _assert_close(base, shifted, 1e-4)
+    for a, b in zip(w_base, w_shift):
+        _assert_close(a, b)
+    # and positions do matter: permuting coordinates changes attention
+    permuted, _ = block(x, layout, rope(layout.coords.flip(0)), need_weights=True)
+    assert (permuted - base).abs().max() > 1e-3
+
+
+def test_rope_model_serves_any_size(model):
+    for size in (8, 12, 32):
+        assert torch.isfinite(model(Batch.from_images([torch.rand(1, size, size)], Domain("2d"))).embedding).all()

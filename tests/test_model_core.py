@@ -1,0 +1,213 @@
+"""Shapes, gradients, missing labels, errors and output structure of the Medformer."""
+import math
+
+import pytest
+import torch
+
+from medexplore.models import Batch, Domain, LabelError, MedformerConfig, TaskSpec, create_model, list_models
+from medexplore.models.heads import OrdinalHead, SegmentationHead
+
+from conftest import ALL_KIND_TASKS, full_labels, image, small_model
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("task", ALL_KIND_TASKS, ids=lambda t: t.kind.value)
+def test_prediction_shapes_for_every_kind(dims, task):
+    model = small_model([task])
+    size, n = 16, 2
+    domain = Domain(f"{dims}d", "mri", "brain")
+    batch = Batch.from_images([image(dims, size, seed=i) for i in range(n)], domain,
+                              {task.name: [full_labels(dims, size, seed=i)[task.name] for i in range(n)]})
+    out = model(batch)
+    pred = out.predictions[task.name]
+    k = task.num_outputs
+    expected = {"binary": (n,), "multiclass": (n, k), "multilabel": (n, k), "ordinal": (n, k - 1), "regression": (n, k)}
+    if task.kind.value in expected:
+        assert tuple(pred.shape) == expected[task.kind.value]
+    elif task.kind.value == "segmentation":
+        (ids, logits), = pred
+        assert tuple(logits.shape) == (n, k) + (size,) * dims and ids.tolist() == [0, 1]
+    else:
+        assert len(pred["boxes"]) == n and tuple(pred["boxes"][0].shape) == (k, 2 * dims)
+        assert tuple(pred["logits"].shape) == (n, k)
+        assert pred["boxes"][0].min() >= 0 and pred["boxes"][0].max() <= size
+    assert tuple(out.embedding.shape) == (n, model.config.embed_dim)
+    loss, per_task = model.compute_loss(out, batch)
+    assert torch.isfinite(loss) and set(per_task) == {task.name}
+
+
+def test_every_parameter_gets_a_gradient(mixed_batch):
+    model = small_model().train()
+    loss, per_task = model.compute_loss(model(mixed_batch), mixed_batch)
+    assert set(per_task) == {t.name for t in ALL_KIND_TASKS}
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert missing == []
+
+
+def test_missing_labels_are_masked_per_task(model, mixed_batch):
+    out = model(mixed_batch)
+    _, full = model.compute_loss(out, mixed_batch)
+    # drop the organ label of samples 1..4: the loss must equal the loss on sample 0 alone
+    partial = Batch(mixed_batch.groups, mixed_batch.group_samples, mixed_batch.domains,
+                    {"organ": [mixed_batch.targets["organ"][0], None, None, None, None]})
+    _, per_task = model.compute_loss(out, partial)
+    logits = out.predictions["organ"][0:1]
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([mixed_batch.targets["organ"][0]]))
+    assert torch.allclose(per_task["organ"], expected)
+    assert set(per_task) == {"organ"} and full["organ"] != per_task["organ"]
+
+
+def test_task_absent_from_whole_batch_adds_zero_and_no_nan(model, mixed_batch):
+    model.train()
+    none = Batch(mixed_batch.groups, mixed_batch.group_samples, mixed_batch.domains,
+                 {t.name: [None] * mixed_batch.num_samples for t in ALL_KIND_TASKS})
+    loss, per_task = model.compute_loss(model(none), none)
+    assert per_task == {} and loss.item() == 0.0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    nan_only = Batch(mixed_batch.groups, mixed_batch.group_samples, mixed_batch.domains,
+                     {"size": [torch.tensor([math.nan, math.nan])] + [None] * 4})
+    loss, per_task = model.compute_loss(model(nan_only), nan_only)
+    assert per_task == {} and torch.isfinite(loss)
+
+
+def test_constant_images_give_finite_outputs():
+    model = small_model()
+    for value in (0.0, 1.0, 1000.0):
+        images = [torch.full((1, 16, 16), value), torch.full((1, 8, 8, 8), value)]
+        labels = [full_labels(2, 16), full_labels(3, 8)]
+        batch = Batch.from_images(images, [Domain("2d"), Domain("3d")],
+                                  {k: [lab[k] for lab in labels] for k in labels[0]})
+        out = model(batch)
+        loss, _ = model.compute_loss(out, batch)
+        assert torch.isfinite(out.embedding).all() and torch.isfinite(loss)
+
+
+def test_input_adaptformer_attention_and_unknown_domain(model):
+    batch = Batch.from_images([image(2), image(2)], [Domain("2d", "xray", "chest"), Domain("2d", "pet", "knee")])
+    out = model(batch)
+    assert tuple(out.input_attention.shape) == (out.layout.num_tokens, 3 * model.config.domain_latents)
+    assert torch.allclose(out.input_attention.sum(-1), torch.ones(out.layout.num_tokens), atol=1e-5)
+    assert model.domain_index(batch).tolist() == [[0, 1, 1], [0, 0, 0]]  # pet/knee fall back to unknown
+
+
+def test_extend_domains_keeps_old_outputs_and_is_saved(model):
+    batch = Batch.from_images([image(2)], [Domain("2d", "xray", "chest")])
+    before = model(batch).embedding
+    vocab = model.extend_domains(modalities=["pet"], body_parts=["knee"])
+    assert vocab.modality_index("pet") == 4 and model.spec_dict()["config"]["vocab"]["modalities"][-1] == "pet"
+    assert torch.equal(model(batch).embedding, before)
+    # a new domain starts from the unknown latents
+    new = Batch.from_images([image(2)], [Domain("2d", "pet", "knee")])
+    unknown = Batch.from_images([image(2)], [Domain("2d", "spect", "hand")])
+    assert torch.allclose(model(new).embedding, model(unknown).embedding)
+    rebuilt = type(model).from_spec_dict(model.spec_dict())
+    rebuilt.load_state_dict(model.state_dict())
+
+
+def test_attention_on_request_does_not_change_outputs(model, mixed_batch):
+    plain = model(mixed_batch)
+    full = model(mixed_batch, return_attention=True)
+    assert torch.equal(plain.embedding, full.embedding)
+    assert torch.equal(plain.predictions["organ"], full.predictions["organ"])
+    assert len(full.attentions) == model.config.depth
+    for seg_weights, seg in zip(full.attentions[0], full.layout.segments):
+        assert tuple(seg_weights.shape) == (seg.batch, model.config.num_heads, seg.length, seg.length)
+        assert torch.allclose(seg_weights.sum(-1), torch.ones(()), atol=1e-5)
+    w = full.query_attention["lesions"][2]  # 3D sample, 4x4x4 tokens, 3 box queries
+    assert tuple(w.shape) == (model.config.num_heads, 3, 64)
+    assert plain.attentions == [] and plain.query_attention == {}
+
+
+def test_output_without_output_adaptformer_and_with_class_token():
+    model = small_model(output_adaptformer=False, class_token=True, pos_embed="rope+learned", pos_grid=(4, 4, 4))
+    batch = Batch.from_images([image(2), image(3)], [Domain("2d"), Domain("3d")],
+                              {"presence": [1, 0], "grade": [2, None]})
+    out = model(batch)
+    loss, per_task = model.compute_loss(out, batch)
+    assert set(per_task) == {"presence", "grade"} and torch.isfinite(loss)
+    assert OrdinalHead.grade(out.predictions["grade"]).shape == (2,)
+    assert len(SegmentationHead.per_sample(out.predictions["tissue"], 2)) == 2
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_wrong_channel_count_names_shape(model):
+    batch = Batch.from_images([torch.rand(2, 16, 16)], Domain("2d"))
+    with pytest.raises(ValueError, match=r"image 0: shape \(2, 16, 16\) has 2 channels; this model takes 3"):
+        model(batch)
+
+
+def test_size_not_divisible_by_patch_names_size(model):
+    batch = Batch.from_images([torch.rand(1, 18, 16)], Domain("2d"))
+    with pytest.raises(ValueError, match=r"spatial size \(18, 16\) is not divisible by the patch size 4"):
+        model(batch)
+
+
+def test_dimensionality_must_match_domain():
+    with pytest.raises(ValueError, match="is 2D but its domain says 3d"):
+        Batch.from_images([torch.rand(1, 16, 16)], Domain("3d"))
+
+
+def test_unknown_task_name_in_labels(model, mixed_batch):
+    bad = Batch(mixed_batch.groups, mixed_batch.group_samples, mixed_batch.domains, {"nonsense": [1] * 5})
+    with pytest.raises(LabelError, match=r"unknown task\(s\) \['nonsense'\]"):
+        model.compute_loss(model(bad), bad)
+
+
+@pytest.mark.parametrize("task, label, message", [
+    ("organ", torch.tensor([1, 2]), r"sample 0: expected one class index, got shape \(2,\)"),
+    ("organ", 7, r"sample 0: class 7 is outside 0..3"),
+    ("findings", torch.ones(4), r"sample 0: expected 3 values, got shape \(4,\)"),
+    ("tissue", torch.zeros(8, 8, dtype=torch.long), r"mask shape \(8, 8\) differs from the image's \(16, 16\)"),
+    ("tissue", torch.full((16, 16), 5), r"mask values must be in 0..2"),
+    ("lesions", torch.ones(2, 6), r"expected boxes of shape \(M <= 3, 4\), got \(2, 6\)"),
+])
+def test_labels_of_wrong_shape_are_named(model, task, label, message):
+    batch = Batch.from_images([image(2)], Domain("2d"), {task: [label]})
+    with pytest.raises(LabelError, match=message):
+        model.compute_loss(model(batch), batch)
+
+
+def test_label_for_domain_the_task_does_not_cover():
+    model = small_model([TaskSpec("cxr", "binary", 1, dimensionalities=("2d",))])
+    batch = Batch.from_images([image(3)], Domain("3d"), {"cxr": [1]})
+    with pytest.raises(LabelError, match="does not apply to domain"):
+        model.compute_loss(model(batch), batch)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="x", kind="nope", num_outputs=1), "unknown kind 'nope'"),
+    (dict(name="x", kind="multiclass", num_outputs=1), "needs num_outputs >= 2"),
+    (dict(name="x", kind="binary", num_outputs=3), "num_outputs 1"),
+    (dict(name="", kind="binary", num_outputs=1), "non-empty identifier"),
+    (dict(name="x", kind="binary", num_outputs=1, dimensionalities=("4d",)), "dimensionalities"),
+])
+def test_task_spec_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TaskSpec(**kwargs)
+
+
+def test_builder_and_config_errors():
+    assert list_models() == ["medformer_base", "medformer_small", "medformer_tiny"]
+    sizes = {name: (create_model(name, depth=1).config.embed_dim, create_model(name, depth=1).config.num_heads)
+             for name in list_models()}
+    assert sizes == {"medformer_tiny": (192, 3), "medformer_small": (384, 6), "medformer_base": (768, 12)}
+    with pytest.raises(ValueError, match="unknown model 'medformer_huge'"):
+        create_model("medformer_huge")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['widht'\]"):
+        create_model("medformer_tiny", widht=3)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        MedformerConfig(embed_dim=100, num_heads=3)
+    with pytest.raises(ValueError, match="task names must be unique"):
+        create_model("medformer_tiny", tasks=[TaskSpec("a", "binary", 1)] * 2, depth=1)
+    with pytest.raises(ValueError, match=r"exceeds the learned position grid \(1, 2, 2\)"):
+        small_model(pos_embed="learned", pos_grid=(1, 2, 2))(Batch.from_images([image(2)], Domain("2d")))
+
+
+def test_spec_dict_round_trip(model):
+    import json
+    spec = json.loads(json.dumps(model.spec_dict()))
+    rebuilt = type(model).from_spec_dict(spec)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    assert rebuilt.tasks == model.tasks

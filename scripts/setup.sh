@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv with pinned torch and medexplore installed (editable). Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# torch is pinned: an unpinned resolve can pull a different (multi-GB) build.
+.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -c "import medexplore, torch, timm; print('medexplore ready: torch', torch.__version__, 'timm', timm.__version__)"

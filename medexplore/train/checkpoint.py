@@ -1,0 +1,140 @@
+"""Checkpoints: safetensors weights + JSON description + a tensors-only training state.
+
+A checkpoint is a folder ``<run>/checkpoints/<name>/`` holding ``model.safetensors``, ``meta.json``
+(model config, tasks, domain vocabulary, run config, step) and, for resuming, ``train_state.pt``
+(optimizer, scheduler and RNG state; loaded with ``weights_only=True``). It is written to a
+temporary folder and swapped in with renames, so a crash never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..models.medformer import Medformer
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "CheckpointError", "rng_state", "set_rng_state"]
+
+FORMAT = "medexplore-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or incompatible with the requested model."""
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states as tensors and plain values."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate()),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "gauss": [int(np_state[3]), float(np_state[4])]}}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"], *np_state["gauss"]))
+
+
+def save_checkpoint(folder: Path, model: Medformer, meta: dict, train_state: dict | None = None,
+                    extra_weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint folder atomically; returns its path.
+
+    ``extra_weights`` (e.g. a VICReg expander) are stored in the same safetensors file under ``extra.``.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        tensors.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in (extra_weights or {}).items()})
+        save_file(tensors, str(tmp / "model.safetensors"))
+        full_meta = {"format": FORMAT, "model": model.spec_dict(), **meta}
+        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=str))
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _resolve(folder: Path) -> Path:
+    folder = Path(folder)
+    if folder.is_file():
+        folder = folder.parent
+    if not (folder / "meta.json").exists():
+        old = folder.with_name(folder.name + ".old")  # a crash between the two renames of a save
+        if (old / "meta.json").exists():
+            return old
+        raise CheckpointError(f"{folder}: not a medexplore checkpoint (no meta.json)")
+    return folder
+
+
+def load_checkpoint(folder: Path, map_location="cpu") -> tuple[dict, dict[str, torch.Tensor], dict | None]:
+    """(meta, weights, train_state or None); never unpickles arbitrary objects."""
+    folder = _resolve(folder)
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{folder / 'meta.json'}: corrupt JSON: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{folder / 'meta.json'}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        weights = load_file(str(folder / "model.safetensors"), device=str(map_location))
+    except (SafetensorError, OSError, FileNotFoundError) as exc:
+        raise CheckpointError(f"{folder / 'model.safetensors'}: unreadable weights: {exc}") from exc
+    state = None
+    if (folder / "train_state.pt").exists():
+        try:
+            state = torch.load(folder / "train_state.pt", map_location=map_location, weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{folder / 'train_state.pt'}: unreadable training state: {exc}") from exc
+    return meta, weights, state
+
+
+def load_into(model: Medformer, weights: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Load model weights strictly; returns the ``extra.`` weights. Mismatches raise CheckpointError."""
+    extra = {k[len("extra."):]: v for k, v in weights.items() if k.startswith("extra.")}
+    own = {k: v for k, v in weights.items() if not k.startswith("extra.")}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(own))
+    unexpected = sorted(set(own) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(own[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in own and own[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing[:4]}" if missing else "", f"unexpected {unexpected[:4]}" if unexpected else "",
+                 f"shape mismatch {shapes[:3]}" if shapes else ""]
+        raise CheckpointError(f"{where}: incompatible with this model configuration: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(own)
+    return extra
+
+
+def load_model(folder: Path, map_location="cpu") -> tuple[Medformer, dict]:
+    """Rebuild the model a checkpoint describes and load its weights: ``(model, meta)``."""
+    meta, weights, _ = load_checkpoint(folder, map_location)
+    try:
+        model = Medformer.from_spec_dict(meta["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{_resolve(folder) / 'meta.json'}: cannot rebuild the model: {exc}") from exc
+    load_into(model, weights, str(_resolve(folder)))
+    return model.to(map_location), meta

@@ -1,0 +1,91 @@
+"""Run a model over a dataset and score every task with the metrics of its kind."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.sample import collate
+from ..models.heads import SegmentationHead
+from ..models.medformer import Medformer
+from ..models.tasks import TaskKind
+from .metrics import (classification_metrics, detection_metrics, dice_per_class, ordinal_probabilities,
+                      regression_metrics)
+
+__all__ = ["evaluate", "collect_predictions", "task_scores"]
+
+
+def task_scores(kind: TaskKind, prediction: torch.Tensor) -> torch.Tensor:
+    """Probabilities (classification) or values (regression) from a vector head's raw output."""
+    if kind in (TaskKind.BINARY, TaskKind.MULTILABEL):
+        return prediction.float().sigmoid()
+    if kind == TaskKind.MULTICLASS:
+        return prediction.float().softmax(-1)
+    if kind == TaskKind.ORDINAL:
+        return ordinal_probabilities(prediction.float())
+    return prediction.float()
+
+
+@torch.no_grad()
+def collect_predictions(model: Medformer, dataset: Dataset, batch_size: int = 256, device="cpu",
+                        num_workers: int = 0, autocast: Callable | None = None, with_embeddings: bool = False):
+    """Per task, the (label, prediction) pairs of every sample carrying that label; plus embeddings."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
+    model.eval()
+    pairs = {name: [] for name in model.tasks}
+    embeddings = []
+    for batch in loader:
+        batch = batch.to(device)
+        if autocast is not None:
+            with autocast():
+                out = model(batch)
+        else:
+            out = model(batch)
+        if with_embeddings:
+            embeddings.append(out.embedding.float().cpu())
+        for name, spec in model.tasks.items():
+            labels = batch.targets.get(name)
+            if labels is None:
+                continue
+            pred = out.predictions[name]
+            if spec.kind == TaskKind.SEGMENTATION:
+                per_sample = SegmentationHead.per_sample(pred, batch.num_samples)
+                items = [None if p is None else p.argmax(0).cpu() for p in per_sample]
+            elif spec.kind == TaskKind.DETECTION:
+                items = [None if b is None else (b.float().cpu(), s.float().cpu())
+                         for b, s in zip(pred["boxes"], pred["logits"].sigmoid())]
+            else:
+                items = list(task_scores(spec.kind, pred).cpu())
+            for y, p in zip(labels, items):
+                if y is not None and p is not None:
+                    pairs[name].append((torch.as_tensor(y).cpu(), p))
+    return pairs, (torch.cat(embeddings) if with_embeddings else None)
+
+
+def evaluate(model: Medformer, dataset: Dataset, batch_size: int = 256, device="cpu", num_workers: int = 0,
+             autocast: Callable | None = None) -> dict[str, dict]:
+    """Metrics per task name (tasks without any label in ``dataset`` are left out)."""
+    pairs, _ = collect_predictions(model, dataset, batch_size, device, num_workers, autocast)
+    results = {}
+    for name, items in pairs.items():
+        if not items:
+            continue
+        spec = model.tasks[name]
+        labels = [y for y, _ in items]
+        preds = [p for _, p in items]
+        if spec.kind == TaskKind.SEGMENTATION:
+            dice = np.array([dice_per_class(p, y.long(), spec.num_outputs) for y, p in zip(labels, preds)])
+            per_class = np.nanmean(dice, 0)
+            results[name] = {"dice_per_class": per_class.tolist(), "dice": float(np.nanmean(per_class[1:]))}
+        elif spec.kind == TaskKind.DETECTION:
+            results[name] = detection_metrics(preds, [y.float().reshape(-1, preds[0][0].shape[-1]) for y in labels])
+        elif spec.kind == TaskKind.REGRESSION:
+            results[name] = regression_metrics(torch.stack([y.float().reshape(-1) for y in labels]).numpy(),
+                                               torch.stack(preds).numpy())
+        else:
+            y = torch.stack([y.float().reshape(-1) for y in labels]).numpy()
+            results[name] = classification_metrics(spec.kind.value, y, torch.stack(preds).numpy())
+        results[name]["n"] = len(items)
+    return results

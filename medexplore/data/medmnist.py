@@ -133,6 +133,8 @@ def load_medmnist_npz(path: str | Path, info: MedMNISTInfo, split: str) -> tuple
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a readable npz file (corrupt, truncated, or not an npz archive)")
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = set(data.files)
@@ -140,7 +142,9 @@ def load_medmnist_npz(path: str | Path, info: MedMNISTInfo, split: str) -> tuple
             if not need <= keys:
                 raise ValueError(f"{path}: missing array(s) {sorted(need - keys)}; found {sorted(keys)}")
             images, labels = data[f"{split}_images"], data[f"{split}_labels"]
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        if str(path) in str(exc):
+            raise
         raise ValueError(f"{path}: not a readable npz file (corrupt or truncated?): {exc}") from exc
     spatial = images.ndim - 1 - (1 if info.dims == 2 and info.channels == 3 else 0)
     if spatial != info.dims:

@@ -1,0 +1,178 @@
+"""Training loop: exact resume, events, pause/stop, non-finite losses, checkpoints, VICReg mode."""
+import json
+
+import pytest
+import torch
+
+from medexplore.data import Sample
+from medexplore.models import Domain, TaskSpec, create_model
+from medexplore.train import (CheckpointError, NonFiniteLossError, RunControl, TrainConfig, Trainer, load_checkpoint,
+                              load_model)
+
+TASKS = [TaskSpec("cls", "multiclass", 3), TaskSpec("reg", "regression", 1)]
+
+
+def toy_data(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        y = i % 3
+        dims = 2 if i % 4 else 3
+        img = torch.randn(1, *([8] * dims), generator=g) + y
+        labels = {"cls": y} if i % 5 else {"cls": y, "reg": float(y) / 2}
+        out.append(Sample(img, Domain(f"{dims}d", "mri" if dims == 3 else "xray", "chest"), labels))
+    return out
+
+
+def toy_model(seed=0, tasks=TASKS, **kw):
+    torch.manual_seed(seed)
+    options = dict(embed_dim=24, depth=1, num_heads=2, patch_size=4, drop_path_rate=0.1)
+    return create_model("medformer_tiny", tasks=tasks, **{**options, **kw})
+
+
+CFG = TrainConfig(epochs=3, batch_size=8, lr=1e-3, checkpoint_every=2, device="cpu", monitor="acc")
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step):
+    def callback(event):
+        if event.kind == "step" and event.step == step:
+            raise Crash()
+    return callback
+
+
+def test_resumed_run_ends_with_identical_weights(tmp_path):
+    data = toy_data()
+    full = Trainer(toy_model(), data, CFG, tmp_path / "full", val_data=data[:6]).fit()
+    reference = load_model(tmp_path / "full" / "checkpoints" / "last")[0].state_dict()
+
+    with pytest.raises(Crash):  # dies after step 5; the last checkpoint is from step 4
+        Trainer(toy_model(), data, CFG, tmp_path / "cut", val_data=data[:6], callbacks=[crash_at(5)]).fit()
+    meta, _, _ = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last")
+    assert meta["step"] == 4
+    resumed = Trainer(toy_model(seed=123), data, CFG, tmp_path / "cut", val_data=data[:6]).fit(resume=True)
+    assert resumed.step == full.step == 9
+    got = load_model(tmp_path / "cut" / "checkpoints" / "last")[0].state_dict()
+    assert all(torch.equal(reference[k], got[k]) for k in reference)
+
+
+def test_events_metrics_file_and_best_checkpoint(tmp_path):
+    events = []
+    data = toy_data()
+    result = Trainer(toy_model(), data, TrainConfig(epochs=2, batch_size=8, device="cpu", monitor="acc"), tmp_path,
+                     val_data=data, callbacks=[events.append]).fit()
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("step") == 6 and kinds.count("epoch") == 2
+    step = next(e for e in events if e.kind == "step")
+    assert {"loss", "cls"} <= set(step.losses) and step.samples_per_s > 0 and step.total_steps == 6
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
+    assert {"auc", "acc", "f1_macro", "recall_per_class"} <= set(lines[0]["val"]["cls"])
+    assert "mae" in lines[0]["val"]["reg"]
+    assert (tmp_path / "checkpoints" / "best" / "model.safetensors").exists() and result.best is not None
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        Trainer(toy_model(), data, TrainConfig(epochs=1, batch_size=8, device="cpu"), tmp_path).fit()
+
+
+def test_stop_request_saves_last_and_pause_resumes(tmp_path):
+    control = RunControl()
+    seen = []
+
+    def callback(event):
+        seen.append(event.kind)
+        if event.kind == "step" and event.step == 1:
+            control.pause()
+            import threading
+            threading.Timer(0.2, control.resume).start()
+        if event.kind == "step" and event.step == 2:
+            control.stop()
+
+    result = Trainer(toy_model(), toy_data(), CFG, tmp_path, callbacks=[callback], control=control).fit()
+    assert result.stopped and result.step == 2
+    assert "paused" in seen and "resumed" in seen and seen[-1] == "stopped"
+    assert load_checkpoint(tmp_path / "checkpoints" / "last")[0]["step"] == 2
+
+
+def test_non_finite_loss_names_step_and_task_and_keeps_last_checkpoint(tmp_path):
+    data = toy_data()
+
+    def poison(event):
+        if event.kind == "checkpoint" and event.step == 2:  # right after the step-2 checkpoint is written
+            with torch.no_grad():
+                trainer.model.heads["reg"].fc.weight.fill_(float("inf"))
+
+    trainer = Trainer(toy_model(), data, CFG, tmp_path, callbacks=[poison])
+    with pytest.raises(NonFiniteLossError, match=r"step 3 in task\(s\) \[.*'reg'.*\]"):
+        trainer.fit()
+    meta, weights, _ = load_checkpoint(tmp_path / "checkpoints" / "last")
+    assert meta["step"] == 2 and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    Trainer(toy_model(), toy_data(), TrainConfig(epochs=1, batch_size=8, device="cpu"), tmp_path).fit()
+    last = tmp_path / "checkpoints" / "last"
+    # incompatible configuration
+    other = toy_model(tasks=[TaskSpec("cls", "multiclass", 5)])
+    from medexplore.train.checkpoint import load_into
+    _, weights, _ = load_checkpoint(last)
+    with pytest.raises(CheckpointError, match=r"incompatible with this model configuration: .*heads.cls.fc.weight"):
+        load_into(other, weights, str(last))
+    # corrupt weights and JSON
+    (last / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="model.safetensors: unreadable weights"):
+        load_checkpoint(last)
+    (last / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="meta.json: corrupt JSON"):
+        load_checkpoint(last)
+    with pytest.raises(CheckpointError, match="not a medexplore checkpoint"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_training_state_loads_without_pickled_objects(tmp_path):
+    Trainer(toy_model(), toy_data(), TrainConfig(epochs=1, batch_size=8, device="cpu"), tmp_path).fit()
+    state = torch.load(tmp_path / "checkpoints" / "last" / "train_state.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "rng"} <= set(state)
+
+
+def test_vicreg_mode_reduces_loss_without_labels(tmp_path):
+    events = []
+    unlabeled = [Sample(s.image, s.domain) for s in toy_data(32)]
+    cfg = TrainConfig(mode="vicreg", epochs=4, batch_size=16, lr=2e-3, device="cpu", expander=(64, 64))
+    Trainer(toy_model(tasks=[]), unlabeled, cfg, tmp_path, callbacks=[events.append]).fit()
+    losses = [e.losses["loss"] for e in events if e.kind == "step"]
+    assert len(losses) == 8 and all(map(lambda v: v == v, losses))
+    assert {"invariance", "variance", "covariance"} <= set(next(e for e in events if e.kind == "step").losses)
+    _, weights, _ = load_checkpoint(tmp_path / "checkpoints" / "last")
+    assert any(k.startswith("extra.net.") for k in weights)  # the expander is saved beside the model
+    assert losses[-1] < losses[0]
+
+
+def test_config_and_data_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        TrainConfig(mode="dino")
+    with pytest.raises(ValueError, match="divisible by accum_steps"):
+        TrainConfig(batch_size=10, accum_steps=3)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['lr_max'\]"):
+        TrainConfig.from_dict({"lr_max": 1})
+    with pytest.raises(ValueError, match="training dataset is empty"):
+        Trainer(toy_model(), [], CFG, tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'cuda:0' requested but CUDA is not available"):
+        Trainer(toy_model(), toy_data(), TrainConfig(device="cuda:0"), tmp_path)
+    with pytest.raises(ValueError, match="unknown device 'gpu7'"):
+        Trainer(toy_model(), toy_data(), TrainConfig(device="gpu7"), tmp_path)
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    # every sample carries the one task, so the mean over two micro-batches is the full-batch mean
+    data = [Sample(s.image, s.domain, {"cls": s.labels["cls"]}) for s in toy_data(16) if s.domain.dimensionality == "2d"][:8]
+    cfg = dict(epochs=1, batch_size=8, lr=1e-3, device="cpu", clip_grad=None)
+    a = toy_model(tasks=TASKS[:1], drop_path_rate=0.0)
+    b = toy_model(tasks=TASKS[:1], drop_path_rate=0.0)
+    Trainer(a, data, TrainConfig(**cfg), tmp_path / "a").fit()
+    Trainer(b, data, TrainConfig(**cfg, accum_steps=2), tmp_path / "b").fit()
+    diffs = [(pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters())]
+    assert max(diffs) < 1e-5

@@ -1,0 +1,87 @@
+"""The medexplore command line, end to end on small files, and its errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from medexplore.cli import load_config, main
+
+from test_data import write_npz
+
+TINY = ["--set", "model.depth=1", "--set", "model.embed_dim=24", "--set", "model.num_heads=2",
+        "--set", "train.epochs=1", "--set", "train.batch_size=4", "--set", "train.eval_batch_size=8", "--quiet"]
+
+
+@pytest.fixture
+def npz(tmp_path):
+    return write_npz(tmp_path / "pneumoniamnist.npz", "pneumoniamnist", n=(16, 8, 8))
+
+
+def test_train_evaluate_embed(tmp_path, npz, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(out), *TINY]) == 0
+    test = json.loads((out / "test_metrics.json").read_text())["pneumoniamnist"]
+    assert {"auc", "acc", "f1_macro"} <= set(test) and test["n"] == 8
+    assert (out / "checkpoints" / "last" / "model.safetensors").exists()
+    assert main(["evaluate", str(out / "checkpoints" / "last"), "--split", "val", "--output", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["pneumoniamnist"]["n"] == 8
+    assert main(["embed", str(out / "checkpoints" / "last"), "--split", "test", "--output", str(tmp_path / "e.npz")]) == 0
+    emb = np.load(tmp_path / "e.npz")
+    assert emb["embeddings"].shape == (8, 24) and list(emb["modality"][:1]) == ["xray"]
+    assert len(emb["label_pneumoniamnist"]) == 8
+    # resume of a finished run is a no-op that still succeeds
+    assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(out), "--resume", *TINY]) == 0
+
+
+def test_pretrain_then_finetune(tmp_path, npz):
+    pre = tmp_path / "pre"
+    assert main(["pretrain", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(pre), *TINY,
+                 "--set", "train.expander=[32,32]"]) == 0
+    assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(tmp_path / "ft"),
+                 "--init", str(pre / "checkpoints" / "last"), *TINY]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "mnist"], "unknown MedMNIST dataset 'mnist'"),
+    (["--dataset", "pneumoniamnist", "--data-path", "{bad}"], "not a readable npz file"),
+    (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--set", "train.lr=-1"], "lr must be > 0"),
+    (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--set", "model.widht=3"], r"unknown option\(s\) \['widht'\]"),
+    (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--set", "nonsense"], "--set expects section.key=value"),
+    (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--config", "{missing}"], "config file .* not found"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, npz, capsys, args, message):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    args = [a.format(bad=bad, npz=npz, missing=tmp_path / "none.yaml") for a in args]
+    out = tmp_path / "run"
+    assert main(["train", *args, "--out", str(out), *TINY]) == 2
+    import re
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_incompatible_checkpoint_and_busy_directory(tmp_path, npz, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(out), *TINY]) == 0
+    assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(out), *TINY]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    wider = [a.replace("embed_dim=24", "embed_dim=48") for a in TINY]
+    assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(tmp_path / "r2"),
+                 "--init", str(out / "checkpoints" / "last"), *wider]) == 2
+    assert "incompatible with this model configuration" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 2
+
+
+def test_config_layers_and_entry_point(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {depth: 3}\ntrain: {lr: 0.01}\n")
+    config = load_config(str(cfg), ["train.lr=0.02", "data.datasets=[a, b]"])
+    assert config["model"] == {"name": "medformer_tiny", "patch_size": 4, "depth": 3}
+    assert config["train"]["lr"] == 0.02 and config["data"]["datasets"] == ["a", "b"]
+    proc = subprocess.run([sys.executable, "-m", "medexplore.cli", "datasets", "--root", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "organmnist3d" in proc.stdout and proc.stdout.count("\n") == 20
+    help_text = subprocess.run([sys.executable, "-m", "medexplore.cli", "train", "--help"], capture_output=True, text=True)
+    assert "--resume" in help_text.stdout

@@ -1,4 +1,7 @@
-"""The ``medexplore`` command line: datasets, pretrain, train, evaluate, embed."""
+"""The ``medexplore`` command line: demo, datasets, pretrain, train, evaluate, embed.
+
+A thin layer over :mod:`medexplore.train.workflow`: parse, call the library, print.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,17 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 import yaml
 
 __all__ = ["main", "load_config"]
-
-DEFAULT_CONFIG = {
-    "model": {"name": "medformer_tiny", "patch_size": 4},
-    "data": {"datasets": ["pneumoniamnist"], "size": 28, "root": None, "path": None},
-    "train": {},
-}
 
 
 class CLIError(Exception):
@@ -33,6 +28,8 @@ def _parse_value(text: str):
 
 def load_config(path: str | None, overrides: list[str]) -> dict:
     """Defaults, then the YAML file, then ``--set section.key=value`` overrides."""
+    from .train.workflow import DEFAULT_CONFIG
+
     config = copy.deepcopy(DEFAULT_CONFIG)
     if path:
         p = Path(path)
@@ -58,45 +55,8 @@ def load_config(path: str | None, overrides: list[str]) -> dict:
     return config
 
 
-# ---------------------------------------------------------------------------- builders
-def build_datasets(data: dict, split: str):
-    """The dataset a data section describes (one MedMNIST set, or several mixed)."""
-    from .data.medmnist import MedMNIST
-    from .data.sampling import MixedDataset
-
-    names = data.get("datasets") or []
-    if isinstance(names, str):
-        names = [names]
-    if not names:
-        raise CLIError("data.datasets is empty")
-    if data.get("path") and len(names) != 1:
-        raise CLIError("data.path names one npz file; give exactly one dataset with it")
-    sets = {}
-    for name in names:
-        sets[name] = MedMNIST(name, split, size=int(data.get("size", 28)), root=data.get("root"), path=data.get("path"))
-    return next(iter(sets.values())) if len(sets) == 1 else MixedDataset(sets)
-
-
-def dataset_tasks(dataset) -> list:
-    sources = getattr(dataset, "datasets", None)
-    return [d.task for d in sources.values()] if sources else [dataset.task]
-
-
-def build_model(model_cfg: dict, tasks: list, vocab_from=None):
-    from .models import DomainVocab, create_model
-
-    options = dict(model_cfg)
-    name = options.pop("name", "medformer_tiny")
-    if vocab_from is not None and "vocab" not in options:
-        sources = getattr(vocab_from, "datasets", None) or {"": vocab_from}
-        domains = [d.domain for d in sources.values()]
-        options["vocab"] = DomainVocab(tuple(dict.fromkeys(d.modality for d in domains)),
-                                       tuple(dict.fromkeys(d.body_part for d in domains)))
-    return create_model(name, tasks=tasks, **options)
-
-
 class ProgressPrinter:
-    """Prints engine events: a tqdm bar for steps, one line per epoch/eval."""
+    """Prints engine events: a tqdm bar for steps, one line per epoch."""
 
     def __init__(self, quiet: bool = False):
         self.quiet, self.bar = quiet, None
@@ -116,13 +76,33 @@ class ProgressPrinter:
             (self.bar.write if self.bar else print)(line + (f" val {json.dumps(val)}" if val else ""))
         elif event.kind in ("done", "stopped") and self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 # ---------------------------------------------------------------------------- commands
+def cmd_demo(args) -> int:
+    from .train.workflow import demo
+
+    model = {}
+    for item in args.model:
+        if "=" not in item:
+            raise CLIError(f"--model expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        model[key] = _parse_value(value)
+    summary = demo(args.out, args.pretrain_epochs, args.epochs, model=model, callbacks=[ProgressPrinter(args.quiet)])
+    print(json.dumps(summary["test_metrics"], indent=1, default=float))
+    print(f"figures: {', '.join(summary['figures'])}\nrun directory: {args.out}")
+    return 0
+
+
 def cmd_datasets(args) -> int:
+    from .data.embedded import EmbeddedConfig, cache_dir
     from .data.medmnist import MEDMNIST, default_root, medmnist_path
 
     root = Path(args.root) if args.root else default_root()
+    cached = any(cache_dir().glob(f"embedded-v*-{EmbeddedConfig().key()}.npz"))
+    print(f"embedded: multi-annotation 2D/3D images (MNI152, scikit-image, pydicom), "
+          f"{'cached' if cached else 'generated on first use'} in {cache_dir()}")
     print(f"MedMNIST root: {root}")
     print(f"{'dataset':16s} {'kind':11s} {'dims':4s} {'modality':12s} {'body part':9s} {'classes':7s} {'licence':12s} local sizes")
     for flag, info in MEDMNIST.items():
@@ -133,52 +113,20 @@ def cmd_datasets(args) -> int:
 
 
 def _run(args, mode: str) -> int:
-    from .train import TrainConfig, Trainer
+    from .train.workflow import run_training
 
     config = load_config(args.config, args.set)
     if args.data_path:
         config["data"]["path"] = args.data_path
     if args.dataset:
         config["data"]["datasets"] = [args.dataset]
-    train_set = build_datasets(config["data"], "train")
-    val_set = build_datasets(config["data"], "val") if mode == "supervised" else None
-    tasks = dataset_tasks(train_set) if mode == "supervised" else []
-    model = build_model(config["model"], tasks, vocab_from=train_set)
-    if args.init:
-        _init_from(model, args.init)
-    train_cfg = TrainConfig.from_dict({**config["train"], "mode": mode})
-    out = Path(args.out)
-    if not args.resume and out.exists() and any(out.iterdir()):
-        raise CLIError(f"output directory {out} is not empty; use --resume or another --out")
-    trainer = Trainer(model, train_set, train_cfg, out, val_data=val_set,
-                      callbacks=[ProgressPrinter(args.quiet)], data_config=config["data"])
-    result = trainer.fit(resume=args.resume)
-    if mode == "supervised":
-        test = build_datasets(config["data"], "test")
-        best = out / "checkpoints" / ("best" if (out / "checkpoints" / "best").exists() else "last")
-        from .train.checkpoint import load_model
-        from .train.evaluate import evaluate
-
-        best_model, _ = load_model(best, trainer.device)
-        metrics = evaluate(best_model, test, train_cfg.eval_batch_size, trainer.device)
-        (out / "test_metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-        print(json.dumps({t: {k: m[k] for k in ("auc", "acc") if k in m} for t, m in metrics.items()}))
-    print(f"run directory: {result.run_dir}")
+    outcome = run_training(config, args.out, mode, init=args.init, resume=args.resume,
+                           callbacks=[ProgressPrinter(args.quiet)])
+    if outcome.test_metrics:
+        print(json.dumps({t: {k: m[k] for k in ("auc", "acc", "dice", "map@0.5", "mae") if k in m}
+                          for t, m in outcome.test_metrics.items()}))
+    print(f"run directory: {outcome.run_dir}")
     return 0
-
-
-def _init_from(model, checkpoint: str) -> None:
-    """Fine-tuning: copy every weight of ``checkpoint`` whose name and shape match (heads of new tasks stay new)."""
-    from .train.checkpoint import load_checkpoint
-
-    _, weights, _ = load_checkpoint(Path(checkpoint))
-    own = model.state_dict()
-    matched = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-    body = [k for k in own if k.startswith(("blocks.", "patch_embed."))]
-    if not all(k in matched for k in body):
-        raise CLIError(f"{checkpoint}: incompatible with this model configuration (body weights do not match)")
-    model.load_state_dict(matched, strict=False)
-    print(f"initialised {len(matched)}/{len(own)} tensors from {checkpoint}")
 
 
 def cmd_train(args) -> int:
@@ -189,18 +137,27 @@ def cmd_pretrain(args) -> int:
     return _run(args, "vicreg")
 
 
-def cmd_evaluate(args) -> int:
+def _checkpoint_data(args):
+    """(model, device, dataset) for a checkpoint and the split it was trained on (``--data-path`` applied)."""
+    from .data.registry import build_dataset
     from .train.checkpoint import load_model
     from .train.engine import resolve_device
-    from .train.evaluate import evaluate
 
     device = resolve_device(args.device)
     model, meta = load_model(Path(args.checkpoint), device)
-    data = dict(meta.get("data") or DEFAULT_CONFIG["data"])
+    if not meta.get("data"):
+        raise CLIError(f"{args.checkpoint}: the checkpoint does not say which data it was trained on")
+    data = dict(meta["data"])
     if args.data_path:
         data["path"] = args.data_path
-    metrics = evaluate(model, build_datasets(data, args.split), device=device)
-    text = json.dumps(metrics, indent=2, default=float)
+    return model, device, build_dataset(data, args.split)
+
+
+def cmd_evaluate(args) -> int:
+    from .train.evaluate import evaluate
+
+    model, device, dataset = _checkpoint_data(args)
+    text = json.dumps(evaluate(model, dataset, device=device), indent=2, default=float)
     if args.output:
         Path(args.output).write_text(text)
     print(text)
@@ -208,20 +165,17 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from .train.checkpoint import load_model
-    from .train.engine import resolve_device
+    import numpy as np
+    import torch
+
     from .train.evaluate import collect_predictions
 
-    device = resolve_device(args.device)
-    model, meta = load_model(Path(args.checkpoint), device)
-    data = dict(meta.get("data") or DEFAULT_CONFIG["data"])
-    if args.data_path:
-        data["path"] = args.data_path
-    dataset = build_datasets(data, args.split)
+    model, device, dataset = _checkpoint_data(args)
     _, embeddings = collect_predictions(model, dataset, device=device, with_embeddings=True)
     samples = [dataset[i] for i in range(len(dataset))]
+    names = sorted({k for s in samples for k in s.labels if torch.as_tensor(s.labels[k]).numel() <= 16})
     labels = {name: [json.dumps(torch.as_tensor(s.labels[name]).tolist()) if name in s.labels else "" for s in samples]
-              for name in sorted({k for s in samples for k in s.labels})}
+              for name in names}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npz")
@@ -230,6 +184,7 @@ def cmd_embed(args) -> int:
                         body_part=np.array([s.domain.body_part for s in samples]),
                         dimensionality=np.array([s.domain.dimensionality for s in samples]),
                         source=np.array([str(s.meta.get("source")) for s in samples]),
+                        patient_id=np.array([str(s.patient_id) for s in samples]),
                         **{f"label_{k}": np.array(v) for k, v in labels.items()})
     tmp.replace(out)
     print(f"wrote {len(samples)} embeddings of width {embeddings.shape[1]} to {out}")
@@ -240,7 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medexplore", description="Multitask multimodal medical-image learning.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("datasets", help="list the MedMNIST datasets and which sizes are on disk")
+    p = sub.add_parser("demo", help="the main job on the embedded data: VICReg, multitask training, test, figures")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--pretrain-epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="model overrides, e.g. depth=6")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("datasets", help="list the datasets and which MedMNIST sizes are on disk")
     p.add_argument("--root", help="MedMNIST folder (default ~/.medmnist or $MEDMNIST_ROOT)")
     p.set_defaults(func=cmd_datasets)
 
@@ -249,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", help="YAML file with model/data/train sections (see configs/)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-        p.add_argument("--dataset", help="MedMNIST dataset name (overrides data.datasets)")
+        p.add_argument("--dataset", help="'embedded' or a MedMNIST flag (overrides data.datasets)")
         p.add_argument("--data-path", help="an explicit npz file for the dataset")
         p.add_argument("--out", required=True, help="run directory")
         p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -283,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medexplore {args.command}: stopped: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print(f"medexplore {args.command}: interrupted; resume with --resume", file=sys.stderr)
+        print(f"medexplore {args.command}: interrupted; continue with --resume", file=sys.stderr)
         return 130
 
 

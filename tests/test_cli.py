@@ -44,7 +44,7 @@ def test_pretrain_then_finetune(tmp_path, npz):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dataset", "mnist"], "unknown MedMNIST dataset 'mnist'"),
+    (["--dataset", "mnist"], "unknown dataset 'mnist'; available: \\['embedded', 'pathmnist'"),
     (["--dataset", "pneumoniamnist", "--data-path", "{bad}"], "not a readable npz file"),
     (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--set", "train.lr=-1"], "lr must be > 0"),
     (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--set", "model.widht=3"], r"unknown option\(s\) \['widht'\]"),
@@ -82,6 +82,6 @@ def test_config_layers_and_entry_point(tmp_path):
     assert config["train"]["lr"] == 0.02 and config["data"]["datasets"] == ["a", "b"]
     proc = subprocess.run([sys.executable, "-m", "medexplore.cli", "datasets", "--root", str(tmp_path)],
                           capture_output=True, text=True)
-    assert proc.returncode == 0 and "organmnist3d" in proc.stdout and proc.stdout.count("\n") == 20
+    assert proc.returncode == 0 and "organmnist3d" in proc.stdout and proc.stdout.count("\n") == 21
     help_text = subprocess.run([sys.executable, "-m", "medexplore.cli", "train", "--help"], capture_output=True, text=True)
     assert "--resume" in help_text.stdout

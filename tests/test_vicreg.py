@@ -1,5 +1,4 @@
 """VICReg loss against a direct formula, collapse, expander, views and the differentiable gather."""
-import os
 
 import pytest
 import torch

@@ -218,3 +218,11 @@ class MedMNIST(torch.utils.data.Dataset):
     @property
     def task(self) -> TaskSpec:
         return self.info.task(self.task_name)
+
+    @property
+    def tasks(self) -> list[TaskSpec]:
+        return [self.task]
+
+    @property
+    def domains(self) -> list[Domain]:
+        return [self.domain]

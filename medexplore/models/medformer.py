@@ -13,7 +13,7 @@ from .heads import HeadContext, LabelError, build_head
 from .packing import Batch, TokenLayout
 from .rope import Rotary3D
 from .segmentation import feature_depths
-from .tasks import TaskKind, TaskSpec
+from .tasks import TaskSpec
 from .tokenizer import LearnedPositions, PatchEmbed
 
 __all__ = ["Medformer", "MedformerOutput"]

@@ -1,7 +1,7 @@
 """Task specifications: the small declarative record every head, loss and metric is built from."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from enum import Enum
 
 __all__ = ["TaskKind", "TaskSpec", "Domain", "DIMENSIONALITIES"]

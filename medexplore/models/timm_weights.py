@@ -1,7 +1,6 @@
 """Load timm VisionTransformer weights into a Medformer (a checkpoint filter, as in timm)."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .medformer import Medformer

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .packing import Batch
 
 __all__ = ["PatchEmbed", "LearnedPositions"]
 

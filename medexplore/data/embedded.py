@@ -1,0 +1,292 @@
+"""The embedded default dataset: real anatomy that installs with packages, with synthetic lesions.
+
+Sources (no network): nilearn's MNI152 2 mm T1 template with grey/white-matter maps and brain mask
+(3D MRI patches and 2D MRI slices), scikit-image's retina and microaneurysms (fundus) and
+immunohistochemistry (colon pathology) images, and pydicom's CT and MR test images.
+
+Every image is image-centric and multi-annotated: synthetic lesions (smooth blobs brighter or
+darker than the tissue) give ``lesion`` (presence, binary), ``lesion_count`` (regression),
+``lesion_boxes`` (detection) and ``lesion_mask`` (segmentation); 3D brain patches also carry
+``tissue`` (background / CSF and other / grey matter / white matter, from the nilearn maps).
+Generation is deterministic from a seed and cached as one npz file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..models.tasks import Domain, TaskSpec
+from .sample import Sample
+from .transforms import normalize_intensity
+
+__all__ = ["EmbeddedConfig", "EmbeddedDataset", "EMBEDDED_TASKS", "TISSUE_LABELS", "build_embedded", "cache_dir"]
+
+VERSION = 1
+TISSUE_LABELS = ("background", "csf and other", "grey matter", "white matter")
+MAX_LESIONS = 3
+EMBEDDED_TASKS = (
+    TaskSpec("lesion", "binary", 1),
+    TaskSpec("lesion_count", "regression", 1),
+    TaskSpec("lesion_boxes", "detection", MAX_LESIONS),
+    TaskSpec("lesion_mask", "segmentation", 2, label_names=("background", "lesion")),
+    TaskSpec("tissue", "segmentation", 4, dimensionalities=("3d",), modalities=("mri",), body_parts=("brain",),
+             label_names=TISSUE_LABELS),
+)
+SOURCES_2D = {  # name: (modality, body part)
+    "mri_slice": ("mri", "brain"), "ct": ("ct", "head"), "mr": ("mri", "head"),
+    "retina": ("fundus", "eye"), "microaneurysms": ("fundus", "eye"), "ihc": ("pathology", "colon"),
+}
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    """Size of the embedded dataset; the defaults train within minutes on 2 CPU cores."""
+
+    seed: int = 0
+    per_source_2d: int = 80
+    num_3d: int = 160
+    size_2d: int = 32
+    size_3d: int = 16
+    lesion_free: float = 0.35
+    splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
+
+    def key(self) -> str:
+        text = json.dumps({"version": VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEDEXPLORE_CACHE", Path.home() / ".cache" / "medexplore"))
+
+
+# ---------------------------------------------------------------------------- real sources
+def _load_sources() -> dict:
+    """Real images, intensity-normalised, channels first."""
+    import warnings
+
+    from nilearn.datasets import (load_mni152_brain_mask, load_mni152_gm_template, load_mni152_template,
+                                  load_mni152_wm_template)
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from skimage import data as skdata
+
+    def arr(img):
+        return np.asarray(img.get_fdata(), dtype=np.float32)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t1 = arr(load_mni152_template(resolution=2))
+        gm, wm = arr(load_mni152_gm_template(resolution=2)), arr(load_mni152_wm_template(resolution=2))
+        mask = arr(load_mni152_brain_mask(resolution=2)) > 0.5
+    tissue = np.where(mask, 1, 0).astype(np.uint8)
+    tissue[mask & (gm > 0.5)] = 2
+    tissue[mask & (wm > 0.5)] = 3
+    ct = dcmread(get_testdata_file("CT_small.dcm"))
+    ct_hu = ct.pixel_array.astype(np.float32) * float(ct.RescaleSlope) + float(ct.RescaleIntercept)
+    mr = dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(np.float32)
+    retina = skdata.retina()[::4, ::4].astype(np.float32)  # 1411 -> 353 pixels across
+
+    def norm(x, modality):
+        return normalize_intensity(torch.from_numpy(np.ascontiguousarray(x)), modality).numpy()
+
+    return {
+        "t1": norm(t1[None], "mri"), "tissue": tissue, "brain": mask,
+        "mri_slice": norm(t1[None], "mri"),
+        "ct": norm(ct_hu[None], "ct"), "mr": norm(mr[None], "mri"),
+        "retina": norm(retina.transpose(2, 0, 1), "fundus"),
+        "microaneurysms": norm(skdata.microaneurysms().astype(np.float32)[None], "mri"),
+        "ihc": norm(skdata.immunohistochemistry()[::2, ::2].astype(np.float32).transpose(2, 0, 1), "pathology"),
+    }
+
+
+def _crop(rng, volume: np.ndarray, size: int, dims: int, inside: np.ndarray | None):
+    """A random (C, *size) crop whose centre lies in ``inside`` (if given); returns (crop, slices)."""
+    spatial = volume.shape[1:]
+    for _ in range(100):
+        starts = [int(rng.integers(0, s - size + 1)) for s in spatial[-dims:]]
+        slices = tuple(slice(a, a + size) for a in starts)
+        if inside is None or inside[tuple(a + size // 2 for a in starts)]:
+            break
+    return volume[(slice(None), *slices)], slices
+
+
+def _add_lesions(rng, image: np.ndarray, count: int, allowed: np.ndarray | None):
+    """Blend ``count`` smooth blobs into ``image``; returns (image, mask, boxes (count, 2d))."""
+    spatial = image.shape[1:]
+    dims = len(spatial)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in spatial], indexing="ij"), -1).astype(np.float32)
+    mask = np.zeros(spatial, np.uint8)
+    boxes, centres = [], []
+    scale = float(image.std()) or 1.0
+    for _ in range(count):
+        for _attempt in range(50):
+            r = float(rng.uniform(1.5, max(2.0, spatial[0] / 8)))
+            c = np.array([rng.uniform(r + 0.5, s - r - 0.5) for s in spatial])
+            if allowed is not None and not allowed[tuple(c.astype(int))]:
+                continue
+            if all(np.linalg.norm(c - c2) > r + r2 + 1 for c2, r2 in centres):
+                break
+        else:
+            break
+        centres.append((c, r))
+        dist = np.linalg.norm(grid - c, axis=-1)
+        blob = 1.0 / (1.0 + np.exp(-(r - dist) * 3.0))
+        amplitude = rng.choice([-1.0, 1.0]) * rng.uniform(1.2, 2.0) * scale
+        image = image + amplitude * blob[None]
+        inside = dist <= r
+        mask[inside] = 1
+        idx = np.argwhere(inside)
+        boxes.append(np.concatenate([idx.min(0), idx.max(0) + 1]).astype(np.float32))
+    return image, mask, np.array(boxes, np.float32).reshape(-1, 2 * dims)
+
+
+def build_embedded(config: EmbeddedConfig = EmbeddedConfig()) -> dict[str, np.ndarray]:
+    """Generate the dataset's arrays (deterministic from ``config.seed``)."""
+    rng = np.random.default_rng(config.seed)
+    src = _load_sources()
+    s2, s3 = config.size_2d, config.size_3d
+    images2d, ch2d, masks2d, mods2d, bodies2d, names2d = [], [], [], [], [], []
+    brain_slices = src["brain"].transpose(2, 0, 1)  # axial slices: (z, x, y)
+    slice_vol = src["mri_slice"][0].transpose(2, 0, 1)
+    for name, (modality, body) in SOURCES_2D.items():
+        for _ in range(config.per_source_2d):
+            if name == "mri_slice":
+                z = int(rng.integers(25, 70))
+                img, sl = _crop(rng, slice_vol[z][None], s2, 2, brain_slices[z])
+                allowed = brain_slices[z][sl]
+            else:
+                inside = (src[name].mean(0) > src[name].mean(0).min() + 0.2) if name == "retina" else None
+                img, _ = _crop(rng, src[name], s2, 2, inside)
+                allowed = None
+            img = img * rng.uniform(0.8, 1.2) + rng.uniform(-0.2, 0.2)
+            if rng.random() < 0.5:
+                img = img[:, :, ::-1]
+            count = 0 if rng.random() < config.lesion_free else int(rng.integers(1, MAX_LESIONS + 1))
+            img, mask, boxes = _add_lesions(rng, np.ascontiguousarray(img), count, allowed)
+            padded = np.zeros((3, s2, s2), np.float32)
+            padded[:img.shape[0]] = img
+            images2d.append(padded), ch2d.append(img.shape[0]), masks2d.append(mask)
+            mods2d.append(modality), bodies2d.append(body), names2d.append((boxes, name))
+    images3d, masks3d, tissue3d, boxes3d = [], [], [], []
+    for _ in range(config.num_3d):
+        img, sl = _crop(rng, src["t1"], s3, 3, src["brain"])
+        tissue = src["tissue"][sl]
+        if rng.random() < 0.5:
+            img, tissue = img[:, ::-1], tissue[::-1]
+        img = img * rng.uniform(0.8, 1.2) + rng.uniform(-0.2, 0.2)
+        count = 0 if rng.random() < config.lesion_free else int(rng.integers(1, MAX_LESIONS + 1))
+        img, mask, boxes = _add_lesions(rng, np.ascontiguousarray(img), count, np.ascontiguousarray(tissue) > 0)
+        images3d.append(img), masks3d.append(mask), tissue3d.append(np.ascontiguousarray(tissue)), boxes3d.append(boxes)
+
+    def pack_boxes(boxes_list, width):
+        out = np.zeros((len(boxes_list), MAX_LESIONS, width), np.float32)
+        counts = np.array([len(b) for b in boxes_list], np.int64)
+        for i, b in enumerate(boxes_list):
+            out[i, :len(b)] = b
+        return out, counts
+
+    b2, c2 = pack_boxes([b for b, _ in names2d], 4)
+    b3, c3 = pack_boxes(boxes3d, 6)
+    n2, n3 = len(images2d), len(images3d)
+    split_rng = np.random.default_rng(config.seed + 1)
+
+    def splits(n):
+        cut = np.cumsum(np.array(config.splits) / sum(config.splits)) * n
+        order = split_rng.permutation(n)
+        out = np.zeros(n, np.int64)
+        out[order[int(round(cut[0])):int(round(cut[1]))]] = 1
+        out[order[int(round(cut[1])):]] = 2
+        return out
+
+    return {
+        "images2d": np.stack(images2d).astype(np.float32), "channels2d": np.array(ch2d, np.int64),
+        "masks2d": np.stack(masks2d), "boxes2d": b2, "counts2d": c2, "split2d": splits(n2),
+        "modality2d": np.array(mods2d), "body2d": np.array(bodies2d), "source2d": np.array([n for _, n in names2d]),
+        "images3d": np.stack(images3d).astype(np.float32), "masks3d": np.stack(masks3d), "tissue3d": np.stack(tissue3d),
+        "boxes3d": b3, "counts3d": c3, "split3d": splits(n3),
+    }
+
+
+def load_or_build(config: EmbeddedConfig = EmbeddedConfig(), root: Path | None = None) -> dict[str, np.ndarray]:
+    """The cached arrays, generated on first use (written atomically)."""
+    root = Path(root) if root is not None else cache_dir()
+    path = root / f"embedded-v{VERSION}-{config.key()}.npz"
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    arrays = build_embedded(config)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return arrays
+
+
+class EmbeddedDataset(Dataset):
+    """One split of the embedded dataset as multi-annotated :class:`Sample` objects.
+
+    Example:
+        >>> ds = EmbeddedDataset("train")  # doctest: +SKIP
+        >>> sorted(ds[0].labels)  # doctest: +SKIP
+        ['lesion', 'lesion_boxes', 'lesion_count', 'lesion_mask']
+    """
+
+    SPLITS = ("train", "val", "test")
+
+    def __init__(self, split: str = "train", config: EmbeddedConfig = EmbeddedConfig(), root=None):
+        if split not in self.SPLITS:
+            raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
+        self.split, self.config = split, config
+        arrays = load_or_build(config, root)
+        code = self.SPLITS.index(split)
+        self.index = [("2d", int(i)) for i in np.flatnonzero(arrays["split2d"] == code)] + \
+                     [("3d", int(i)) for i in np.flatnonzero(arrays["split3d"] == code)]
+        self.arrays = arrays
+        self.tasks = list(EMBEDDED_TASKS)
+        self.domains = list(dict.fromkeys(self.domain_of(k) for k in range(len(self.index))))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def labels_of(self, k: int) -> dict:
+        dims, i = self.index[k]
+        a = self.arrays
+        count = int(a[f"counts{dims}"][i])
+        labels = {"lesion": int(count > 0), "lesion_count": torch.tensor([float(count)]),
+                  "lesion_boxes": torch.from_numpy(a[f"boxes{dims}"][i, :count].copy()),
+                  "lesion_mask": torch.from_numpy(a[f"masks{dims}"][i].astype(np.int64))}
+        if dims == "3d":
+            labels["tissue"] = torch.from_numpy(a["tissue3d"][i].astype(np.int64))
+        return labels
+
+    def domain_of(self, k: int) -> Domain:
+        dims, i = self.index[k]
+        if dims == "3d":
+            return Domain("3d", "mri", "brain")
+        return Domain("2d", str(self.arrays["modality2d"][i]), str(self.arrays["body2d"][i]))
+
+    def source_of(self, k: int) -> str:
+        dims, i = self.index[k]
+        return "mni152_3d" if dims == "3d" else str(self.arrays["source2d"][i])
+
+    def __getitem__(self, k: int) -> Sample:
+        dims, i = self.index[k]
+        if dims == "2d":
+            image = torch.from_numpy(self.arrays["images2d"][i, :int(self.arrays["channels2d"][i])].copy())
+            spacing = None
+        else:
+            image = torch.from_numpy(self.arrays["images3d"][i].copy())
+            spacing = (2.0, 2.0, 2.0)
+        source = self.source_of(k)
+        return Sample(image, self.domain_of(k), self.labels_of(k), spacing, patient_id=f"{source}-{i}",
+                      meta={"source": source, "index": k})

@@ -1,0 +1,63 @@
+"""Datasets by name: one data-config dict describes what to load (used by the CLI, napari, notebooks)."""
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+from ..models.config import DomainVocab
+from ..models.tasks import Domain, TaskSpec
+from .embedded import EmbeddedConfig, EmbeddedDataset
+from .medmnist import MEDMNIST, MedMNIST
+from .sampling import MixedDataset
+
+__all__ = ["build_dataset", "dataset_tasks", "dataset_domains", "vocab_for", "available_datasets"]
+
+
+def available_datasets() -> list[str]:
+    return ["embedded", *MEDMNIST]
+
+
+def _one(name: str, data: dict, split: str) -> Dataset:
+    if name == "embedded":
+        return EmbeddedDataset(split, EmbeddedConfig(seed=int(data.get("seed", 0))))
+    if name in MEDMNIST:
+        return MedMNIST(name, split, size=int(data.get("size", 28)), root=data.get("root"), path=data.get("path"))
+    raise ValueError(f"unknown dataset {name!r}; available: {available_datasets()}")
+
+
+def build_dataset(data: dict, split: str) -> Dataset:
+    """The dataset a data section describes: ``{"datasets": [...], "size": 28, "root": ..., "path": ...}``.
+
+    Several names give a :class:`MixedDataset` (sample weights per source come from the trainer).
+    """
+    names = data.get("datasets") or []
+    if isinstance(names, str):
+        names = [names]
+    if not names:
+        raise ValueError("data.datasets is empty: name at least one dataset")
+    if data.get("path") and len(names) != 1:
+        raise ValueError("data.path names one npz file; give exactly one dataset with it")
+    sets = {name: _one(name, data, split) for name in names}
+    return next(iter(sets.values())) if len(sets) == 1 else MixedDataset(sets)
+
+
+def _parts(dataset: Dataset) -> list[Dataset]:
+    return list(dataset.datasets.values()) if isinstance(dataset, MixedDataset) else [dataset]
+
+
+def dataset_tasks(dataset: Dataset) -> list[TaskSpec]:
+    """Every task the dataset (or each part of a mixture) is labelled for, each name once."""
+    tasks: dict[str, TaskSpec] = {}
+    for part in _parts(dataset):
+        for task in getattr(part, "tasks", ()):
+            tasks.setdefault(task.name, task)
+    return list(tasks.values())
+
+
+def dataset_domains(dataset: Dataset) -> list[Domain]:
+    return list(dict.fromkeys(d for part in _parts(dataset) for d in getattr(part, "domains", ())))
+
+
+def vocab_for(dataset: Dataset) -> DomainVocab:
+    domains = dataset_domains(dataset)
+    return DomainVocab(tuple(dict.fromkeys(d.modality for d in domains)),
+                       tuple(dict.fromkeys(d.body_part for d in domains)))

@@ -1,0 +1,142 @@
+"""Whole runs from one config dict: build data and model, train, test, draw figures.
+
+The CLI, the napari widgets and the notebooks all call these functions.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..data.registry import build_dataset, dataset_tasks, vocab_for
+from ..models import create_model
+from ..models.medformer import Medformer
+from .checkpoint import CheckpointError, load_checkpoint, load_model
+from .engine import Event, RunControl, RunResult, TrainConfig, Trainer
+from .evaluate import evaluate
+
+__all__ = ["DEFAULT_CONFIG", "build_model", "init_from_checkpoint", "run_training", "write_figures", "demo", "RunOutcome"]
+
+DEFAULT_CONFIG = {
+    "model": {"name": "medformer_tiny", "patch_size": 4},
+    "data": {"datasets": ["embedded"], "size": 28, "root": None, "path": None},
+    "train": {},
+}
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    result: RunResult
+    test_metrics: dict
+
+
+def build_model(model_cfg: dict, tasks, vocab=None) -> Medformer:
+    options = dict(model_cfg)
+    name = options.pop("name", "medformer_tiny")
+    if vocab is not None and "vocab" not in options:
+        options["vocab"] = vocab
+    return create_model(name, tasks=tasks, **options)
+
+
+def init_from_checkpoint(model: Medformer, folder: str | Path) -> int:
+    """Fine-tuning: copy every tensor whose name and shape match; returns how many were copied.
+
+    Raises CheckpointError when the body (patch embedding, blocks) does not match.
+    """
+    _, weights, _ = load_checkpoint(Path(folder))
+    own = model.state_dict()
+    matched = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    body = [k for k in own if k.startswith(("blocks.", "patch_embed."))]
+    mismatched = [k for k in body if k not in matched]
+    if mismatched:
+        raise CheckpointError(f"{folder}: incompatible with this model configuration (body weights differ, "
+                              f"e.g. {mismatched[:3]})")
+    model.load_state_dict(matched, strict=False)
+    return len(matched)
+
+
+def run_training(config: dict, out: str | Path, mode: str = "supervised", init: str | Path | None = None,
+                 resume: bool = False, callbacks: Sequence[Callable[[Event], None]] = (),
+                 control: RunControl | None = None, test: bool = True) -> RunOutcome:
+    """Train (or pretrain) as ``config`` says, then score the best checkpoint on the test split.
+
+    Everything that can fail on bad input (data, model options, the init checkpoint) is checked
+    before the run directory is created.
+    """
+    config = copy.deepcopy(config)
+    out = Path(out)
+    if not resume and out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output directory {out} is not empty; resume, or choose another directory")
+    train_set = build_dataset(config["data"], "train")
+    val_set = build_dataset(config["data"], "val") if mode == "supervised" else None
+    tasks = dataset_tasks(train_set) if mode == "supervised" else []
+    model = build_model(config["model"], tasks, vocab_for(train_set))
+    if init:
+        init_from_checkpoint(model, init)
+    train_cfg = TrainConfig.from_dict({**config.get("train", {}), "mode": mode})
+    trainer = Trainer(model, train_set, train_cfg, out, val_data=val_set, callbacks=callbacks, control=control,
+                      data_config=config["data"])
+    result = trainer.fit(resume=resume)
+    test_metrics = {}
+    if mode == "supervised" and test and not result.stopped:
+        folder = out / "checkpoints" / ("best" if (out / "checkpoints" / "best").exists() else "last")
+        best_model, _ = load_model(folder, trainer.device)
+        test_metrics = evaluate(best_model, build_dataset(config["data"], "test"), train_cfg.eval_batch_size,
+                                trainer.device)
+        (out / "test_metrics.json").write_text(json.dumps(test_metrics, indent=2, default=float))
+    return RunOutcome(out, result, test_metrics)
+
+
+def write_figures(run_dir: str | Path, n_examples: int = 8) -> list[Path]:
+    """Training curves and a prediction gallery (test split) into ``run_dir/figures``."""
+    from ..analysis.predictions import predict_samples
+    from ..data.sample import Sample
+    from ..models.tasks import TaskKind
+    from ..viz.figures import prediction_gallery, read_metrics, training_curves
+
+    run_dir = Path(run_dir)
+    folder = run_dir / "figures"
+    folder.mkdir(exist_ok=True)
+    written = []
+    curves = training_curves(read_metrics(run_dir / "metrics.jsonl"))
+    curves.savefig(folder / "training_curves.png", dpi=100)
+    written.append(folder / "training_curves.png")
+    checkpoint = run_dir / "checkpoints" / ("best" if (run_dir / "checkpoints" / "best").exists() else "last")
+    model, meta = load_model(checkpoint)
+    seg = next((n for n, t in model.tasks.items() if t.kind == TaskKind.SEGMENTATION and len(t.dimensionalities) == 2), None)
+    box = next((n for n, t in model.tasks.items() if t.kind == TaskKind.DETECTION), None)
+    if seg:
+        test = build_dataset(meta["data"], "test")
+        step = max(1, len(test) // n_examples)
+        samples: list[Sample] = [test[i] for i in range(0, len(test), step)][:n_examples]
+        gallery = prediction_gallery(predict_samples(model, samples), seg, box)
+        gallery.savefig(folder / "predictions.png", dpi=100)
+        written.append(folder / "predictions.png")
+    return written
+
+
+def demo(out: str | Path, pretrain_epochs: int = 3, epochs: int = 12, model: dict | None = None,
+         seed: int = 0, callbacks=()) -> dict:
+    """The main job: VICReg on the embedded images, multitask fine-tuning, test metrics and figures.
+
+    ``model`` overrides model options (e.g. ``{"depth": 2}`` for a quick run).
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output directory {out} is not empty; choose another directory")
+    model_cfg = {**DEFAULT_CONFIG["model"], **(model or {})}
+    data = {"datasets": ["embedded"], "seed": seed}
+    pre = {"model": model_cfg, "data": data,
+           "train": {"epochs": pretrain_epochs, "batch_size": 64, "lr": 1e-3, "expander": [512, 512], "seed": seed}}
+    sup = {"model": model_cfg, "data": data,
+           "train": {"epochs": epochs, "batch_size": 32, "lr": 5e-4, "monitor": "auc", "seed": seed}}
+    pretrain = run_training(pre, out / "pretrain", mode="vicreg", callbacks=callbacks)
+    finetune = run_training(sup, out / "multitask", init=pretrain.run_dir / "checkpoints" / "last", callbacks=callbacks)
+    figures = write_figures(finetune.run_dir)
+    summary = {"test_metrics": finetune.test_metrics, "figures": [str(f) for f in figures],
+               "pretrain": str(pretrain.run_dir), "multitask": str(finetune.run_dir)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary

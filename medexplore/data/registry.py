@@ -6,6 +6,7 @@ from torch.utils.data import Dataset
 from ..models.config import DomainVocab
 from ..models.tasks import Domain, TaskSpec
 from .embedded import EmbeddedConfig, EmbeddedDataset
+from .folder import FolderDataset
 from .medmnist import MEDMNIST, MedMNIST
 from .sampling import MixedDataset
 
@@ -13,12 +14,17 @@ __all__ = ["build_dataset", "dataset_tasks", "dataset_domains", "vocab_for", "av
 
 
 def available_datasets() -> list[str]:
-    return ["embedded", *MEDMNIST]
+    return ["embedded", "folder", *MEDMNIST]
 
 
 def _one(name: str, data: dict, split: str) -> Dataset:
     if name == "embedded":
         return EmbeddedDataset(split, EmbeddedConfig(seed=int(data.get("seed", 0))))
+    if name == "folder":
+        if not data.get("csv") or not data.get("tasks"):
+            raise ValueError("the 'folder' dataset needs data.csv (the label table) and data.tasks (task specs)")
+        tasks = [t if isinstance(t, TaskSpec) else TaskSpec.from_dict(t) for t in data["tasks"]]
+        return FolderDataset(data["csv"], tasks, split=split, multiple=int(data.get("multiple", 16)))
     if name in MEDMNIST:
         return MedMNIST(name, split, size=int(data.get("size", 28)), root=data.get("root"), path=data.get("path"))
     raise ValueError(f"unknown dataset {name!r}; available: {available_datasets()}")
@@ -26,6 +32,9 @@ def _one(name: str, data: dict, split: str) -> Dataset:
 
 def build_dataset(data: dict, split: str) -> Dataset:
     """The dataset a data section describes: ``{"datasets": [...], "size": 28, "root": ..., "path": ...}``.
+
+    ``embedded`` is the built-in data; ``folder`` reads ``data.csv`` with ``data.tasks`` (a list of
+    TaskSpec dicts), the CSV's ``split`` column selecting train/val/test; other names are MedMNIST flags.
 
     Several names give a :class:`MixedDataset` (sample weights per source come from the trainer).
     """

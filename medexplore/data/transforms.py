@@ -33,7 +33,8 @@ def normalize_intensity(image: Tensor, modality: str) -> Tensor:
 
 
 def fit_to_multiple(image: Tensor, multiple: int, mode: str = "crop") -> Tensor:
-    """Centre-crop (``crop``) or zero-pad (``pad``) the spatial axes of ``(C, *spatial)`` to multiples."""
+    """Centre-crop (``crop``) or zero-pad at the far end (``pad``, so pixel coordinates and boxes stay
+    valid) the spatial axes of ``(C, *spatial)`` to multiples of ``multiple``."""
     if mode not in ("crop", "pad"):
         raise ValueError(f"fit_to_multiple: mode must be 'crop' or 'pad', got {mode!r}")
     spatial = image.shape[1:]
@@ -46,7 +47,7 @@ def fit_to_multiple(image: Tensor, multiple: int, mode: str = "crop") -> Tensor:
     pads = []
     for s in reversed(spatial):
         extra = (-s) % multiple
-        pads += [extra // 2, extra - extra // 2]
+        pads += [0, extra]
     return F.pad(image, pads)
 
 

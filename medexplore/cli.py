@@ -113,7 +113,10 @@ def cmd_datasets(args) -> int:
 
 
 def _run(args, mode: str) -> int:
+    from .train.engine import init_distributed
     from .train.workflow import run_training
+
+    init_distributed()  # a no-op unless launched by torchrun
 
     config = load_config(args.config, args.set)
     if args.data_path:

@@ -26,7 +26,8 @@ from ..ssl import Expander, TwoViews, VICRegLoss
 from .checkpoint import load_checkpoint, load_into, save_checkpoint, rng_state, set_rng_state
 from .evaluate import evaluate
 
-__all__ = ["TrainConfig", "Trainer", "Event", "RunControl", "NonFiniteLossError", "resolve_device", "RunResult"]
+__all__ = ["TrainConfig", "Trainer", "Event", "RunControl", "NonFiniteLossError", "resolve_device", "RunResult",
+           "init_distributed"]
 
 MODES = ("supervised", "vicreg")
 BALANCE = ("none", "source", "label")
@@ -174,6 +175,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def init_distributed() -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (NCCL on CUDA, else gloo).
+
+    Returns True when running distributed. Safe to call when not launched by torchrun.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return dist.is_available() and dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
+
+
 def _cosine_schedule(total: int, warmup: int, min_fraction: float) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
@@ -217,6 +234,8 @@ class Trainer:
         self.control = control or RunControl()
         self.data_config = dict(data_config or {})
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.device.index is None and dist.is_available() and dist.is_initialized():
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1

@@ -66,9 +66,12 @@ def run_training(config: dict, out: str | Path, mode: str = "supervised", init: 
     Everything that can fail on bad input (data, model options, the init checkpoint) is checked
     before the run directory is created.
     """
+    import torch.distributed as dist
+
+    is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     config = copy.deepcopy(config)
     out = Path(out)
-    if not resume and out.exists() and any(out.iterdir()):
+    if is_main and not resume and out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output directory {out} is not empty; resume, or choose another directory")
     train_set = build_dataset(config["data"], "train")
     val_set = build_dataset(config["data"], "val") if mode == "supervised" else None
@@ -81,7 +84,7 @@ def run_training(config: dict, out: str | Path, mode: str = "supervised", init: 
                       data_config=config["data"])
     result = trainer.fit(resume=resume)
     test_metrics = {}
-    if mode == "supervised" and test and not result.stopped:
+    if is_main and mode == "supervised" and test and not result.stopped:
         folder = out / "checkpoints" / ("best" if (out / "checkpoints" / "best").exists() else "last")
         best_model, _ = load_model(folder, trainer.device)
         test_metrics = evaluate(best_model, build_dataset(config["data"], "test"), train_cfg.eval_batch_size,

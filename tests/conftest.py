@@ -1,7 +1,13 @@
+import os
+import tempfile
+
 import pytest
 import torch
 
 from medexplore.models import Batch, Domain, DomainVocab, TaskSpec, create_model
+
+# the embedded dataset is generated once per test session, outside the user's cache
+os.environ.setdefault("MEDEXPLORE_CACHE", tempfile.mkdtemp(prefix="medexplore-cache-"))
 
 ALL_KIND_TASKS = [
     TaskSpec("presence", "binary", 1),

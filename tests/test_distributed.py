@@ -7,7 +7,7 @@ from medexplore.data import Sample
 from medexplore.models import Domain, TaskSpec, create_model
 from medexplore.train import TrainConfig, Trainer, load_model
 
-CFG = TrainConfig(epochs=2, batch_size=8, lr=1e-3, device="cpu", clip_grad=1.0)
+CFG = TrainConfig(epochs=2, batch_size=8, lr=1e-3, device="cpu", clip_grad=1.0, augment=False)  # draws differ per rank
 
 
 def data():

@@ -169,10 +169,26 @@ def test_config_and_data_errors(tmp_path, monkeypatch):
 def test_gradient_accumulation_matches_full_batch(tmp_path):
     # every sample carries the one task, so the mean over two micro-batches is the full-batch mean
     data = [Sample(s.image, s.domain, {"cls": s.labels["cls"]}) for s in toy_data(16) if s.domain.dimensionality == "2d"][:8]
-    cfg = dict(epochs=1, batch_size=8, lr=1e-3, device="cpu", clip_grad=None)
+    cfg = dict(epochs=1, batch_size=8, lr=1e-3, device="cpu", clip_grad=None, augment=False)
     a = toy_model(tasks=TASKS[:1], drop_path_rate=0.0)
     b = toy_model(tasks=TASKS[:1], drop_path_rate=0.0)
     Trainer(a, data, TrainConfig(**cfg), tmp_path / "a").fit()
     Trainer(b, data, TrainConfig(**cfg, accum_steps=2), tmp_path / "b").fit()
     diffs = [(pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters())]
     assert max(diffs) < 1e-5
+
+
+def test_augmentation_moves_masks_and_boxes_with_the_image():
+    from medexplore.data.transforms import Augment
+    image = torch.zeros(1, 8, 8)
+    image[0, 2:4, 1:3] = 1.0
+    mask = (image[0] > 0).long()
+    boxes = torch.tensor([[2.0, 1.0, 4.0, 3.0]])
+    flip_only = Augment(flip_p=1.0, crop_p=1.0, contrast=(1, 1), brightness=0.0, noise_std=0.0)
+    out, labels = flip_only(image, {"m": mask, "b": boxes, "c": 1}, {"m": "mask", "b": "boxes"})
+    assert torch.equal((out[0] > 0.5).long(), labels["m"])  # no crop: the sample has spatial labels
+    assert labels["b"].tolist() == [[2.0, 5.0, 4.0, 7.0]] and labels["c"] == 1
+    region = labels["m"][2:4, 5:7]
+    assert region.all() and labels["m"].sum() == 4
+    cropped, _ = Augment(crop_p=1.0, crop_scale=(0.5, 0.5))(image, {"c": 1}, {}, torch.Generator().manual_seed(0))
+    assert cropped.shape == image.shape and not torch.equal(cropped, image)

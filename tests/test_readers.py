@@ -5,7 +5,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
 from pydicom.data import get_testdata_file
 
 from medexplore.data.folder import FolderDataset

@@ -56,3 +56,63 @@ def resize(image: Tensor, size: tuple[int, ...], label: bool = False) -> Tensor:
     mode = "nearest" if label else ("bilinear" if len(size) == 2 else "trilinear")
     kwargs = {} if label else {"align_corners": False}
     return F.interpolate(image[None].float(), size=tuple(size), mode=mode, **kwargs)[0]
+
+
+class Augment:
+    """Label-consistent training augmentation for ``(C, *spatial)`` images.
+
+    Flips move segmentation masks and detection boxes with the image; random resized crops are
+    applied only to samples without spatial annotations (masks, boxes), whose labels a crop
+    would change; intensity jitter (contrast, brightness, Gaussian noise) leaves labels alone.
+    The output keeps the input's shape. All randomness comes from the generator passed in.
+
+    Args:
+        flip_axes: spatial axes (0 = first spatial axis) that may be flipped; default: the last (left-right).
+        flip_p, crop_p: probabilities of a flip (per axis) and of a crop.
+        crop_scale: range of the crop's area/volume fraction.
+        contrast, brightness, noise_std: intensity jitter ranges (in units of the image std for the last two).
+    """
+
+    def __init__(self, flip_axes: tuple[int, ...] | None = None, flip_p: float = 0.5, crop_p: float = 0.8,
+                 crop_scale: tuple[float, float] = (0.7, 1.0), contrast: tuple[float, float] = (0.85, 1.15),
+                 brightness: float = 0.1, noise_std: float = 0.02):
+        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"Augment.crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
+        self.flip_axes, self.flip_p, self.crop_p, self.crop_scale = flip_axes, flip_p, crop_p, crop_scale
+        self.contrast, self.brightness, self.noise_std = contrast, brightness, noise_std
+
+    def __call__(self, image: Tensor, labels: dict, spatial_kinds: dict[str, str], generator=None):
+        """``spatial_kinds`` maps label names to ``"mask"`` or ``"boxes"``; other labels are image-level."""
+        g = generator
+        rand = lambda: float(torch.rand((), generator=g))  # noqa: E731
+        dims = image.dim() - 1
+        size = image.shape[1:]
+        labels = dict(labels)
+        has_spatial = any(labels.get(k) is not None for k in spatial_kinds)
+        if not has_spatial and rand() < self.crop_p:
+            frac = (self.crop_scale[0] + rand() * (self.crop_scale[1] - self.crop_scale[0])) ** (1 / dims)
+            lengths = [max(1, round(s * frac)) for s in size]
+            starts = [int(rand() * (s - n + 1)) for s, n in zip(size, lengths)]
+            crop = image[(slice(None), *[slice(a, a + n) for a, n in zip(starts, lengths)])]
+            image = resize(crop, tuple(size))
+        axes = self.flip_axes if self.flip_axes is not None else (dims - 1,)
+        for axis in axes:
+            if rand() < self.flip_p:
+                image = image.flip(axis + 1)
+                for name, kind in spatial_kinds.items():
+                    value = labels.get(name)
+                    if value is None:
+                        continue
+                    if kind == "mask":
+                        labels[name] = torch.as_tensor(value).flip(axis)
+                    else:
+                        boxes = torch.as_tensor(value, dtype=torch.float32).clone()
+                        lo, hi = boxes[:, axis].clone(), boxes[:, axis + dims].clone()
+                        boxes[:, axis], boxes[:, axis + dims] = size[axis] - hi, size[axis] - lo
+                        labels[name] = boxes
+        std = image.std().clamp(min=1e-6)
+        image = image * (self.contrast[0] + rand() * (self.contrast[1] - self.contrast[0]))
+        image = image + (2 * rand() - 1) * self.brightness * std
+        if self.noise_std:
+            image = image + torch.randn(image.shape, generator=g) * self.noise_std * std
+        return image, labels

@@ -20,8 +20,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.sample import collate
 from ..data.sampling import WeightedBatchSampler, balanced_weights
+from ..data.transforms import Augment
 from ..models.medformer import Medformer
 from ..models.packing import Batch
+from ..models.tasks import TaskKind
 from ..ssl import Expander, TwoViews, VICRegLoss
 from .checkpoint import load_checkpoint, load_into, save_checkpoint, rng_state, set_rng_state
 from .evaluate import evaluate
@@ -54,6 +56,10 @@ class TrainConfig:
         checkpoint_every: save ``last`` every N steps (0: at the end of each epoch only).
         monitor: validation metric (averaged over tasks) that selects the ``best`` checkpoint.
         expander: VICReg expander sizes.
+        augment: label-consistent augmentation of supervised batches (:class:`~medexplore.data.transforms.Augment`).
+
+    With ``accum_steps > 1`` each task's loss is averaged per micro-batch, which equals the full-batch
+    average when every micro-batch carries the same number of that task's labels.
     """
 
     mode: str = "supervised"
@@ -75,6 +81,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     num_workers: int = 0
     expander: tuple[int, ...] = (512, 512, 512)
+    augment: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "expander", tuple(self.expander))
@@ -244,6 +251,7 @@ class Trainer:
         self.expander = Expander(model.config.embed_dim, config.expander) if config.mode == "vicreg" else None
         self.vicreg = VICRegLoss() if config.mode == "vicreg" else None
         self.views = TwoViews()
+        self.augment = Augment() if config.augment and config.mode == "supervised" else None
         self.model.to(self.device)
         if self.expander is not None:
             self.expander.to(self.device)
@@ -327,8 +335,29 @@ class Trainer:
         self.step, self.epoch, self.best = meta["step"], meta["epoch"], meta.get("best")
 
     # ------------------------------------------------------------------ one step
+    def _augmented(self, batch: Batch, step: int) -> Batch:
+        """``batch`` with every image augmented (labels moved along), reproducible from (seed, step, rank)."""
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step * 7919 + self.rank + 17)
+        spatial = {name: "mask" if t.kind == TaskKind.SEGMENTATION else "boxes"
+                   for name, t in self.model.tasks.items() if t.kind in (TaskKind.SEGMENTATION, TaskKind.DETECTION)}
+        targets = {name: list(labels) for name, labels in batch.targets.items()}
+        groups = []
+        for images, ids in zip(batch.groups, batch.group_samples):
+            rows = []
+            for image, s in zip(images, ids.tolist()):
+                labels = {name: targets[name][s] for name in targets}
+                image, labels = self.augment(image, labels, spatial, g)
+                rows.append(image)
+                for name, value in labels.items():
+                    targets[name][s] = value
+            groups.append(torch.stack(rows))
+        return Batch(groups, batch.group_samples, batch.domains, targets, batch.meta)
+
     def _loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.config.mode == "supervised":
+            if self.augment is not None:
+                batch = self._augmented(batch, step)
+            batch = batch.to(self.device, non_blocking=True)
             out = self.forward_model(batch)
             return self.model.compute_loss(out, batch)
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step * 7919 + self.rank)
@@ -353,7 +382,7 @@ class Trainer:
         totals: dict[str, float] = {}
         for micro in micro_batches:
             with self.autocast():
-                loss, per_task = self._loss(micro.to(self.device, non_blocking=True), self.step)
+                loss, per_task = self._loss(micro, self.step)
             if not torch.isfinite(loss):
                 bad = [k for k, v in per_task.items() if not torch.isfinite(v)] or ["(total)"]
                 raise NonFiniteLossError(f"non-finite loss at step {self.step + 1} in task(s) {bad}; "

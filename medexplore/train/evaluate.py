@@ -80,7 +80,7 @@ def evaluate(model: Medformer, dataset: Dataset, batch_size: int = 256, device="
             per_class = np.nanmean(dice, 0)
             results[name] = {"dice_per_class": per_class.tolist(), "dice": float(np.nanmean(per_class[1:]))}
         elif spec.kind == TaskKind.DETECTION:
-            results[name] = detection_metrics(preds, [y.float().reshape(-1, preds[0][0].shape[-1]) for y in labels])
+            results[name] = detection_metrics(preds, [y.float().reshape(-1, p[0].shape[-1]) for y, p in zip(labels, preds)])
         elif spec.kind == TaskKind.REGRESSION:
             results[name] = regression_metrics(torch.stack([y.float().reshape(-1) for y in labels]).numpy(),
                                                torch.stack(preds).numpy())

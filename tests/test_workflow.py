@@ -1,0 +1,81 @@
+"""The embedded dataset, the demo job, prediction analysis and figures."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medexplore.analysis import predict_samples
+from medexplore.data import DecentralizedView, collate
+from medexplore.data.embedded import EMBEDDED_TASKS, EmbeddedConfig, EmbeddedDataset, build_embedded
+from medexplore.data.registry import dataset_tasks, vocab_for
+from medexplore.models import create_model
+from medexplore.train.workflow import demo
+from medexplore.viz import prediction_gallery, training_curves
+
+TINY = {"depth": 1, "embed_dim": 24, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def train_set():
+    return EmbeddedDataset("train")
+
+
+def test_embedded_is_deterministic_and_multi_annotated(train_set):
+    small = EmbeddedConfig(per_source_2d=2, num_3d=2)
+    a, b = build_embedded(small), build_embedded(small)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(build_embedded(EmbeddedConfig(seed=1, per_source_2d=2, num_3d=2))["images2d"], a["images2d"])
+    dims = {s.domain.dimensionality for s in (train_set[i] for i in range(len(train_set)))}
+    modalities = {d.modality for d in train_set.domains}
+    assert dims == {"2d", "3d"} and {"mri", "ct", "fundus", "pathology"} <= modalities
+    for i in range(0, len(train_set), 37):
+        s = train_set[i]
+        n = int(s.labels["lesion_count"])
+        assert s.labels["lesion"] == int(n > 0) and len(s.labels["lesion_boxes"]) == n
+        assert s.labels["lesion_mask"].shape == s.image.shape[1:]
+        assert (s.labels["lesion_mask"].sum() > 0) == (n > 0)
+        assert ("tissue" in s.labels) == (s.domain.dimensionality == "3d")
+        if n:  # every box encloses lesion voxels
+            lo, hi = s.labels["lesion_boxes"][0].split(s.image.dim() - 1)
+            region = s.labels["lesion_mask"][tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
+            assert region.sum() > 0
+    assert [t.name for t in dataset_tasks(train_set)] == [t.name for t in EMBEDDED_TASKS]
+
+
+def test_image_centric_vs_decentralized_views(train_set):
+    view = DecentralizedView(train_set, ["lesion", "tissue"])
+    n3d = sum(1 for dims, _ in train_set.index if dims == "3d")
+    assert len(view) == len(train_set) + n3d
+    assert all(len(view[k].labels) == 1 for k in range(0, len(view), 50))
+
+
+def test_predictions_and_figures(train_set, tmp_path):
+    model = create_model("medformer_tiny", tasks=dataset_tasks(train_set), patch_size=4, vocab=vocab_for(train_set), **TINY)
+    samples = [train_set[i] for i in (0, 1, len(train_set) - 1)]
+    results = predict_samples(model, samples)
+    assert results[-1]["predictions"]["tissue"].shape == samples[-1].image.shape[1:]
+    assert "tissue" not in results[0]["predictions"]
+    assert results[0]["predictions"]["lesion_boxes"]["boxes"].shape == (3, 4)
+    assert 0 <= results[0]["predictions"]["lesion"] <= 1
+    fig = prediction_gallery(results, "lesion_mask", "lesion_boxes")
+    fig.savefig(tmp_path / "g.png")
+    records = [{"epoch": e, "train": {"loss": 1.0 / e, "lesion": 0.5 / e}, "val": {"lesion": {"auc": 0.5 + e / 10}}}
+               for e in (1, 2, 3)]
+    curves = training_curves(records)
+    assert len(curves.axes[0].lines) == 2 and len(curves.axes[1].lines) == 1
+    assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    summary = demo(tmp_path / "demo", pretrain_epochs=1, epochs=1, model=TINY)
+    metrics = summary["test_metrics"]
+    assert set(metrics) == {t.name for t in EMBEDDED_TASKS}
+    assert "auc" in metrics["lesion"] and "dice" in metrics["tissue"] and "map@0.5" in metrics["lesion_boxes"]
+    assert "mae" in metrics["lesion_count"]
+    for f in summary["figures"]:
+        assert (tmp_path / "demo" / "multitask" / "figures").exists() and json.dumps(f)
+    assert (tmp_path / "demo" / "summary.json").exists()
+    assert (tmp_path / "demo" / "pretrain" / "checkpoints" / "last" / "model.safetensors").exists()
+    with pytest.raises(FileExistsError):
+        demo(tmp_path / "demo", pretrain_epochs=1, epochs=1, model=TINY)

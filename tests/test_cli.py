@@ -85,3 +85,14 @@ def test_config_layers_and_entry_point(tmp_path):
     assert proc.returncode == 0 and "organmnist3d" in proc.stdout and proc.stdout.count("\n") == 21
     help_text = subprocess.run([sys.executable, "-m", "medexplore.cli", "train", "--help"], capture_output=True, text=True)
     assert "--resume" in help_text.stdout
+
+
+def test_shipped_configs_parse_and_build(tmp_path):
+    from pathlib import Path
+
+    from medexplore.train import TrainConfig
+    from medexplore.train.workflow import build_model
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
+        config = load_config(str(path), [])
+        TrainConfig.from_dict(config["train"])
+        build_model({**config["model"], "depth": 1}, [])

@@ -70,9 +70,12 @@ class VICRegLoss(nn.Module):
         covariance = off_diagonal(cov1).pow(2).sum() / d + off_diagonal(cov2).pow(2).sum() / d
         return {"invariance": invariance, "variance": variance, "covariance": covariance}
 
+    def combine(self, terms: dict[str, Tensor]) -> Tensor:
+        """The weighted sum of the three terms returned by :meth:`terms`."""
+        return self.sim_coeff * terms["invariance"] + self.std_coeff * terms["variance"] + self.cov_coeff * terms["covariance"]
+
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        t = self.terms(z1, z2)
-        return self.sim_coeff * t["invariance"] + self.std_coeff * t["variance"] + self.cov_coeff * t["covariance"]
+        return self.combine(self.terms(z1, z2))
 
 
 class Expander(nn.Module):

@@ -370,9 +370,7 @@ class Trainer:
         z1 = self.expander(self.forward_model(v1).embedding)
         z2 = self.expander(self.forward_model(v2).embedding)
         terms = self.vicreg.terms(z1.float(), z2.float())
-        loss = self.vicreg.sim_coeff * terms["invariance"] + self.vicreg.std_coeff * terms["variance"] + \
-            self.vicreg.cov_coeff * terms["covariance"]
-        return loss, terms
+        return self.vicreg.combine(terms), terms
 
     def _train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
         self.model.train()

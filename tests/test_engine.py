@@ -192,3 +192,22 @@ def test_augmentation_moves_masks_and_boxes_with_the_image():
     assert region.all() and labels["m"].sum() == 4
     cropped, _ = Augment(crop_p=1.0, crop_scale=(0.5, 0.5))(image, {"c": 1}, {}, torch.Generator().manual_seed(0))
     assert cropped.shape == image.shape and not torch.equal(cropped, image)
+
+
+def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import medexplore.train.checkpoint as ckpt
+    Trainer(toy_model(), toy_data(), TrainConfig(epochs=1, batch_size=8, device="cpu"), tmp_path).fit()
+    last = tmp_path / "checkpoints" / "last"
+    before = (last / "model.safetensors").read_bytes()
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save_checkpoint(last, toy_model(seed=5), {"step": 99})
+    assert (last / "model.safetensors").read_bytes() == before
+    assert load_checkpoint(last)[0]["step"] == 3
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last"]  # no temporary folder left

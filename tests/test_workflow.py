@@ -3,10 +3,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from medexplore.analysis import predict_samples
-from medexplore.data import DecentralizedView, collate
+from medexplore.data import DecentralizedView
 from medexplore.data.embedded import EMBEDDED_TASKS, EmbeddedConfig, EmbeddedDataset, build_embedded
 from medexplore.data.registry import dataset_tasks, vocab_for
 from medexplore.models import create_model

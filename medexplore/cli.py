@@ -174,23 +174,24 @@ def cmd_embed(args) -> int:
     from .train.evaluate import collect_predictions
 
     model, device, dataset = _checkpoint_data(args)
-    _, embeddings = collect_predictions(model, dataset, device=device, with_embeddings=True)
-    samples = [dataset[i] for i in range(len(dataset))]
-    names = sorted({k for s in samples for k in s.labels if torch.as_tensor(s.labels[k]).numel() <= 16})
-    labels = {name: [json.dumps(torch.as_tensor(s.labels[name]).tolist()) if name in s.labels else "" for s in samples]
-              for name in names}
+    collected = collect_predictions(model, dataset, device=device, with_embeddings=True)
+    records, embeddings = collected.records, collected.embeddings
+    # labels small enough for a table (classes, vectors, counts; not masks), one JSON string per sample
+    names = sorted({k for r in records for k, v in r["labels"].items() if torch.as_tensor(v).numel() <= 16})
+    labels = {name: [json.dumps(torch.as_tensor(r["labels"][name]).tolist()) if name in r["labels"] else ""
+                     for r in records] for name in names}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npz")
     np.savez_compressed(tmp, embeddings=embeddings.numpy(),
-                        modality=np.array([s.domain.modality for s in samples]),
-                        body_part=np.array([s.domain.body_part for s in samples]),
-                        dimensionality=np.array([s.domain.dimensionality for s in samples]),
-                        source=np.array([str(s.meta.get("source")) for s in samples]),
-                        patient_id=np.array([str(s.patient_id) for s in samples]),
+                        modality=np.array([r["domain"].modality for r in records]),
+                        body_part=np.array([r["domain"].body_part for r in records]),
+                        dimensionality=np.array([r["domain"].dimensionality for r in records]),
+                        source=np.array([str(r["source"]) for r in records]),
+                        patient_id=np.array([str(r["patient_id"]) for r in records]),
                         **{f"label_{k}": np.array(v) for k, v in labels.items()})
     tmp.replace(out)
-    print(f"wrote {len(samples)} embeddings of width {embeddings.shape[1]} to {out}")
+    print(f"wrote {len(records)} embeddings of width {embeddings.shape[1]} to {out}")
     return 0
 
 

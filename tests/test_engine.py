@@ -211,3 +211,21 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert (last / "model.safetensors").read_bytes() == before
     assert load_checkpoint(last)[0]["step"] == 3
     assert sorted(p.name for p in last.parent.iterdir()) == ["last"]  # no temporary folder left
+
+
+def test_label_balance_uses_labels_only(tmp_path):
+    class CountingReads(list):
+        reads = 0
+
+        def __getitem__(self, i):
+            CountingReads.reads += 1
+            return list.__getitem__(self, i)
+
+        def labels_of(self, i):
+            return list.__getitem__(self, i).labels
+
+    data = CountingReads([Sample(torch.zeros(1, 8, 8), Domain("2d"), {"cls": int(i < 3)}) for i in range(12)])
+    trainer = Trainer(toy_model(tasks=TASKS[:1]), data, TrainConfig(batch_size=4, balance="label", device="cpu"), tmp_path)
+    w = trainer.sampler.weights
+    assert CountingReads.reads == 0  # weights come from labels_of, no image was read
+    assert w[:3].sum().item() == pytest.approx(0.5) and w[3:].sum().item() == pytest.approx(0.5)

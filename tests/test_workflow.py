@@ -72,8 +72,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert set(metrics) == {t.name for t in EMBEDDED_TASKS}
     assert "auc" in metrics["lesion"] and "dice" in metrics["tissue"] and "map@0.5" in metrics["lesion_boxes"]
     assert "mae" in metrics["lesion_count"]
-    for f in summary["figures"]:
-        assert (tmp_path / "demo" / "multitask" / "figures").exists() and json.dumps(f)
+    figures = tmp_path / "demo" / "multitask" / "figures"
+    assert sorted(summary["figures"]) == sorted(str(figures / f) for f in ("predictions.png", "training_curves.png"))
+    assert all((figures / f).stat().st_size > 1000 for f in ("predictions.png", "training_curves.png"))
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["test_metrics"] == json.loads(json.dumps(metrics))
     assert (tmp_path / "demo" / "summary.json").exists()
     assert (tmp_path / "demo" / "pretrain" / "checkpoints" / "last" / "model.safetensors").exists()
     with pytest.raises(FileExistsError):

@@ -6,10 +6,9 @@ from typing import Sequence
 import torch
 
 from ..data.sample import Sample, collate
-from ..models.heads import SegmentationHead
 from ..models.medformer import Medformer
 from ..models.tasks import TaskKind
-from ..train.evaluate import task_scores
+from ..train.evaluate import per_sample_predictions
 
 __all__ = ["predict_samples"]
 
@@ -29,19 +28,12 @@ def predict_samples(model: Medformer, samples: Sequence[Sample], device="cpu") -
     results = [{"image": s.image.numpy(), "domain": s.domain, "labels": s.labels, "predictions": {},
                 "embedding": out.embedding[i].float().cpu().numpy()} for i, s in enumerate(samples)]
     for name, spec in model.tasks.items():
-        pred = out.predictions[name]
-        if spec.kind == TaskKind.SEGMENTATION:
-            for i, logits in enumerate(SegmentationHead.per_sample(pred, len(samples))):
-                if logits is not None:
-                    results[i]["predictions"][name] = logits.argmax(0).cpu().numpy()
-        elif spec.kind == TaskKind.DETECTION:
-            scores = pred["logits"].sigmoid().float().cpu().numpy()
-            for i, boxes in enumerate(pred["boxes"]):
-                if boxes is not None:
-                    results[i]["predictions"][name] = {"boxes": boxes.float().cpu().numpy(), "scores": scores[i]}
-        else:
-            values = task_scores(spec.kind, pred).cpu().numpy()
-            for i in range(len(samples)):
-                if spec.applies_to(samples[i].domain):
-                    results[i]["predictions"][name] = values[i]
+        items = per_sample_predictions(spec.kind, out.predictions[name], len(samples))
+        for result, sample, item in zip(results, samples, items):
+            if item is None or not spec.applies_to(sample.domain):
+                continue
+            if spec.kind == TaskKind.DETECTION:
+                result["predictions"][name] = {"boxes": item[0].numpy(), "scores": item[1].numpy()}
+            else:
+                result["predictions"][name] = item.numpy()
     return results

@@ -98,10 +98,10 @@ def _load_sources() -> dict:
 
     return {
         "t1": norm(t1[None], "mri"), "tissue": tissue, "brain": mask,
-        "mri_slice": norm(t1[None], "mri"),
         "ct": norm(ct_hu[None], "ct"), "mr": norm(mr[None], "mri"),
         "retina": norm(retina.transpose(2, 0, 1), "fundus"),
-        "microaneurysms": norm(skdata.microaneurysms().astype(np.float32)[None], "mri"),
+        # a low-contrast grey fundus crop: the robust z-score (the default branch) suits it best
+        "microaneurysms": norm(skdata.microaneurysms().astype(np.float32)[None], "unknown"),
         "ihc": norm(skdata.immunohistochemistry()[::2, ::2].astype(np.float32).transpose(2, 0, 1), "pathology"),
     }
 
@@ -154,7 +154,7 @@ def build_embedded(config: EmbeddedConfig = EmbeddedConfig()) -> dict[str, np.nd
     s2, s3 = config.size_2d, config.size_3d
     images2d, ch2d, masks2d, mods2d, bodies2d, names2d = [], [], [], [], [], []
     brain_slices = src["brain"].transpose(2, 0, 1)  # axial slices: (z, x, y)
-    slice_vol = src["mri_slice"][0].transpose(2, 0, 1)
+    slice_vol = src["t1"][0].transpose(2, 0, 1)
     for name, (modality, body) in SOURCES_2D.items():
         for _ in range(config.per_source_2d):
             if name == "mri_slice":

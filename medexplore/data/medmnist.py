@@ -211,8 +211,11 @@ class MedMNIST(torch.utils.data.Dataset):
         y = self.labels[i]
         return y.float() if self.info.kind == "multilabel" else int(y[0])
 
+    def labels_of(self, i: int) -> dict:
+        return {self.task_name: self.label(i)}
+
     def __getitem__(self, i: int) -> Sample:
-        return Sample(self.images[i], self.domain, {self.task_name: self.label(i)},
+        return Sample(self.images[i], self.domain, self.labels_of(i),
                       patient_id=None, meta={"source": f"{self.info.flag}:{self.split}", "index": i})
 
     @property

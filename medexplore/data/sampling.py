@@ -9,7 +9,13 @@ from torch.utils.data import Dataset
 
 from .sample import Sample
 
-__all__ = ["WeightedBatchSampler", "balanced_weights", "MixedDataset", "DecentralizedView"]
+__all__ = ["WeightedBatchSampler", "balanced_weights", "MixedDataset", "DecentralizedView", "labels_of"]
+
+
+def labels_of(dataset: Dataset, i: int) -> dict:
+    """Sample ``i``'s labels, without reading its image when the dataset offers ``labels_of``."""
+    fast = getattr(dataset, "labels_of", None)
+    return fast(i) if fast is not None else dataset[i].labels
 
 
 def balanced_weights(keys: Sequence[Hashable], key_weights: dict | None = None) -> torch.Tensor:
@@ -49,7 +55,7 @@ class WeightedBatchSampler(torch.utils.data.Sampler):
         full = num_samples // batch_size if drop_last else -(-num_samples // batch_size)
         self.num_batches = num_batches or max(1, full)
         self.seed, self.epoch, self.skip_batches = seed, 0, 0
-        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip_batches = epoch, skip_batches
@@ -60,9 +66,7 @@ class WeightedBatchSampler(torch.utils.data.Sampler):
         if self.weights is None:
             reps = -(-total // self.num_samples)
             order = torch.cat([torch.randperm(self.num_samples, generator=g) for _ in range(reps)])[:total]
-            if not self.drop_last and self.num_batches * self.batch_size > self.num_samples and reps == 1:
-                order = torch.randperm(self.num_samples, generator=g)
-            return list(order.split(self.batch_size))[:self.num_batches]
+            return list(order.split(self.batch_size))
         order = torch.multinomial(self.weights, total, replacement=True, generator=g)
         return list(order.split(self.batch_size))
 
@@ -100,6 +104,10 @@ class MixedDataset(Dataset):
     def source_of(self, i: int) -> str:
         return self.locate(i)[0]
 
+    def labels_of(self, i: int) -> dict:
+        name, j = self.locate(i)
+        return labels_of(self.datasets[name], j)
+
     def __getitem__(self, i: int) -> Sample:
         name, j = self.locate(i)
         return self.datasets[name][j]
@@ -114,13 +122,9 @@ class DecentralizedView(Dataset):
 
     def __init__(self, dataset: Dataset, tasks: Sequence[str]):
         self.dataset, self.tasks = dataset, list(tasks)
-        self.pairs = [(i, t) for i in range(len(dataset)) for t in self.tasks if t in self._labels(i)]
+        self.pairs = [(i, t) for i in range(len(dataset)) for t in self.tasks if t in labels_of(dataset, i)]
         if not self.pairs:
             raise ValueError(f"DecentralizedView: no sample carries any of the tasks {self.tasks}")
-
-    def _labels(self, i: int) -> dict:
-        labels_of = getattr(self.dataset, "labels_of", None)
-        return labels_of(i) if labels_of else self.dataset[i].labels
 
     def __len__(self) -> int:
         return len(self.pairs)

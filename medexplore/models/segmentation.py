@@ -39,7 +39,7 @@ class MultiScaleDecoder(nn.Module):
         up = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d
         levels = int(math.log2(patch_size))
         self.bottleneck = conv(embed_dim, channels, 1)
-        self.skips = nn.ModuleList(conv(embed_dim, channels, 1) for _ in range(num_features - 1))
+        self.skips = nn.ModuleList(conv(embed_dim, channels, 1) for _ in range(max(1, num_features - 1)))
         self.ups = nn.ModuleList(up(channels, channels, 2, stride=2) for _ in range(levels))
         self.fuse = nn.ModuleList(_conv_block(dims, 2 * channels, channels) for _ in range(levels))
         self.stem = _conv_block(dims, in_chans, channels)
@@ -48,12 +48,11 @@ class MultiScaleDecoder(nn.Module):
     def forward(self, features: list[Tensor], image: Tensor) -> Tensor:
         """``features``: shallow-to-deep ``(B, D, *grid)`` token maps; ``image``: ``(B, C, *size)``."""
         x = self.bottleneck(features[-1])
-        skips = list(reversed(features[:-1]))
+        skips = list(reversed(features[:-1])) or features[-1:]  # deep to shallow; reused when few
         for level, (up, fuse) in enumerate(zip(self.ups, self.fuse)):
             x = up(x)
-            skip_feat = skips[min(level, len(skips) - 1)] if skips else features[-1]
-            skip_conv = self.skips[min(level, len(self.skips) - 1)] if len(self.skips) else self.bottleneck
-            skip = F.interpolate(skip_conv(skip_feat), size=x.shape[2:], mode="nearest")
+            k = min(level, len(skips) - 1)
+            skip = F.interpolate(self.skips[k](skips[k]), size=x.shape[2:], mode="nearest")
             x = fuse(torch.cat([x, skip], 1))
         stem_conv = self.stem[0]
         weight = stem_conv.weight

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 __all__ = ["PatchEmbed", "LearnedPositions"]
 
 
@@ -76,6 +75,5 @@ class LearnedPositions(nn.Module):
             raise ValueError(f"token grid up to (z, y, x) = {tuple(v + 1 for v in worst)} exceeds the learned "
                              f"position grid {self.grid}; use pos_embed='rope' or a larger pos_grid")
         index = self.num_prefix + (coords[:, 0] * gy + coords[:, 1]) * gx + coords[:, 2]
-        prefix_rank = torch.cumsum(is_prefix.long(), 0) - 1
-        index = torch.where(is_prefix, prefix_rank % max(self.num_prefix, 1), index)
+        index = torch.where(is_prefix, 0, index)  # the class token (at most one prefix token)
         return self.pos_embed[0, index]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.sample import collate
-from ..data.sampling import WeightedBatchSampler, balanced_weights
+from ..data.sampling import WeightedBatchSampler, balanced_weights, labels_of
 from ..data.transforms import Augment
 from ..models.medformer import Medformer
 from ..models.packing import Batch
@@ -215,7 +215,7 @@ def _source_keys(dataset: Dataset, balance: str) -> list:
         return [source_of(i) for i in range(len(dataset))]
     keys = []
     for i in range(len(dataset)):
-        labels = dataset[i].labels
+        labels = labels_of(dataset, i)
         keys.append(tuple(sorted((k, int(v)) for k, v in labels.items() if torch.as_tensor(v).numel() == 1)))
     return keys
 
@@ -423,7 +423,7 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(
                 {"run": self.config.to_dict(), "data": self.data_config, "model": self.model.spec_dict()}, indent=2))
         loader = DataLoader(self.train_data, batch_sampler=self.sampler, collate_fn=collate,
-                            num_workers=self.config.num_workers, persistent_workers=False,
+                            num_workers=self.config.num_workers,
                             pin_memory=self.device.type == "cuda", generator=torch.Generator())
         accum = self.config.accum_steps
         self.emit(Event("start", self.step, self.total_steps, self.epoch, message=f"device {self.device}"))

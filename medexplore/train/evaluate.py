@@ -1,6 +1,8 @@
 """Run a model over a dataset and score every task with the metrics of its kind."""
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -14,7 +16,7 @@ from ..models.tasks import TaskKind
 from .metrics import (classification_metrics, detection_metrics, dice_per_class, ordinal_probabilities,
                       regression_metrics)
 
-__all__ = ["evaluate", "collect_predictions", "task_scores"]
+__all__ = ["evaluate", "collect_predictions", "per_sample_predictions", "task_scores", "Collected"]
 
 
 def task_scores(kind: TaskKind, prediction: torch.Tensor) -> torch.Tensor:
@@ -28,46 +30,65 @@ def task_scores(kind: TaskKind, prediction: torch.Tensor) -> torch.Tensor:
     return prediction.float()
 
 
+def per_sample_predictions(kind: TaskKind, prediction, num_samples: int) -> list:
+    """One task's raw head output as one plain item per sample (``None`` where it produced nothing).
+
+    Vector kinds: probabilities (values for regression); segmentation: an integer mask;
+    detection: ``(boxes (K, 2d) in pixels, scores (K,))``.
+    """
+    if kind == TaskKind.SEGMENTATION:
+        return [None if p is None else p.argmax(0).cpu() for p in SegmentationHead.per_sample(prediction, num_samples)]
+    if kind == TaskKind.DETECTION:
+        scores = prediction["logits"].sigmoid().float().cpu()
+        return [None if b is None else (b.float().cpu(), s) for b, s in zip(prediction["boxes"], scores)]
+    return list(task_scores(kind, prediction).cpu())
+
+
+@dataclass
+class Collected:
+    """What :func:`collect_predictions` gathers in one pass over a dataset."""
+
+    pairs: dict[str, list]  # per task, (label, prediction) of every sample carrying that label
+    embeddings: torch.Tensor | None = None  # (N, D), in dataset order, when asked for
+    records: list[dict] = field(default_factory=list)  # per sample: domain, source, patient id, labels
+
+
 @torch.no_grad()
 def collect_predictions(model: Medformer, dataset: Dataset, batch_size: int = 256, device="cpu",
-                        num_workers: int = 0, autocast: Callable | None = None, with_embeddings: bool = False):
-    """Per task, the (label, prediction) pairs of every sample carrying that label; plus embeddings."""
+                        num_workers: int = 0, autocast: Callable | None = None,
+                        with_embeddings: bool = False) -> Collected:
+    """Run ``model`` over ``dataset`` once; with ``with_embeddings`` also keep embeddings and metadata."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
     model.eval()
-    pairs = {name: [] for name in model.tasks}
+    collected = Collected({name: [] for name in model.tasks})
     embeddings = []
     for batch in loader:
         batch = batch.to(device)
-        if autocast is not None:
-            with autocast():
-                out = model(batch)
-        else:
+        with (autocast() if autocast is not None else contextlib.nullcontext()):
             out = model(batch)
         if with_embeddings:
             embeddings.append(out.embedding.float().cpu())
+            for i, domain in enumerate(batch.domains):
+                collected.records.append({"domain": domain, "source": batch.meta["source"][i],
+                                          "patient_id": batch.meta["patient_id"][i],
+                                          "labels": {k: v[i] for k, v in batch.targets.items() if v[i] is not None}})
         for name, spec in model.tasks.items():
             labels = batch.targets.get(name)
             if labels is None:
                 continue
-            pred = out.predictions[name]
-            if spec.kind == TaskKind.SEGMENTATION:
-                per_sample = SegmentationHead.per_sample(pred, batch.num_samples)
-                items = [None if p is None else p.argmax(0).cpu() for p in per_sample]
-            elif spec.kind == TaskKind.DETECTION:
-                items = [None if b is None else (b.float().cpu(), s.float().cpu())
-                         for b, s in zip(pred["boxes"], pred["logits"].sigmoid())]
-            else:
-                items = list(task_scores(spec.kind, pred).cpu())
+            items = per_sample_predictions(spec.kind, out.predictions[name], batch.num_samples)
             for y, p in zip(labels, items):
                 if y is not None and p is not None:
-                    pairs[name].append((torch.as_tensor(y).cpu(), p))
-    return pairs, (torch.cat(embeddings) if with_embeddings else None)
+                    collected.pairs[name].append((torch.as_tensor(y).cpu(), p))
+    if with_embeddings:
+        collected.embeddings = torch.cat(embeddings)
+    return collected
 
 
 def evaluate(model: Medformer, dataset: Dataset, batch_size: int = 256, device="cpu", num_workers: int = 0,
              autocast: Callable | None = None) -> dict[str, dict]:
     """Metrics per task name (tasks without any label in ``dataset`` are left out)."""
-    pairs, _ = collect_predictions(model, dataset, batch_size, device, num_workers, autocast)
+    pairs = collect_predictions(model, dataset, batch_size, device, num_workers, autocast).pairs
     results = {}
     for name, items in pairs.items():
         if not items:

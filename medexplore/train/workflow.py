@@ -109,7 +109,7 @@ def write_figures(run_dir: str | Path, n_examples: int = 8) -> list[Path]:
     written.append(folder / "training_curves.png")
     checkpoint = run_dir / "checkpoints" / ("best" if (run_dir / "checkpoints" / "best").exists() else "last")
     model, meta = load_model(checkpoint)
-    seg = next((n for n, t in model.tasks.items() if t.kind == TaskKind.SEGMENTATION and len(t.dimensionalities) == 2), None)
+    seg = next((n for n, t in model.tasks.items() if t.kind == TaskKind.SEGMENTATION), None)
     box = next((n for n, t in model.tasks.items() if t.kind == TaskKind.DETECTION), None)
     if seg:
         test = build_dataset(meta["data"], "test")

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 from medexplore.cli import load_config, main
@@ -96,3 +97,14 @@ def test_shipped_configs_parse_and_build(tmp_path):
         config = load_config(str(path), [])
         TrainConfig.from_dict(config["train"])
         build_model({**config["model"], "depth": 1}, [])
+
+
+def test_runs_are_reproducible_from_the_seed(tmp_path, npz):
+    from safetensors.torch import load_file
+    runs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    for run, seed in zip(runs, (0, 0, 1)):
+        assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(run), *TINY,
+                     "--set", f"train.seed={seed}"]) == 0
+    a, b, c = (load_file(str(r / "checkpoints" / "last" / "model.safetensors")) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -20,13 +20,32 @@ from safetensors.torch import load_file, save_file
 
 from ..models.medformer import Medformer
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "CheckpointError", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "CheckpointError", "rng_state", "set_rng_state",
+           "snapshot_name", "list_snapshots"]
 
 FORMAT = "medexplore-checkpoint/1"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt or incompatible with the requested model."""
+
+
+def snapshot_name(step: int) -> str:
+    """Folder name of the weights-only snapshot kept at ``step`` (``TrainConfig.keep_every``)."""
+    return f"step_{step:07d}"
+
+
+def list_snapshots(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every snapshot a run kept, in step order."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no checkpoints folder (is this a run directory?)")
+    found = []
+    for path in folder.glob("step_*"):
+        suffix = path.name[len("step_"):]
+        if suffix.isdigit() and (path / "meta.json").exists():
+            found.append((int(suffix), path))
+    return sorted(found)
 
 
 def rng_state() -> dict:

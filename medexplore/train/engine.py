@@ -25,7 +25,7 @@ from ..models.medformer import Medformer
 from ..models.packing import Batch
 from ..models.tasks import TaskKind
 from ..ssl import Expander, TwoViews, VICRegLoss
-from .checkpoint import load_checkpoint, load_into, save_checkpoint, rng_state, set_rng_state
+from .checkpoint import load_checkpoint, load_into, rng_state, save_checkpoint, set_rng_state, snapshot_name
 from .evaluate import evaluate
 
 __all__ = ["TrainConfig", "Trainer", "Event", "RunControl", "NonFiniteLossError", "resolve_device", "RunResult",
@@ -54,6 +54,8 @@ class TrainConfig:
         compile: ``torch.compile`` the model.
         balance: sample so that every ``source`` (dataset) or every ``label`` class is equally likely.
         checkpoint_every: save ``last`` every N steps (0: at the end of each epoch only).
+        keep_every: also keep a weights-only snapshot ``checkpoints/step_NNNNNNN`` every N steps
+            (0: none), e.g. to follow the Fisher spectrum over training.
         monitor: validation metric (averaged over tasks) that selects the ``best`` checkpoint.
         expander: VICReg expander sizes.
         augment: label-consistent augmentation of supervised batches (:class:`~medexplore.data.transforms.Augment`).
@@ -77,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     balance: str = "none"
     checkpoint_every: int = 0
+    keep_every: int = 0
     monitor: str = "auc"
     eval_batch_size: int = 256
     num_workers: int = 0
@@ -92,6 +95,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accum_steps", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "keep_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"TrainConfig.batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}")
         if not self.lr > 0:
@@ -305,10 +311,11 @@ class Trainer:
         return {"run": self.config.to_dict(), "data": self.data_config, "step": self.step, "epoch": self.epoch,
                 "best": self.best, "monitor": self.config.monitor, "metrics": self.last_metrics}
 
-    def save(self, name: str) -> None:
+    def save(self, name: str, with_state: bool = True) -> None:
         if not self.is_main:
             return
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
+        state = ({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
+                 if with_state else None)
         extra = self.expander_module.state_dict() if self.expander is not None else None
         save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self._meta(), state, extra)
         self.emit(Event("checkpoint", self.step, self.total_steps, self.epoch, message=name))
@@ -327,7 +334,7 @@ class Trainer:
             self.expander_module.load_state_dict(extra)
         if meta["run"] != self.config.to_dict():
             changed = sorted(k for k in meta["run"] if meta["run"].get(k) != self.config.to_dict().get(k))
-            if set(changed) - {"epochs", "device", "num_workers", "checkpoint_every"}:
+            if set(changed) - {"epochs", "device", "num_workers", "checkpoint_every", "keep_every"}:
                 raise ValueError(f"{folder}: cannot resume with changed run settings {changed}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -449,6 +456,8 @@ class Trainer:
                                 eta_s=(self.total_steps - self.step) / rate if rate > 0 else float("nan")))
                 if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                     self.save("last")
+                if self.config.keep_every and self.step % self.config.keep_every == 0:
+                    self.save(snapshot_name(self.step), with_state=False)
                 if self.control.paused:
                     self.emit(Event("paused", self.step, self.total_steps, self.epoch))
                     self.control.wait_while_paused()

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 from ..data.registry import build_dataset, dataset_tasks, vocab_for
 from ..models import create_model
 from ..models.medformer import Medformer
@@ -73,13 +75,14 @@ def run_training(config: dict, out: str | Path, mode: str = "supervised", init: 
     out = Path(out)
     if is_main and not resume and out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output directory {out} is not empty; resume, or choose another directory")
+    train_cfg = TrainConfig.from_dict({**config.get("train", {}), "mode": mode})
     train_set = build_dataset(config["data"], "train")
     val_set = build_dataset(config["data"], "val") if mode == "supervised" else None
     tasks = dataset_tasks(train_set) if mode == "supervised" else []
+    torch.manual_seed(train_cfg.seed)  # the model's initial weights follow train.seed too
     model = build_model(config["model"], tasks, vocab_for(train_set))
     if init:
         init_from_checkpoint(model, init)
-    train_cfg = TrainConfig.from_dict({**config.get("train", {}), "mode": mode})
     trainer = Trainer(model, train_set, train_cfg, out, val_data=val_set, callbacks=callbacks, control=control,
                       data_config=config["data"])
     result = trainer.fit(resume=resume)

@@ -1,0 +1,235 @@
+"""Where a model looks: attention rollout, attention maps, captum Integrated Gradients and Grad-CAM.
+
+Every map comes back at the image's resolution (its spatial shape, 2D or 3D), aligned with the
+image: a token's value sits at its patch's centre and is interpolated between centres, which is
+what ``F.interpolate(..., align_corners=False)`` does for an exact ``patch_size`` upscale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.sample import Sample
+from ..models.medformer import Medformer
+from ..models.packing import Batch
+from ..models.tasks import TaskKind
+
+__all__ = ["token_map_to_image", "task_outputs", "attention_rollout", "attention_map", "integrated_gradients",
+           "grad_cam", "explain", "ATTRIBUTION_METHODS", "Explanation"]
+
+ATTRIBUTION_METHODS = ("rollout", "attention", "integrated_gradients", "grad_cam")
+
+
+def token_map_to_image(values: Tensor, image_shape: tuple[int, ...]) -> Tensor:
+    """Upsample a ``grid``-shaped token map to ``image_shape``, token values at patch centres.
+
+    Example:
+        >>> token_map_to_image(torch.tensor([[0., 1.]]), (4, 8))[0].tolist()
+        [0.0, 0.0, 0.0, 0.25, 0.75, 1.0, 1.0, 1.0]
+    """
+    values = torch.as_tensor(values).float()
+    if values.dim() != len(image_shape) or values.dim() not in (2, 3):
+        raise ValueError(f"token map of shape {tuple(values.shape)} does not match image shape {tuple(image_shape)}")
+    if any(s % g for s, g in zip(image_shape, values.shape)):
+        raise ValueError(f"image shape {tuple(image_shape)} is not a multiple of the token grid {tuple(values.shape)}")
+    mode = "bilinear" if values.dim() == 2 else "trilinear"
+    return F.interpolate(values[None, None], size=tuple(image_shape), mode=mode, align_corners=False)[0, 0]
+
+
+# ---------------------------------------------------------------------------- task outputs
+def task_outputs(model: Medformer, task: str, prediction) -> Tensor:
+    """One task's raw prediction as an (N, K) tensor of scalars to explain.
+
+    binary: its logit (K=1); multiclass / multilabel / ordinal / regression: the head's K outputs;
+    segmentation: each class' logit averaged over the image; detection: each query's presence logit.
+    """
+    kind = model.tasks[task].kind
+    if kind == TaskKind.BINARY:
+        return prediction[:, None]
+    if kind == TaskKind.SEGMENTATION:
+        if len(prediction) != 1:
+            raise ValueError("segmentation outputs of several image groups cannot be explained together")
+        ids, logits = prediction[0]
+        return logits.flatten(2).mean(-1)[ids.argsort()]
+    if kind == TaskKind.DETECTION:
+        return prediction["logits"]
+    return prediction
+
+
+def _default_target(model: Medformer, task: str, outputs: Tensor) -> int:
+    kind = model.tasks[task].kind
+    if kind in (TaskKind.MULTICLASS, TaskKind.DETECTION):
+        return int(outputs[0].argmax())
+    if kind == TaskKind.SEGMENTATION:
+        return 1 if outputs.shape[1] > 1 else 0  # the first foreground class
+    return 0
+
+
+class _TaskForward(nn.Module):
+    """images (N, C, *spatial) -> (N, K) outputs of one task for a fixed domain (what captum calls)."""
+
+    def __init__(self, model: Medformer, task: str, domain):
+        super().__init__()
+        if task not in model.tasks:
+            raise KeyError(f"the model has no task {task!r}; tasks: {sorted(model.tasks)}")
+        if not model.tasks[task].applies_to(domain):
+            raise ValueError(f"task {task!r} does not apply to a {domain.dimensionality} {domain.modality} image")
+        self.model, self.task, self.domain = model, task, domain
+
+    def forward(self, images: Tensor) -> Tensor:
+        batch = Batch.from_images(images, [self.domain] * images.shape[0])
+        return task_outputs(self.model, self.task, self.model(batch).predictions[self.task])
+
+
+def _prepare(model: Medformer, sample: Sample, device) -> tuple[Tensor, tuple[int, ...]]:
+    if not isinstance(sample, Sample):
+        raise TypeError(f"expected a Sample, got {type(sample).__name__}")
+    model.eval().to(device)
+    image = sample.image.to(device=device, dtype=model.norm.weight.dtype)
+    grid = model.patch_embed.grid(tuple(image.shape), where="the image to explain")
+    return image, grid
+
+
+# ---------------------------------------------------------------------------- attention
+def _segment_attention(model: Medformer, sample: Sample, device) -> tuple[list[Tensor], tuple[int, ...]]:
+    """Per block, the sample's (H, n, n) attention (prefix tokens included)."""
+    image, grid = _prepare(model, sample, device)
+    with torch.no_grad():
+        out = model(Batch.from_images([image], [sample.domain]), return_attention=True)
+    return [block[0][0].float() for block in out.attentions], grid
+
+
+def attention_rollout(model: Medformer, sample: Sample, head_fusion: str = "mean", discard_ratio: float = 0.0,
+                      device="cpu") -> np.ndarray:
+    """Attention rollout (Abnar & Zuidema, 2020) of the pooled output over the patches, at image size.
+
+    Each block's head-fused attention plus the identity (the residual), rows renormalised, is
+    multiplied through the blocks; the pooled output (class token, or the mean of the patch tokens)
+    reads the patches with the resulting weights. ``discard_ratio`` zeroes the weakest links per row.
+    """
+    if head_fusion not in ("mean", "max", "min"):
+        raise ValueError(f"head_fusion must be mean, max or min, got {head_fusion!r}")
+    if not 0 <= discard_ratio < 1:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    attentions, grid = _segment_attention(model, sample, device)
+    p = model.config.num_prefix_tokens
+    rollout = None
+    for attn in attentions:
+        a = getattr(attn, head_fusion)(0)
+        a = a.values if head_fusion != "mean" else a
+        if discard_ratio:
+            cut = torch.quantile(a, discard_ratio, dim=-1, keepdim=True)
+            a = torch.where(a >= cut, a, torch.zeros_like(a))
+        a = a + torch.eye(a.shape[0], device=a.device)
+        a = a / a.sum(-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout
+    reader = rollout[:1] if p else rollout[p:]
+    relevance = reader.mean(0)[p:]
+    return token_map_to_image(relevance.reshape(grid).cpu(), tuple(sample.image.shape[1:])).numpy()
+
+
+def attention_map(model: Medformer, sample: Sample, block: int = -1, head: int | None = None,
+                  device="cpu") -> np.ndarray:
+    """Attention each patch receives in one block (one head, or the mean of heads), at image size."""
+    attentions, grid = _segment_attention(model, sample, device)
+    if not -len(attentions) <= block < len(attentions):
+        raise ValueError(f"block must be in {-len(attentions)}..{len(attentions) - 1}, got {block}")
+    attn = attentions[block]
+    if head is not None and not 0 <= head < attn.shape[0]:
+        raise ValueError(f"head must be in 0..{attn.shape[0] - 1}, got {head}")
+    a = attn.mean(0) if head is None else attn[head]
+    p = model.config.num_prefix_tokens
+    received = a[p:, p:].mean(0)
+    return token_map_to_image(received.reshape(grid).cpu(), tuple(sample.image.shape[1:])).numpy()
+
+
+# ---------------------------------------------------------------------------- captum
+def integrated_gradients(model: Medformer, sample: Sample, task: str, target: int | None = None,
+                         steps: int = 32, noise_tunnel: bool = True, nt_samples: int = 4, stdevs: float = 0.1,
+                         internal_batch_size: int = 16, device="cpu") -> np.ndarray:
+    """Integrated Gradients (from a zero image; smoothed by a NoiseTunnel) summed over channels.
+
+    Signed, at image size. ``stdevs`` is relative to the image's intensity spread.
+    """
+    from captum.attr import IntegratedGradients, NoiseTunnel
+
+    image, _ = _prepare(model, sample, device)
+    forward = _TaskForward(model, task, sample.domain)
+    inputs = image[None]
+    with torch.no_grad():
+        target = _default_target(model, task, forward(inputs)) if target is None else target
+    method = IntegratedGradients(forward)
+    kwargs = {"baselines": torch.zeros_like(inputs), "target": target, "n_steps": steps,
+              "internal_batch_size": internal_batch_size}
+    if noise_tunnel:
+        method = NoiseTunnel(method)
+        kwargs.update(nt_type="smoothgrad", nt_samples=nt_samples, nt_samples_batch_size=1,
+                      stdevs=float(stdevs * inputs.std().clamp_min(1e-6)))
+    attributions = method.attribute(inputs, **kwargs)
+    return attributions[0].sum(0).detach().float().cpu().numpy()
+
+
+class _TokenGridProbe(nn.Module):
+    """Identity on a (B, D, *grid) view of one block's tokens, for captum's layer methods."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def grad_cam(model: Medformer, sample: Sample, task: str, target: int | None = None, block: int = -1,
+             device="cpu") -> np.ndarray:
+    """Grad-CAM (captum's LayerGradCam) on the patch tokens after ``block``, ReLU'd, at image size."""
+    from captum.attr import LayerGradCam
+
+    image, grid = _prepare(model, sample, device)
+    if not -len(model.blocks) <= block < len(model.blocks):
+        raise ValueError(f"block must be in {-len(model.blocks)}..{len(model.blocks) - 1}, got {block}")
+    forward = _TaskForward(model, task, sample.domain)
+    probe = _TokenGridProbe()
+    p, n = model.config.num_prefix_tokens, int(np.prod(grid))
+
+    def as_grid(module, args, output):
+        x, weights = output
+        rows = x.reshape(-1, p + n, x.shape[-1])
+        tokens = probe(rows[:, p:].reshape(rows.shape[0], *grid, -1).movedim(-1, 1))
+        tokens = tokens.movedim(1, -1).reshape(rows.shape[0], n, -1)
+        return torch.cat([rows[:, :p], tokens], 1).reshape(x.shape), weights
+
+    handle = model.blocks[block].register_forward_hook(as_grid)
+    try:
+        inputs = image[None]
+        with torch.no_grad():
+            target = _default_target(model, task, forward(inputs)) if target is None else target
+        cam = LayerGradCam(forward, probe).attribute(inputs, target=target, relu_attributions=True)
+    finally:
+        handle.remove()
+    return token_map_to_image(cam[0, 0].detach().cpu(), tuple(sample.image.shape[1:])).numpy()
+
+
+@dataclass
+class Explanation:
+    """One attribution map at image size, with what produced it."""
+
+    values: np.ndarray
+    method: str
+    task: str | None = None
+    target: int | None = None
+
+
+def explain(model: Medformer, sample: Sample, method: str, task: str | None = None, target: int | None = None,
+            device="cpu", **options) -> Explanation:
+    """One entry point for front-ends: ``rollout``, ``attention``, ``integrated_gradients`` or ``grad_cam``."""
+    if method not in ATTRIBUTION_METHODS:
+        raise ValueError(f"method must be one of {ATTRIBUTION_METHODS}, got {method!r}")
+    if method == "rollout":
+        return Explanation(attention_rollout(model, sample, device=device, **options), method)
+    if method == "attention":
+        return Explanation(attention_map(model, sample, device=device, **options), method)
+    if task is None:
+        raise ValueError(f"{method} explains one task: pass task= (one of {sorted(model.tasks)})")
+    func = integrated_gradients if method == "integrated_gradients" else grad_cam
+    return Explanation(func(model, sample, task, target, device=device, **options), method, task, target)

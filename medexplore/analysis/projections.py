@@ -1,0 +1,136 @@
+"""2D/3D projections of embeddings: PCA (torch or scikit-learn) and UMAP, cached on disk.
+
+The cache key is a hash of the input array and every parameter, so re-running a notebook or
+re-opening the napari explorer on the same embeddings costs one file read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["Projection", "pca", "umap", "project", "projection_cache_dir"]
+
+METHODS = ("pca", "umap")
+PCA_BACKENDS = ("torch", "sklearn")
+
+
+@dataclass
+class Projection:
+    """``coords`` (N, n_components) and how they were made; ``explained_variance_ratio`` for PCA."""
+
+    coords: np.ndarray
+    method: str
+    params: dict = field(default_factory=dict)
+    explained_variance_ratio: np.ndarray | None = None
+    cached: bool = False
+
+
+def projection_cache_dir() -> Path:
+    from ..data.embedded import cache_dir
+
+    return cache_dir() / "projections"
+
+
+def _check_features(x) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"features must be a 2D (samples, features) array, got shape {x.shape}")
+    if len(x) < 3:
+        raise ValueError(f"need at least 3 samples to project, got {len(x)}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise ValueError(f"features must be numeric, got dtype {x.dtype}")
+    if not np.isfinite(x).all():
+        rows = np.flatnonzero(~np.isfinite(x).all(1))
+        raise ValueError(f"features have NaN/Inf in {len(rows)} row(s), e.g. rows {rows[:5].tolist()}")
+    return x.astype(np.float32, copy=False)
+
+
+def pca(features, n_components: int = 2, backend: str = "torch") -> Projection:
+    """Principal components (coordinates centred; signs fixed so each axis' largest loading is positive)."""
+    x = _check_features(features)
+    if backend not in PCA_BACKENDS:
+        raise ValueError(f"PCA backend must be one of {PCA_BACKENDS}, got {backend!r}")
+    if not 1 <= n_components <= min(x.shape):
+        raise ValueError(f"n_components must be in 1..{min(x.shape)}, got {n_components}")
+    if backend == "sklearn":
+        from sklearn.decomposition import PCA
+
+        model = PCA(n_components=n_components, svd_solver="full").fit(x)
+        components, ratio = model.components_, model.explained_variance_ratio_
+    else:
+        t = torch.from_numpy(x).double()
+        t = t - t.mean(0)
+        evals, evecs = torch.linalg.eigh(t.T @ t / (len(t) - 1))  # (D, D): fast for N >> D
+        order = evals.argsort(descending=True)[:n_components]
+        components = evecs[:, order].T.numpy()
+        ratio = (evals[order] / evals.clamp_min(0).sum()).numpy()
+    signs = np.sign(components[np.arange(n_components), np.abs(components).argmax(1)])
+    components = components * signs[:, None]
+    coords = (x - x.mean(0)) @ components.T.astype(np.float32)
+    return Projection(coords.astype(np.float32), "pca", {"n_components": n_components, "backend": backend},
+                      np.asarray(ratio, dtype=np.float64))
+
+
+def umap(features, n_components: int = 2, n_neighbors: int = 15, min_dist: float = 0.1,
+         metric: str = "euclidean", seed: int | None = 0) -> Projection:
+    """UMAP (umap-learn). ``seed=None`` allows parallel, non-deterministic optimisation."""
+    x = _check_features(features)
+    if not 2 <= n_neighbors < len(x):
+        raise ValueError(f"n_neighbors must be in 2..{len(x) - 1} for {len(x)} samples, got {n_neighbors}")
+    import warnings
+
+    from umap import UMAP
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*n_jobs value.*")
+        reducer = UMAP(n_components=n_components, n_neighbors=n_neighbors, min_dist=min_dist, metric=metric,
+                       random_state=seed)
+        coords = reducer.fit_transform(x)
+    params = {"n_components": n_components, "n_neighbors": n_neighbors, "min_dist": min_dist, "metric": metric,
+              "seed": seed}
+    return Projection(np.asarray(coords, dtype=np.float32), "umap", params)
+
+
+def _key(x: np.ndarray, method: str, params: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"method": method, "params": params, "shape": x.shape, "dtype": str(x.dtype)},
+                        sort_keys=True).encode())
+    h.update(np.ascontiguousarray(x).data)
+    return h.hexdigest()[:24]
+
+
+def project(features, method: str = "pca", cache: bool | str | Path = True, **params) -> Projection:
+    """``pca`` or ``umap`` of ``features``, read from / written to the on-disk cache.
+
+    ``cache``: True (``$MEDEXPLORE_CACHE/projections``), a folder, or False.
+    """
+    if method not in METHODS:
+        raise ValueError(f"projection method must be one of {METHODS}, got {method!r}")
+    x = _check_features(features)
+    func = pca if method == "pca" else umap
+    if cache is False:
+        return func(x, **params)
+    folder = projection_cache_dir() if cache is True else Path(cache)
+    path = folder / f"{method}-{_key(x, method, params)}.npz"
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                ratio = data["ratio"] if "ratio" in data.files else None
+                return Projection(data["coords"], method, json.loads(str(data["params"])), ratio, cached=True)
+        except (OSError, ValueError, KeyError):
+            path.unlink(missing_ok=True)  # a damaged cache entry is recomputed
+    result = func(x, **params)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{np.random.randint(1 << 30)}.tmp.npz")
+    extra = {} if result.explained_variance_ratio is None else {"ratio": result.explained_variance_ratio}
+    try:
+        np.savez(tmp, coords=result.coords, params=np.array(json.dumps(result.params)), **extra)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk costs the cache, not the result
+    return result

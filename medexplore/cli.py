@@ -168,30 +168,17 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    import numpy as np
-    import torch
-
-    from .train.evaluate import collect_predictions
+    from .analysis.embeddings import compute_embeddings
 
     model, device, dataset = _checkpoint_data(args)
-    collected = collect_predictions(model, dataset, device=device, with_embeddings=True)
-    records, embeddings = collected.records, collected.embeddings
-    # labels small enough for a table (classes, vectors, counts; not masks), one JSON string per sample
-    names = sorted({k for r in records for k, v in r["labels"].items() if torch.as_tensor(v).numel() <= 16})
-    labels = {name: [json.dumps(torch.as_tensor(r["labels"][name]).tolist()) if name in r["labels"] else ""
-                     for r in records] for name in names}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez_compressed(tmp, embeddings=embeddings.numpy(),
-                        modality=np.array([r["domain"].modality for r in records]),
-                        body_part=np.array([r["domain"].body_part for r in records]),
-                        dimensionality=np.array([r["domain"].dimensionality for r in records]),
-                        source=np.array([str(r["source"]) for r in records]),
-                        patient_id=np.array([str(r["patient_id"]) for r in records]),
-                        **{f"label_{k}": np.array(v) for k, v in labels.items()})
-    tmp.replace(out)
-    print(f"wrote {len(records)} embeddings of width {embeddings.shape[1]} to {out}")
+    output = Path(args.output)
+    if output.is_dir():
+        raise CLIError(f"--output {output} is a directory; give a file name ending in .npz")
+    embeddings = compute_embeddings(model, dataset, device=device, blocks=args.blocks, split=args.split,
+                                    progress=not args.quiet, info={"checkpoint": str(Path(args.checkpoint).resolve())})
+    embeddings.save(output)
+    print(f"wrote {len(embeddings)} embeddings of width {embeddings.pooled.shape[1]} "
+          f"(+ {len(embeddings.tasks)} per-task{', per-block' if args.blocks else ''}) to {output}")
     return 0
 
 
@@ -225,13 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     for name, func, text in (("evaluate", cmd_evaluate, "metrics of a checkpoint on a split"),
-                             ("embed", cmd_embed, "embeddings and metadata of a split, to an npz file")):
+                             ("embed", cmd_embed, "embeddings (pooled, per task, per block) and metadata of a split, to one npz file "
+                              "(read it with medexplore.analysis.load_embeddings)")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("checkpoint", help="checkpoint folder (run/checkpoints/best)")
         p.add_argument("--split", default="test", choices=("train", "val", "test"))
         p.add_argument("--data-path", help="an explicit npz file (default: the one the run used)")
         p.add_argument("--device", default="auto")
         p.add_argument("--output", required=(name == "embed"), help="output file")
+        if name == "embed":
+            p.add_argument("--blocks", action="store_true", help="also keep every block's pooled tokens")
+            p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.set_defaults(func=func)
     return parser
 

@@ -8,5 +8,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch is pinned: an unpinned resolve can pull a different (multi-GB) build.
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,notebooks]"
 .venv/bin/python -c "import medexplore, torch, timm; print('medexplore ready: torch', torch.__version__, 'timm', timm.__version__)"

@@ -3,10 +3,10 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import torch
 import pytest
 
+from medexplore.analysis import load_embeddings
 from medexplore.cli import load_config, main
 
 from test_data import write_npz
@@ -28,10 +28,12 @@ def test_train_evaluate_embed(tmp_path, npz, capsys):
     assert (out / "checkpoints" / "last" / "model.safetensors").exists()
     assert main(["evaluate", str(out / "checkpoints" / "last"), "--split", "val", "--output", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["pneumoniamnist"]["n"] == 8
-    assert main(["embed", str(out / "checkpoints" / "last"), "--split", "test", "--output", str(tmp_path / "e.npz")]) == 0
-    emb = np.load(tmp_path / "e.npz")
-    assert emb["embeddings"].shape == (8, 24) and list(emb["modality"][:1]) == ["xray"]
-    assert len(emb["label_pneumoniamnist"]) == 8
+    assert main(["embed", str(out / "checkpoints" / "last"), "--split", "test", "--output", str(tmp_path / "e.npz"),
+                 "--blocks", "--quiet"]) == 0
+    emb = load_embeddings(tmp_path / "e.npz")
+    assert emb.pooled.shape == (8, 24) and emb.blocks.shape == (8, 1, 24) and list(emb.metadata["modality"][:1]) == ["xray"]
+    assert emb.metadata["label:pneumoniamnist"].notna().sum() == 8 and "correct:pneumoniamnist" in emb.metadata
+    assert main(["embed", str(out / "checkpoints" / "last"), "--output", str(tmp_path)]) == 2  # a directory
     # resume of a finished run is a no-op that still succeeds
     assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(out), "--resume", *TINY]) == 0
 

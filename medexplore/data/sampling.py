@@ -113,6 +113,31 @@ class MixedDataset(Dataset):
         return self.datasets[name][j]
 
 
+class ImageCentricView(Dataset):
+    """Every image of a multi-annotation dataset with all of its annotations among ``tasks`` (others dropped).
+
+    The image-centric counterpart of :class:`DecentralizedView` over the same tasks.
+    """
+
+    def __init__(self, dataset: Dataset, tasks: Sequence[str]):
+        self.dataset, self.tasks = dataset, list(tasks)
+        self.index = [i for i in range(len(dataset)) if any(t in labels_of(dataset, i) for t in self.tasks)]
+        if not self.index:
+            raise ValueError(f"ImageCentricView: no sample carries any of the tasks {self.tasks}")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def labels_of(self, k: int) -> dict:
+        labels = labels_of(self.dataset, self.index[k])
+        return {t: labels[t] for t in self.tasks if t in labels}
+
+    def __getitem__(self, k: int) -> Sample:
+        s = self.dataset[self.index[k]]
+        return Sample(s.image, s.domain, {t: s.labels[t] for t in self.tasks if t in s.labels}, s.spacing,
+                      s.patient_id, dict(s.meta))
+
+
 class DecentralizedView(Dataset):
     """Each (image, annotation) pair of a multi-annotation dataset as its own sample.
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -16,7 +15,7 @@ from ..models.tasks import TaskKind
 from .metrics import (classification_metrics, detection_metrics, dice_per_class, ordinal_probabilities,
                       regression_metrics)
 
-__all__ = ["evaluate", "collect_predictions", "per_sample_predictions", "task_scores", "Collected"]
+__all__ = ["evaluate", "collect_predictions", "per_sample_predictions", "task_scores"]
 
 
 def task_scores(kind: TaskKind, prediction: torch.Tensor) -> torch.Tensor:
@@ -44,34 +43,20 @@ def per_sample_predictions(kind: TaskKind, prediction, num_samples: int) -> list
     return list(task_scores(kind, prediction).cpu())
 
 
-@dataclass
-class Collected:
-    """What :func:`collect_predictions` gathers in one pass over a dataset."""
-
-    pairs: dict[str, list]  # per task, (label, prediction) of every sample carrying that label
-    embeddings: torch.Tensor | None = None  # (N, D), in dataset order, when asked for
-    records: list[dict] = field(default_factory=list)  # per sample: domain, source, patient id, labels
-
-
 @torch.no_grad()
 def collect_predictions(model: Medformer, dataset: Dataset, batch_size: int = 256, device="cpu",
-                        num_workers: int = 0, autocast: Callable | None = None,
-                        with_embeddings: bool = False) -> Collected:
-    """Run ``model`` over ``dataset`` once; with ``with_embeddings`` also keep embeddings and metadata."""
+                        num_workers: int = 0, autocast: Callable | None = None) -> dict[str, list]:
+    """Per task, the (label, prediction) pair of every sample of ``dataset`` carrying that label.
+
+    (Embeddings with per-sample metadata: :func:`medexplore.analysis.compute_embeddings`.)
+    """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
     model.eval()
-    collected = Collected({name: [] for name in model.tasks})
-    embeddings = []
+    pairs: dict[str, list] = {name: [] for name in model.tasks}
     for batch in loader:
         batch = batch.to(device)
         with (autocast() if autocast is not None else contextlib.nullcontext()):
             out = model(batch)
-        if with_embeddings:
-            embeddings.append(out.embedding.float().cpu())
-            for i, domain in enumerate(batch.domains):
-                collected.records.append({"domain": domain, "source": batch.meta["source"][i],
-                                          "patient_id": batch.meta["patient_id"][i],
-                                          "labels": {k: v[i] for k, v in batch.targets.items() if v[i] is not None}})
         for name, spec in model.tasks.items():
             labels = batch.targets.get(name)
             if labels is None:
@@ -79,16 +64,14 @@ def collect_predictions(model: Medformer, dataset: Dataset, batch_size: int = 25
             items = per_sample_predictions(spec.kind, out.predictions[name], batch.num_samples)
             for y, p in zip(labels, items):
                 if y is not None and p is not None:
-                    collected.pairs[name].append((torch.as_tensor(y).cpu(), p))
-    if with_embeddings:
-        collected.embeddings = torch.cat(embeddings)
-    return collected
+                    pairs[name].append((torch.as_tensor(y).cpu(), p))
+    return pairs
 
 
 def evaluate(model: Medformer, dataset: Dataset, batch_size: int = 256, device="cpu", num_workers: int = 0,
              autocast: Callable | None = None) -> dict[str, dict]:
     """Metrics per task name (tasks without any label in ``dataset`` are left out)."""
-    pairs = collect_predictions(model, dataset, batch_size, device, num_workers, autocast).pairs
+    pairs = collect_predictions(model, dataset, batch_size, device, num_workers, autocast)
     results = {}
     for name, items in pairs.items():
         if not items:

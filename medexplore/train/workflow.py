@@ -19,12 +19,21 @@ from .checkpoint import CheckpointError, load_checkpoint, load_model
 from .engine import Event, RunControl, RunResult, TrainConfig, Trainer
 from .evaluate import evaluate
 
-__all__ = ["DEFAULT_CONFIG", "build_model", "init_from_checkpoint", "run_training", "write_figures", "demo", "RunOutcome"]
+__all__ = ["DEFAULT_CONFIG", "EXAMPLE_SIZES", "build_model", "init_from_checkpoint", "run_training", "write_figures",
+           "demo", "example_run", "RunOutcome"]
 
 DEFAULT_CONFIG = {
     "model": {"name": "medformer_tiny", "patch_size": 4},
     "data": {"datasets": ["embedded"], "size": 28, "root": None, "path": None},
     "train": {},
+}
+
+
+EXAMPLE_SIZES = {  # a multitask model on the embedded data for notebooks: CPU minutes, or a bigger one on a GPU
+    "small": {"model": {"name": "medformer_tiny", "patch_size": 4, "depth": 3, "embed_dim": 64, "num_heads": 2},
+              "train": {"epochs": 6, "batch_size": 32, "lr": 1e-3, "monitor": "auc"}},
+    "large": {"model": {"name": "medformer_tiny", "patch_size": 4},
+              "train": {"epochs": 30, "batch_size": 32, "lr": 5e-4, "monitor": "auc"}},
 }
 
 
@@ -146,3 +155,22 @@ def demo(out: str | Path, pretrain_epochs: int = 3, epochs: int = 12, model: dic
                "pretrain": str(pretrain.run_dir), "multitask": str(finetune.run_dir)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
+
+
+def example_run(out: str | Path = "runs/example", size: str = "small", seed: int = 0, callbacks=()) -> Path:
+    """A trained multitask model on the embedded data, trained on first use and reused afterwards.
+
+    Returns the checkpoint folder (``best``, else ``last``). An interrupted run is resumed.
+    """
+    if size not in EXAMPLE_SIZES:
+        raise ValueError(f"size must be one of {sorted(EXAMPLE_SIZES)}, got {size!r}")
+    out = Path(out)
+    recipe = EXAMPLE_SIZES[size]
+    config = {"model": dict(recipe["model"]), "data": {"datasets": ["embedded"], "seed": seed},
+              "train": {**recipe["train"], "seed": seed, "keep_every": 0}}
+    last = out / "checkpoints" / "last"
+    finished = (out / "test_metrics.json").exists()
+    if not finished:
+        run_training(config, out, resume=last.exists(), callbacks=callbacks)
+    best = out / "checkpoints" / "best"
+    return best if best.exists() else last

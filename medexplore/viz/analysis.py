@@ -65,8 +65,6 @@ def scatter(coords: np.ndarray, metadata: pd.DataFrame | None = None, color_by: 
             for name, color in colors.items():
                 sel = (text == name) & ~missing
                 ax.scatter(coords[sel, 0], coords[sel, 1], s=size, color=color, linewidths=0, label=name)
-            ax.legend(title=color_by, fontsize=7, title_fontsize=8, markerscale=max(1.0, 12 / size) ** 0.5,
-                      loc="best", frameon=False)
         else:
             points = ax.scatter(coords[~missing, 0], coords[~missing, 1], s=size, linewidths=0,
                                 c=values[~missing].astype(float), cmap="viridis")
@@ -75,6 +73,9 @@ def scatter(coords: np.ndarray, metadata: pd.DataFrame | None = None, color_by: 
         idx = np.asarray(highlight, dtype=int)
         ax.scatter(coords[idx, 0], coords[idx, 1], s=size * 6 + 20, facecolors="none", edgecolors="black",
                    linewidths=1.2, label="selected")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(title=color_by, fontsize=7, title_fontsize=8, markerscale=max(1.0, 12 / size) ** 0.5,
+                  loc="best", frameon=False)
     ax.set(xlabel=axis_labels[0], ylabel=axis_labels[1], title=title)
     return fig
 
@@ -123,7 +124,7 @@ def decodability_bars(decodability: pd.DataFrame, ax=None) -> Figure:
     ax.set_xticks(x, [t.replace("label:", "") for t in table.index], rotation=30, ha="right")
     ax.set(ylabel="balanced accuracy (CV)", xlabel="decoded target", ylim=(0, 1.05),
            title="what each subspace encodes")
-    ax.legend(fontsize=8, frameon=False, ncols=4, loc="lower right")
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 
@@ -181,8 +182,7 @@ def mixing_histograms(weights: pd.DataFrame, by: pd.Series | None = None, bins: 
             for name, color in colors.items():
                 ax.hist(weights[column][by.astype(str).to_numpy() == name], bins=edges, color=color, alpha=0.6,
                         label=name)
-        ax.set(xlabel=f"weight of {column}", title=str(column))
-    axes[0].set_ylabel("samples")
+        ax.set(xlabel=f"weight of {column}", ylabel="samples", title=str(column))
     if by is not None:
         axes[-1].legend(fontsize=7, frameon=False, title=by.name)
     return fig
@@ -204,7 +204,25 @@ def _overlay_cmap(values: np.ndarray) -> tuple[str, float, float]:
     return "magma", 0.0, float(values.max()) or 1.0
 
 
-def overlay_2d(image: np.ndarray, overlay: np.ndarray | None = None, ax=None, alpha: float = 0.5,
+def _overlay_rgba(values: np.ndarray, cmap: str, lo: float, hi: float, alpha: float) -> np.ndarray:
+    """Colour ``values`` with ``cmap`` and make weak values transparent, so the image stays visible."""
+    import matplotlib
+
+    norm = matplotlib.colors.Normalize(lo, hi)
+    rgba = matplotlib.colormaps[cmap](norm(values))
+    strength = np.abs(values) / max(abs(lo), abs(hi), 1e-12)
+    rgba[..., 3] = alpha * np.clip(strength, 0, 1) ** 0.75
+    return rgba
+
+
+def _colorbar(fig, ax, cmap: str, lo: float, hi: float, **kwargs):
+    import matplotlib
+
+    mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(lo, hi), cmap)
+    return fig.colorbar(mappable, ax=ax, **kwargs)
+
+
+def overlay_2d(image: np.ndarray, overlay: np.ndarray | None = None, ax=None, alpha: float = 0.85,
                mask: np.ndarray | None = None, title: str = "", colorbar: bool = True) -> Figure:
     """A 2D image (C, H, W) with a map (H, W) on top and an optional mask outline."""
     fig, ax = _new_ax(ax, (4, 4))
@@ -212,9 +230,9 @@ def overlay_2d(image: np.ndarray, overlay: np.ndarray | None = None, ax=None, al
     if overlay is not None:
         overlay = np.asarray(overlay, dtype=np.float32)
         cmap, lo, hi = _overlay_cmap(overlay)
-        shown = ax.imshow(overlay, cmap=cmap, vmin=lo, vmax=hi, alpha=alpha, interpolation="nearest")
+        ax.imshow(_overlay_rgba(overlay, cmap, lo, hi, alpha), interpolation="nearest")
         if colorbar:
-            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+            _colorbar(fig, ax, cmap, lo, hi, fraction=0.046, pad=0.04)
     if mask is not None and np.asarray(mask).any():
         ax.contour(np.asarray(mask) > 0, levels=[0.5], colors=[OKABE_ITO[2]], linewidths=1.0)
     ax.set(title=title, xlabel="x (pixels)", ylabel="y (pixels)")
@@ -222,7 +240,7 @@ def overlay_2d(image: np.ndarray, overlay: np.ndarray | None = None, ax=None, al
 
 
 def orthoslice_overlay(volume: np.ndarray, overlay: np.ndarray | None = None, point: Sequence[int] | None = None,
-                       alpha: float = 0.5, mask: np.ndarray | None = None, title: str = "") -> Figure:
+                       alpha: float = 0.85, mask: np.ndarray | None = None, title: str = "") -> Figure:
     """Axial, coronal and sagittal slices through ``point`` (default: the overlay's maximum) of a
     (C, D, H, W) volume, each with the map (D, H, W) and optional mask outline on top."""
     volume = np.asarray(volume, dtype=np.float32)
@@ -241,14 +259,13 @@ def orthoslice_overlay(volume: np.ndarray, overlay: np.ndarray | None = None, po
         take = lambda a, lead=0: np.take(a, index, axis=axis + lead)  # noqa: E731
         ax.imshow(_display(take(volume, 1)), cmap="gray", interpolation="nearest", origin="lower" if axis else "upper")
         if overlay is not None:
-            cmap, lo, hi = cmap_args
-            shown = ax.imshow(take(np.asarray(overlay)), cmap=cmap, vmin=lo, vmax=hi, alpha=alpha,
-                              interpolation="nearest", origin="lower" if axis else "upper")
+            ax.imshow(_overlay_rgba(take(np.asarray(overlay)), *cmap_args, alpha), interpolation="nearest",
+                      origin="lower" if axis else "upper")
         if mask is not None and take(np.asarray(mask)).any():
             ax.contour(take(np.asarray(mask)) > 0, levels=[0.5], colors=[OKABE_ITO[2]], linewidths=1.0)
         ax.set(title=name.format(index), xlabel=labels[0], ylabel=labels[1])
     if overlay is not None:
-        fig.colorbar(shown, ax=axes, fraction=0.02, pad=0.02)
+        _colorbar(fig, axes, *cmap_args, fraction=0.02, pad=0.02)
     if title:
         fig.suptitle(title)
     return fig

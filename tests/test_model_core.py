@@ -211,3 +211,14 @@ def test_spec_dict_round_trip(model):
     rebuilt = type(model).from_spec_dict(spec)
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     assert rebuilt.tasks == model.tasks
+
+
+def test_forward_of_chosen_tasks_only(mixed_batch):
+    model = small_model()
+    with torch.no_grad():
+        full = model(mixed_batch)
+        some = model(mixed_batch, tasks=["presence", "tissue"])
+    assert set(some.predictions) == {"presence", "tissue"}
+    torch.testing.assert_close(some.predictions["presence"], full.predictions["presence"])
+    with pytest.raises(ValueError, match="unknown task"):
+        model(mixed_batch, tasks=["nope"])

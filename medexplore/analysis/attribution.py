@@ -82,7 +82,7 @@ class _TaskForward(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         batch = Batch.from_images(images, [self.domain] * images.shape[0])
-        return task_outputs(self.model, self.task, self.model(batch).predictions[self.task])
+        return task_outputs(self.model, self.task, self.model(batch, tasks=[self.task]).predictions[self.task])
 
 
 def _prepare(model: Medformer, sample: Sample, device) -> tuple[Tensor, tuple[int, ...]]:
@@ -99,7 +99,7 @@ def _segment_attention(model: Medformer, sample: Sample, device) -> tuple[list[T
     """Per block, the sample's (H, n, n) attention (prefix tokens included)."""
     image, grid = _prepare(model, sample, device)
     with torch.no_grad():
-        out = model(Batch.from_images([image], [sample.domain]), return_attention=True)
+        out = model(Batch.from_images([image], [sample.domain]), return_attention=True, tasks=[])
     return [block[0][0].float() for block in out.attentions], grid
 
 

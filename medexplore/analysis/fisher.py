@@ -88,14 +88,12 @@ def _sample_loss(model: Medformer, sample: Sample) -> Tensor:
     return loss
 
 
-def _loop_gradients(model: Medformer, samples: Sequence[Sample], params: dict[str, Tensor]) -> Tensor:
-    rows = []
+def _loop_gradients(model: Medformer, samples: Sequence[Sample], params: dict[str, Tensor], out: Tensor) -> None:
     tensors = list(params.values())
-    for s in samples:
+    for i, s in enumerate(samples):
         grads = torch.autograd.grad(_sample_loss(model, s), tensors, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                               for g, p in zip(grads, tensors)]))
-    return torch.stack(rows)
+        torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, tensors)],
+                  out=out[i])
 
 
 def _label_key(value) -> tuple:
@@ -103,7 +101,8 @@ def _label_key(value) -> tuple:
     return tuple(t.shape), str(t.dtype), t.cpu().numpy().tobytes()
 
 
-def _vmap_gradients(model: Medformer, samples: Sequence[Sample], params: dict[str, Tensor], chunk: int) -> Tensor:
+def _vmap_gradients(model: Medformer, samples: Sequence[Sample], params: dict[str, Tensor], chunk: int,
+                    out: Tensor) -> None:
     """Per-sample gradients with ``torch.func``: samples sharing image shape, domain and labels are vmapped
     over their images together (labels are checked by the heads in Python, so they stay constants)."""
     from torch.func import functional_call, grad, vmap
@@ -111,7 +110,6 @@ def _vmap_gradients(model: Medformer, samples: Sequence[Sample], params: dict[st
     buffers = dict(model.named_buffers())
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in params}
     names = list(params)
-    out: list[Tensor | None] = [None] * len(samples)
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(samples):
         labels = tuple((t, _label_key(s.labels[t])) for t in sorted(s.labels) if t in model.tasks)
@@ -131,10 +129,7 @@ def _vmap_gradients(model: Medformer, samples: Sequence[Sample], params: dict[st
         with warnings.catch_warnings():  # SDPA has no batching rule on CPU: functorch loops, correctly
             warnings.filterwarnings("ignore", message=".*batching rule.*")
             grads = vmap(grad(loss_of), in_dims=(None, 0), chunk_size=chunk)(theta, images)
-        flat = torch.cat([grads[n].reshape(len(idx), -1).float() for n in names], 1)
-        for row, i in enumerate(idx):
-            out[i] = flat[row]
-    return torch.stack(out)
+        out[idx] = torch.cat([grads[n].reshape(len(idx), -1).float() for n in names], 1)
 
 
 def per_sample_gradients(model: Medformer, samples: Sequence[Sample], params: dict[str, Tensor],
@@ -158,12 +153,24 @@ def per_sample_gradients(model: Medformer, samples: Sequence[Sample], params: di
         method = "vmap" if all(model.tasks[t].kind in CLASS_KINDS for t in used) else "loop"
     was_training = model.training
     model.eval()
+    out = torch.empty(len(samples), sum(p.numel() for p in params.values()), device=model.norm.weight.device)
     try:
         if method == "loop":
-            return _loop_gradients(model, samples, params)
-        return _vmap_gradients(model, samples, params, chunk)
+            _loop_gradients(model, samples, params, out)
+        else:
+            _vmap_gradients(model, samples, params, chunk, out)
     finally:
         model.train(was_training)
+    return out
+
+
+def _gram(jac: Tensor, columns: int = 1 << 16) -> Tensor:
+    """J J^T in float64, accumulated over column blocks (memory: one block, not a float64 copy of J)."""
+    gram = torch.zeros(jac.shape[0], jac.shape[0], dtype=torch.float64, device=jac.device)
+    for start in range(0, jac.shape[1], columns):
+        block = jac[:, start:start + columns].double()
+        gram += block @ block.T
+    return gram
 
 
 def fisher_spectrum(model: Medformer, samples: Sequence[Sample], params: Sequence[str] | Callable | None = None,
@@ -174,8 +181,7 @@ def fisher_spectrum(model: Medformer, samples: Sequence[Sample], params: Sequenc
     if not torch.isfinite(jac).all():
         raise ValueError("per-sample gradients contain NaN/Inf; check the samples' labels and the checkpoint")
     n = jac.shape[0]
-    gram = (jac.double() @ jac.double().T) / n
-    eigenvalues = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).numpy()
+    eigenvalues = torch.linalg.eigvalsh(_gram(jac) / n).flip(0).clamp_min(0).cpu().numpy()
     return FisherSpectrum(eigenvalues, jac.shape[1], n)
 
 

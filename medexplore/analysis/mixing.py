@@ -90,7 +90,7 @@ def domain_attention(model: Medformer, dataset: Dataset | Sequence[Sample], batc
     model.eval().to(device)
     weights, rows = [], []
     for batch in loader:
-        out = model(batch.to(device), return_attention=True)
+        out = model(batch.to(device), return_attention=True, tasks=[])
         per_sample = out.layout.per_sample(out.input_attention)
         weights.append(torch.stack([w.float().mean(0) for w in per_sample]).cpu())
         for i, d in enumerate(batch.domains):
@@ -107,7 +107,7 @@ def domain_attention_maps(model: Medformer, sample: Sample, device="cpu") -> dic
     _, groups = _latent_groups(model)
     model.eval().to(device)
     batch = collate([sample]).to(device)
-    out = model(batch, return_attention=True)
+    out = model(batch, return_attention=True, tasks=[])
     tokens = out.layout.per_sample(out.input_attention)[0].float()  # (n, L)
     grid = out.layout.groups[0].grid
     index = {g: [i for i, name in enumerate(groups) if name == g] for g in DOMAIN_GROUPS}

@@ -148,8 +148,13 @@ class Medformer(nn.Module):
         features[-1] = x
         return x, layout, features, input_attention, attentions
 
-    def forward(self, batch: Batch, packing: str = "grouped", return_attention: bool = False) -> MedformerOutput:
-        """Predictions for every task and the pooled embedding of every sample of ``batch``."""
+    def forward(self, batch: Batch, packing: str = "grouped", return_attention: bool = False,
+                tasks: list[str] | None = None) -> MedformerOutput:
+        """Predictions for every task (or only ``tasks``) and the pooled embedding of every sample of ``batch``."""
+        if tasks is not None:
+            unknown = sorted(set(tasks) - set(self.heads))
+            if unknown:
+                raise ValueError(f"unknown task(s) {unknown}; the model has {sorted(self.heads)}")
         x, layout, features, input_attention, attentions = self.forward_features(batch, packing, return_attention)
         embedding = layout.prefix_pool(x) if self.cls_token is not None else layout.mean_pool(x)
         if self.output_adaptformer is not None:
@@ -158,7 +163,8 @@ class Medformer(nn.Module):
             task_queries = {name: embedding[:, None] for name in self.tasks}
             query_attention = {}
         ctx = HeadContext(layout, batch, features)
-        predictions = {name: head(task_queries[name], ctx) for name, head in self.heads.items()}
+        predictions = {name: head(task_queries[name], ctx) for name, head in self.heads.items()
+                       if tasks is None or name in tasks}
         return MedformerOutput(predictions, embedding, x, layout, input_attention, attentions, query_attention)
 
     # ------------------------------------------------------------------ losses

@@ -35,14 +35,22 @@ def load_config(path: str | None, overrides: list[str]) -> dict:
         p = Path(path)
         if not p.exists():
             raise CLIError(f"config file {p} not found")
+        if p.is_dir():
+            raise CLIError(f"config file {p} is a directory; give a YAML file (see configs/)")
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise CLIError(f"config file {p}: invalid YAML: {exc}") from exc
+            raise CLIError(f"config file {p}: invalid YAML: {' '.join(str(exc).split())}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CLIError(f"config file {p}: unreadable: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise CLIError(f"config file {p}: expected sections {sorted(DEFAULT_CONFIG)}, got a {type(loaded).__name__}")
         unknown = set(loaded) - set(DEFAULT_CONFIG)
         if unknown:
             raise CLIError(f"config file {p}: unknown section(s) {sorted(unknown)}; expected {sorted(DEFAULT_CONFIG)}")
         for section, values in loaded.items():
+            if values is not None and not isinstance(values, dict):
+                raise CLIError(f"config file {p}: section {section!r} must be a mapping, got {values!r}")
             config[section].update(values or {})
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
@@ -125,6 +133,10 @@ def _run(args, mode: str) -> int:
         config["data"]["datasets"] = [args.dataset]
     outcome = run_training(config, args.out, mode, init=args.init, resume=args.resume,
                            callbacks=[ProgressPrinter(args.quiet)])
+    if outcome.result.interrupted:
+        print(f"medexplore {args.command}: interrupted at step {outcome.result.step}; saved "
+              f"{Path(args.out) / 'checkpoints' / 'last'}; continue with --resume", file=sys.stderr)
+        return 130
     if outcome.test_metrics:
         print(json.dumps({t: {k: m[k] for k in ("auc", "acc", "dice", "map@0.5", "mae") if k in m}
                           for t, m in outcome.test_metrics.items()}))
@@ -231,17 +243,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .train.checkpoint import CheckpointError
     from .train.engine import NonFiniteLossError
+    from .train.runlock import RunLockedError
 
     try:
         return args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
-        print(f"medexplore {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except NonFiniteLossError as exc:
         print(f"medexplore {args.command}: stopped: {exc}", file=sys.stderr)
         return 3
+    except (CLIError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            CheckpointError, RunLockedError) as exc:
+        print(f"medexplore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a read-only folder...: the path and the reason, on one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"medexplore {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"medexplore {args.command}: interrupted; continue with --resume", file=sys.stderr)
+        out = getattr(args, "out", None)
+        saved = out is not None and (Path(out) / "checkpoints" / "last" / "meta.json").exists()
+        advice = "continue with --resume" if saved and args.command in ("train", "pretrain") else "nothing was saved"
+        print(f"medexplore {args.command}: interrupted; {advice}", file=sys.stderr)
         return 130
 
 

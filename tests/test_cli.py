@@ -69,7 +69,7 @@ def test_incompatible_checkpoint_and_busy_directory(tmp_path, npz, capsys):
     out = tmp_path / "run"
     assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(out), *TINY]) == 0
     assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(out), *TINY]) == 2
-    assert "is not empty" in capsys.readouterr().err
+    assert "holds a run; continue it with --resume" in capsys.readouterr().err
     wider = [a.replace("embed_dim=24", "embed_dim=48") for a in TINY]
     assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(tmp_path / "r2"),
                  "--init", str(out / "checkpoints" / "last"), *wider]) == 2

@@ -206,7 +206,7 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt, "save_file", no_space)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoints/last \(No space left on device\); the previous"):
         ckpt.save_checkpoint(last, toy_model(seed=5), {"step": 99})
     assert (last / "model.safetensors").read_bytes() == before
     assert load_checkpoint(last)[0]["step"] == 3

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..models.tasks import Domain, TaskKind, TaskSpec
-from .readers import read_image
+from .readers import is_nifti, read_image
 from .sample import Sample, check_image
 from .transforms import fit_to_multiple, normalize_intensity
 
@@ -95,6 +95,22 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def check(self) -> None:
+        """Open every image's header (and its masks') now, so a bad row fails before training, not after.
+
+        Raises a ValueError naming the table row and the file: missing files, unreadable headers,
+        masks whose shape differs from their image's.
+        """
+        for i, row in enumerate(self.rows):
+            where = f"{self.csv_path}, row {i + 2}"
+            shape = _header_shape(self.csv_path.parent / row["image"], where)
+            for name, value in self.labels[i].items():
+                if isinstance(value, Path):
+                    mask_shape = _header_shape(value, where)
+                    if shape is not None and mask_shape is not None and mask_shape != shape:
+                        raise ValueError(f"{where}: mask {value} has shape {mask_shape}, its image "
+                                         f"{row['image']} has {shape}")
+
     def labels_of(self, i: int) -> dict:
         return self.labels[i]
 
@@ -119,3 +135,21 @@ class FolderDataset(Dataset):
         return Sample(image, domain, labels, volume.spacing, row.get("patient_id") or None,
                       meta={"source": str(path), "index": i, "affine": volume.affine,
                             "original_affine": volume.original_affine})
+
+
+def _header_shape(path: Path, where: str) -> tuple[int, ...] | None:
+    """The stored array shape from a NIfTI header, after checking a DICOM header; None for DICOM folders."""
+    if not path.exists():
+        raise FileNotFoundError(f"{where}: {path} does not exist")
+    try:
+        if is_nifti(path):
+            import nibabel as nib
+
+            return tuple(int(n) for n in nib.load(str(path)).shape)
+        if path.is_file():
+            from pydicom import dcmread
+
+            dcmread(str(path), stop_before_pixels=True)
+    except Exception as exc:  # nibabel and pydicom raise many kinds for damaged headers
+        raise ValueError(f"{where}: {path}: unreadable header (corrupt or truncated?): {exc}") from exc
+    return None

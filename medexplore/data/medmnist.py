@@ -152,6 +152,11 @@ def load_medmnist_npz(path: str | Path, info: MedMNISTInfo, split: str) -> tuple
                          f"{info.dims}D images{' with 3 channels last' if info.channels == 3 else ''}")
     if len(images) == 0:
         raise ValueError(f"{path}: {split}_images is empty")
+    if np.issubdtype(images.dtype, np.floating):
+        bad = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(1))
+        if len(bad):
+            raise ValueError(f"{path}: {split}_images has NaN/Inf pixels in {len(bad)} image(s), indices "
+                             f"{bad[:10].tolist()}{' ...' if len(bad) > 10 else ''}")
     if labels.shape[0] != images.shape[0]:
         raise ValueError(f"{path}: {split}_labels has {labels.shape[0]} rows for {images.shape[0]} images")
     width = len(info.labels) if info.kind == "multilabel" else 1

@@ -1,6 +1,8 @@
 """Datasets by name: one data-config dict describes what to load (used by the CLI, napari, notebooks)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch.utils.data import Dataset
 
 from ..models.config import DomainVocab
@@ -8,9 +10,29 @@ from ..models.tasks import Domain, TaskSpec
 from .embedded import EmbeddedConfig, EmbeddedDataset
 from .folder import FolderDataset
 from .medmnist import MEDMNIST, MedMNIST
+from ..typed import coerce_fields
 from .sampling import MixedDataset
 
-__all__ = ["build_dataset", "dataset_tasks", "dataset_domains", "vocab_for", "available_datasets"]
+__all__ = ["DataSection", "check_data_config", "build_dataset", "dataset_parts", "dataset_tasks", "dataset_domains", "vocab_for", "available_datasets"]
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """The keys a config's ``data`` section may hold, with their types."""
+
+    datasets: tuple[str, ...] = ()
+    size: int = 28
+    root: str | None = None
+    path: str | None = None
+    seed: int = 0
+    csv: str | None = None
+    tasks: list | None = None
+    multiple: int = 16
+
+
+def check_data_config(data: dict) -> dict:
+    """``data`` with every value converted to its type; unknown keys raise, naming them."""
+    return coerce_fields(DataSection, dict(data), "data")
 
 
 def available_datasets() -> list[str]:
@@ -38,9 +60,8 @@ def build_dataset(data: dict, split: str) -> Dataset:
 
     Several names give a :class:`MixedDataset` (sample weights per source come from the trainer).
     """
-    names = data.get("datasets") or []
-    if isinstance(names, str):
-        names = [names]
+    data = check_data_config(data)
+    names = list(data.get("datasets") or [])
     if not names:
         raise ValueError("data.datasets is empty: name at least one dataset")
     if data.get("path") and len(names) != 1:
@@ -49,21 +70,22 @@ def build_dataset(data: dict, split: str) -> Dataset:
     return next(iter(sets.values())) if len(sets) == 1 else MixedDataset(sets)
 
 
-def _parts(dataset: Dataset) -> list[Dataset]:
+def dataset_parts(dataset: Dataset) -> list[Dataset]:
+    """The datasets a mixture is made of (or the dataset itself)."""
     return list(dataset.datasets.values()) if isinstance(dataset, MixedDataset) else [dataset]
 
 
 def dataset_tasks(dataset: Dataset) -> list[TaskSpec]:
     """Every task the dataset (or each part of a mixture) is labelled for, each name once."""
     tasks: dict[str, TaskSpec] = {}
-    for part in _parts(dataset):
+    for part in dataset_parts(dataset):
         for task in getattr(part, "tasks", ()):
             tasks.setdefault(task.name, task)
     return list(tasks.values())
 
 
 def dataset_domains(dataset: Dataset) -> list[Domain]:
-    return list(dict.fromkeys(d for part in _parts(dataset) for d in getattr(part, "domains", ())))
+    return list(dict.fromkeys(d for part in dataset_parts(dataset) for d in getattr(part, "domains", ())))
 
 
 def vocab_for(dataset: Dataset) -> DomainVocab:

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -71,10 +72,13 @@ def save_checkpoint(folder: Path, model: Medformer, meta: dict, train_state: dic
     ``extra_weights`` (e.g. a VICReg expander) are stored in the same safetensors file under ``extra.``.
     """
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    unique = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # two writers never share a temporary name
+    tmp = folder.with_name(f"{folder.name}.tmp-{unique}")
+    old = folder.with_name(f"{folder.name}.old-{unique}")
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {folder}: {exc.strerror or exc}") from exc
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         tensors.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in (extra_weights or {}).items()})
@@ -86,10 +90,13 @@ def save_checkpoint(folder: Path, model: Medformer, meta: dict, train_state: dic
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+    except (OSError, SafetensorError, RuntimeError) as exc:  # a full disk surfaces as any of these
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"cannot write checkpoint {folder} ({reason}); the previous one is kept") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
@@ -102,15 +109,19 @@ def _resolve(folder: Path) -> Path:
     if folder.is_file():
         folder = folder.parent
     if not (folder / "meta.json").exists():
-        old = folder.with_name(folder.name + ".old")  # a crash between the two renames of a save
-        if (old / "meta.json").exists():
-            return old
+        olds = [p for p in folder.parent.glob(f"{folder.name}.old*") if (p / "meta.json").exists()]
+        if olds:  # a crash between the two renames of a save
+            return max(olds, key=lambda p: p.stat().st_mtime)
         raise CheckpointError(f"{folder}: not a medexplore checkpoint (no meta.json)")
     return folder
 
 
-def load_checkpoint(folder: Path, map_location="cpu") -> tuple[dict, dict[str, torch.Tensor], dict | None]:
-    """(meta, weights, train_state or None); never unpickles arbitrary objects."""
+def load_checkpoint(folder: Path, map_location="cpu", with_state: bool = True
+                    ) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
+    """(meta, weights, train_state or None); never unpickles arbitrary objects.
+
+    ``with_state=False`` leaves the training state unread (evaluation, embedding, fine-tuning).
+    """
     folder = _resolve(folder)
     try:
         meta = json.loads((folder / "meta.json").read_text())
@@ -123,11 +134,15 @@ def load_checkpoint(folder: Path, map_location="cpu") -> tuple[dict, dict[str, t
     except (SafetensorError, OSError, FileNotFoundError) as exc:
         raise CheckpointError(f"{folder / 'model.safetensors'}: unreadable weights: {exc}") from exc
     state = None
-    if (folder / "train_state.pt").exists():
+    if with_state and (folder / "train_state.pt").exists():
         try:
             state = torch.load(folder / "train_state.pt", map_location=map_location, weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"{folder / 'train_state.pt'}: unreadable training state: {exc}") from exc
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+                reason = "it holds objects other than tensors and plain values, which are never unpickled"
+            raise CheckpointError(f"{folder / 'train_state.pt'}: unreadable training state ({reason}); "
+                                  f"the weights alone still serve evaluate, embed and --init") from exc
     return meta, weights, state
 
 
@@ -150,7 +165,7 @@ def load_into(model: Medformer, weights: dict[str, torch.Tensor], where: str) ->
 
 def load_model(folder: Path, map_location="cpu") -> tuple[Medformer, dict]:
     """Rebuild the model a checkpoint describes and load its weights: ``(model, meta)``."""
-    meta, weights, _ = load_checkpoint(folder, map_location)
+    meta, weights, _ = load_checkpoint(folder, map_location, with_state=False)
     try:
         model = Medformer.from_spec_dict(meta["model"])
     except (KeyError, TypeError, ValueError) as exc:

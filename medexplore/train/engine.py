@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,10 +27,11 @@ from ..models.medformer import Medformer
 from ..models.packing import Batch
 from ..models.tasks import TaskKind
 from ..ssl import Expander, TwoViews, VICRegLoss
+from ..typed import coerce_fields
 from .checkpoint import load_checkpoint, load_into, rng_state, save_checkpoint, set_rng_state, snapshot_name
 from .evaluate import evaluate
 
-__all__ = ["TrainConfig", "Trainer", "Event", "RunControl", "NonFiniteLossError", "resolve_device", "RunResult",
+__all__ = ["metrics_of_kind", "TrainConfig", "Trainer", "Event", "RunControl", "NonFiniteLossError", "resolve_device", "RunResult",
            "init_distributed"]
 
 MODES = ("supervised", "vicreg")
@@ -37,6 +40,20 @@ BALANCE = ("none", "source", "label")
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; the message names the step and the task(s)."""
+
+
+MONITOR_METRICS = ("auc", "acc", "balanced_acc", "f1_macro", "dice", "mean_iou", "map@0.25", "map@0.5", "map@0.75")
+
+
+def metrics_of_kind(kind: TaskKind) -> tuple[str, ...]:
+    """The validation metrics (higher is better) a task of ``kind`` reports."""
+    if kind in (TaskKind.BINARY, TaskKind.MULTICLASS, TaskKind.MULTILABEL, TaskKind.ORDINAL):
+        return ("auc", "acc", "balanced_acc", "f1_macro") if kind != TaskKind.MULTILABEL else ("auc", "acc", "f1_macro")
+    if kind == TaskKind.SEGMENTATION:
+        return ("dice",)
+    if kind == TaskKind.DETECTION:
+        return ("mean_iou", "map@0.25", "map@0.5", "map@0.75")
+    return ()
 
 
 @dataclass(frozen=True)
@@ -100,17 +117,18 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"TrainConfig.batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}")
+        if self.monitor not in MONITOR_METRICS:
+            raise ValueError(f"train.monitor must be one of {MONITOR_METRICS} (a validation metric where "
+                             f"higher is better), got {self.monitor!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"TrainConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown option(s) {sorted(unknown)}")
-        return cls(**d)
+    def from_dict(cls, d: dict, section: str = "train") -> "TrainConfig":
+        """Build from a config section, converting every value to its field's type (``"3e-4"`` -> 3e-4)."""
+        return cls(**coerce_fields(cls, d, section))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -170,6 +188,7 @@ class RunResult:
     stopped: bool
     metrics: dict
     best: float | None
+    interrupted: bool = False  # stopped by Ctrl-C (SIGINT), ``last`` saved
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -288,6 +307,8 @@ class Trainer:
         if config.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.step, self.epoch, self.best = 0, 0, None
+        self.epoch_losses: dict[str, float] = {}  # sums over the steps of the current epoch so far
+        self.interrupted = False
         self.last_metrics: dict = {}
 
     # ------------------------------------------------------------------ events and files
@@ -309,7 +330,8 @@ class Trainer:
 
     def _meta(self) -> dict:
         return {"run": self.config.to_dict(), "data": self.data_config, "step": self.step, "epoch": self.epoch,
-                "best": self.best, "monitor": self.config.monitor, "metrics": self.last_metrics}
+                "best": self.best, "monitor": self.config.monitor, "metrics": self.last_metrics,
+                "epoch_loss_sums": self.epoch_losses}
 
     def save(self, name: str, with_state: bool = True) -> None:
         if not self.is_main:
@@ -340,6 +362,27 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step, self.epoch, self.best = meta["step"], meta["epoch"], meta.get("best")
+        self.epoch_losses = dict(meta.get("epoch_loss_sums", {}))
+        self._truncate_log(self.epoch)
+
+    @staticmethod
+    def _saved_step(folder: Path):
+        try:
+            return json.loads((folder / "meta.json").read_text()).get("step")
+        except (OSError, ValueError):
+            return "?"
+
+    def _truncate_log(self, epoch: int) -> None:
+        """Drop metrics lines of epochs after ``epoch`` (logged after the checkpoint a resume starts from)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.is_main or not path.exists():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epoch]
+        if len(kept) != len(lines):
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
 
     # ------------------------------------------------------------------ one step
     def _augmented(self, batch: Batch, step: int) -> Batch:
@@ -390,8 +433,11 @@ class Trainer:
                 loss, per_task = self._loss(micro, self.step)
             if not torch.isfinite(loss):
                 bad = [k for k, v in per_task.items() if not torch.isfinite(v)] or ["(total)"]
-                raise NonFiniteLossError(f"non-finite loss at step {self.step + 1} in task(s) {bad}; "
-                                         f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}")
+                last = self.run_dir / "checkpoints" / "last"
+                kept = (f"the last good checkpoint (step {self._saved_step(last)}) is kept in {last}; "
+                        f"lower train.lr or check the labels, then --resume" if (last / "meta.json").exists()
+                        else "no checkpoint had been saved yet; a new run may use the same --out")
+                raise NonFiniteLossError(f"non-finite loss at step {self.step + 1} in task(s) {bad}; {kept}")
             (loss / len(micro_batches)).backward()
             totals["loss"] = totals.get("loss", 0.0) + loss.item() / len(micro_batches)
             for k, v in per_task.items():
@@ -419,7 +465,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> RunResult:
-        """Train to the end (or until stopped); with ``resume``, continue from ``checkpoints/last``."""
+        """Train to the end (or until stopped); with ``resume``, continue from ``checkpoints/last``.
+
+        In the main thread, Ctrl-C (SIGINT) asks the run to stop after the current step and save
+        ``last`` (``RunResult.interrupted``); a second Ctrl-C interrupts at once.
+        """
+        with self._sigint_requests_stop():
+            return self._fit(resume)
+
+    @contextlib.contextmanager
+    def _sigint_requests_stop(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def request_stop(signum, frame):
+            self.interrupted = True
+            self.control.stop()
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C is not delayed
+
+        signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _fit(self, resume: bool) -> RunResult:
         last = self.run_dir / "checkpoints" / "last"
         if resume:
             self.restore(last)
@@ -439,7 +511,6 @@ class Trainer:
             in_epoch = self.step - self.epoch * self.steps_per_epoch
             self.sampler.set_epoch(self.epoch, skip_batches=in_epoch * accum)
             pending: list[Batch] = []
-            epoch_losses: dict[str, float] = {}
             for batch in loader:
                 pending.append(batch)
                 if len(pending) < accum:
@@ -448,7 +519,7 @@ class Trainer:
                 losses = self._train_step(pending)
                 pending = []
                 for k, v in losses.items():
-                    epoch_losses[k] = epoch_losses.get(k, 0.0) + v
+                    self.epoch_losses[k] = self.epoch_losses.get(k, 0.0) + v
                 elapsed = time.perf_counter() - start_time
                 rate = (self.step - start_step) / elapsed
                 self.emit(Event("step", self.step, self.total_steps, self.epoch, losses,
@@ -467,11 +538,11 @@ class Trainer:
                     break
             if stopped:
                 break
-            steps_done = self.steps_per_epoch - in_epoch
             self.epoch += 1
             metrics = self._validate()
             self.last_metrics = metrics
-            mean_losses = {k: v / max(1, steps_done) for k, v in epoch_losses.items()}
+            mean_losses = {k: v / self.steps_per_epoch for k, v in self.epoch_losses.items()}  # the whole epoch
+            self.epoch_losses = {}
             self._log({"epoch": self.epoch, "step": self.step, "lr": self.scheduler.get_last_lr()[0],
                        "train": mean_losses, "val": metrics})
             self.emit(Event("epoch", self.step, self.total_steps, self.epoch, mean_losses, metrics))
@@ -485,4 +556,4 @@ class Trainer:
             self.emit(Event("stopped", self.step, self.total_steps, self.epoch, message="stopped on request"))
         else:
             self.emit(Event("done", self.step, self.total_steps, self.epoch, metrics=self.last_metrics))
-        return RunResult(self.run_dir, self.step, stopped, self.last_metrics, self.best)
+        return RunResult(self.run_dir, self.step, stopped, self.last_metrics, self.best, self.interrupted)

@@ -4,20 +4,25 @@ The CLI, the napari widgets and the notebooks all call these functions.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from ..data.registry import build_dataset, dataset_tasks, vocab_for
+from ..data.registry import build_dataset, check_data_config, dataset_tasks, vocab_for
 from ..models import create_model
+from ..models.config import MedformerConfig
 from ..models.medformer import Medformer
+from ..typed import coerce_fields
 from .checkpoint import CheckpointError, load_checkpoint, load_model
-from .engine import Event, RunControl, RunResult, TrainConfig, Trainer
+from .engine import Event, RunControl, RunResult, TrainConfig, Trainer, metrics_of_kind
 from .evaluate import evaluate
+from .runlock import LOCK_NAME, RunLock
 
 __all__ = ["DEFAULT_CONFIG", "EXAMPLE_SIZES", "build_model", "init_from_checkpoint", "run_training", "write_figures",
            "demo", "example_run", "RunOutcome"]
@@ -45,7 +50,8 @@ class RunOutcome:
 
 
 def build_model(model_cfg: dict, tasks, vocab=None) -> Medformer:
-    options = dict(model_cfg)
+    """The model a config's ``model`` section describes (values converted to their fields' types)."""
+    options = coerce_fields(MedformerConfig, dict(model_cfg), "model", extra={"name": str})
     name = options.pop("name", "medformer_tiny")
     if vocab is not None and "vocab" not in options:
         options["vocab"] = vocab
@@ -57,7 +63,7 @@ def init_from_checkpoint(model: Medformer, folder: str | Path) -> int:
 
     Raises CheckpointError when the body (patch embedding, blocks) does not match.
     """
-    _, weights, _ = load_checkpoint(Path(folder))
+    _, weights, _ = load_checkpoint(Path(folder), with_state=False)
     own = model.state_dict()
     matched = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     body = [k for k in own if k.startswith(("blocks.", "patch_embed."))]
@@ -69,39 +75,102 @@ def init_from_checkpoint(model: Medformer, folder: str | Path) -> int:
     return len(matched)
 
 
+def _absolute_paths(data: dict) -> dict:
+    """Data paths made absolute, so ``evaluate`` and ``--resume`` find them from any directory."""
+    return {k: (str(Path(v).expanduser().resolve()) if k in ("path", "root", "csv") and v
+                else list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
+
+
+def _check_monitor(monitor: str, tasks) -> None:
+    produced = {m for t in tasks for m in metrics_of_kind(t.kind)}
+    if tasks and monitor not in produced:
+        raise ValueError(f"train.monitor {monitor!r} is not a validation metric of any task here "
+                         f"({', '.join(f'{t.name}: {t.kind.value}' for t in tasks)}); choose one of {sorted(produced)}")
+
+
+def _check_images(model: Medformer, *datasets) -> None:
+    """The model takes one image of every dataset part (patch size, channels), before anything is written."""
+    from ..data.registry import dataset_parts
+    from ..data.sample import collate
+
+    for dataset in datasets:
+        for part in dataset_parts(dataset) if dataset is not None else ():
+            if hasattr(part, "check"):
+                part.check()  # e.g. folder datasets: every header and mask shape
+            if len(part):
+                model.layout(collate([part[0]]))
+
+
+def _prepare_run_dir(out: Path, resume: bool, data: dict) -> bool:
+    """Whether to resume; refuses a folder holding another run, takes over one that never saved a checkpoint."""
+    stored = out / "config.json"
+    has_checkpoint = (out / "checkpoints" / "last" / "meta.json").exists() or any(
+        (p / "meta.json").exists() for p in (out / "checkpoints").glob("last.old*"))
+    if resume and has_checkpoint and stored.exists():
+        before = json.loads(stored.read_text()).get("data", {})
+        changed = sorted(k for k in set(before) | set(data) if before.get(k) != data.get(k))
+        if changed:
+            raise ValueError(f"{out}: --resume with other data than the run used: "
+                             + "; ".join(f"data.{k} was {before.get(k)!r}, now {data.get(k)!r}" for k in changed))
+    if has_checkpoint:
+        if not resume:
+            raise FileExistsError(f"output directory {out} holds a run; continue it with --resume, "
+                                  "or choose another directory")
+        return True
+    leftovers = [p for p in out.iterdir() if p.name not in (LOCK_NAME, "config.json", "metrics.jsonl", "checkpoints")]
+    if leftovers:
+        raise FileExistsError(f"output directory {out} is not empty ({leftovers[0].name}, ...); choose another directory")
+    for name in ("config.json", "metrics.jsonl"):  # a run that stopped before its first checkpoint
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return False
+
+
 def run_training(config: dict, out: str | Path, mode: str = "supervised", init: str | Path | None = None,
                  resume: bool = False, callbacks: Sequence[Callable[[Event], None]] = (),
                  control: RunControl | None = None, test: bool = True) -> RunOutcome:
     """Train (or pretrain) as ``config`` says, then score the best checkpoint on the test split.
 
-    Everything that can fail on bad input (data, model options, the init checkpoint) is checked
-    before the run directory is created.
+    Everything that can fail on bad input (config types, data, images against the model, the init
+    checkpoint) is checked before the run directory is touched. The directory is locked for the run's
+    life; a folder left by a run that never saved a checkpoint is taken over, and ``resume`` of such
+    a folder starts from the beginning.
     """
     import torch.distributed as dist
 
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     config = copy.deepcopy(config)
     out = Path(out)
-    if is_main and not resume and out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output directory {out} is not empty; resume, or choose another directory")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a directory")
+    config["data"] = _absolute_paths(check_data_config(config["data"]))
     train_cfg = TrainConfig.from_dict({**config.get("train", {}), "mode": mode})
     train_set = build_dataset(config["data"], "train")
     val_set = build_dataset(config["data"], "val") if mode == "supervised" else None
+    test_set = build_dataset(config["data"], "test") if mode == "supervised" and test else None
     tasks = dataset_tasks(train_set) if mode == "supervised" else []
+    if mode == "supervised":
+        _check_monitor(train_cfg.monitor, tasks)
     torch.manual_seed(train_cfg.seed)  # the model's initial weights follow train.seed too
     model = build_model(config["model"], tasks, vocab_for(train_set))
+    _check_images(model, train_set, val_set, test_set)
     if init:
         init_from_checkpoint(model, init)
-    trainer = Trainer(model, train_set, train_cfg, out, val_data=val_set, callbacks=callbacks, control=control,
-                      data_config=config["data"])
-    result = trainer.fit(resume=resume)
-    test_metrics = {}
-    if is_main and mode == "supervised" and test and not result.stopped:
-        folder = out / "checkpoints" / ("best" if (out / "checkpoints" / "best").exists() else "last")
-        best_model, _ = load_model(folder, trainer.device)
-        test_metrics = evaluate(best_model, build_dataset(config["data"], "test"), train_cfg.eval_batch_size,
-                                trainer.device)
-        (out / "test_metrics.json").write_text(json.dumps(test_metrics, indent=2, default=float))
+    with RunLock(out) if is_main else contextlib.nullcontext():
+        resume = _prepare_run_dir(out, resume, config["data"]) if is_main else resume
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([int(resume)])
+            dist.broadcast(flag, 0)
+            resume = bool(flag.item())
+        trainer = Trainer(model, train_set, train_cfg, out, val_data=val_set, callbacks=callbacks, control=control,
+                          data_config=config["data"])
+        result = trainer.fit(resume=resume)
+        test_metrics = {}
+        if is_main and test_set is not None and not result.stopped:
+            folder = out / "checkpoints" / ("best" if (out / "checkpoints" / "best").exists() else "last")
+            best_model, _ = load_model(folder, trainer.device)
+            test_metrics = evaluate(best_model, test_set, train_cfg.eval_batch_size, trainer.device)
+            (out / "test_metrics.json").write_text(json.dumps(test_metrics, indent=2, default=float))
     return RunOutcome(out, result, test_metrics)
 
 

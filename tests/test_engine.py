@@ -57,6 +57,9 @@ def test_resumed_run_ends_with_identical_weights(tmp_path):
     assert resumed.step == full.step == 9
     got = load_model(tmp_path / "cut" / "checkpoints" / "last")[0].state_dict()
     assert all(torch.equal(reference[k], got[k]) for k in reference)
+    # the log too: one line per epoch, each epoch's loss over all its steps (before and after the crash)
+    lines = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_events_metrics_file_and_best_checkpoint(tmp_path):

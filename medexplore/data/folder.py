@@ -48,6 +48,8 @@ class FolderDataset(Dataset):
             reader = csv.DictReader(fh)
             columns = reader.fieldnames or []
             rows = list(reader)
+        for line, row in enumerate(rows, start=2):  # the header is line 1
+            row["_line"] = line
         if "image" not in columns:
             raise ValueError(f"{self.csv_path}: missing column 'image' (found {columns})")
         missing = [t.name for t in self.tasks if t.name not in columns]
@@ -60,16 +62,16 @@ class FolderDataset(Dataset):
         if not rows:
             raise ValueError(f"{self.csv_path}: no rows{'' if split is None else f' for split {split!r}'}")
         self.rows = rows
-        self.labels = [self._parse_labels(i, r) for i, r in enumerate(rows)]
+        self.labels = [self._parse_labels(r) for r in rows]
         self.domains = list(dict.fromkeys(self._domain(r) for r in rows))
 
     def _domain(self, row: dict, dims: int | None = None) -> Domain:
         dims = dims or (3 if row.get("dimensionality", "3d") == "3d" else 2)
         return Domain(f"{dims}d", row.get("modality") or "unknown", row.get("body_part") or "unknown")
 
-    def _parse_labels(self, i: int, row: dict) -> dict:
+    def _parse_labels(self, row: dict) -> dict:
         labels = {}
-        where = f"{self.csv_path}, row {i + 2}"
+        where = f"{self.csv_path}, row {row['_line']}"
         for task in self.tasks:
             cell = (row.get(task.name) or "").strip()
             if not cell:
@@ -102,7 +104,7 @@ class FolderDataset(Dataset):
         masks whose shape differs from their image's.
         """
         for i, row in enumerate(self.rows):
-            where = f"{self.csv_path}, row {i + 2}"
+            where = f"{self.csv_path}, row {row['_line']}"
             shape = _header_shape(self.csv_path.parent / row["image"], where)
             for name, value in self.labels[i].items():
                 if isinstance(value, Path):

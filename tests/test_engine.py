@@ -232,3 +232,16 @@ def test_label_balance_uses_labels_only(tmp_path):
     w = trainer.sampler.weights
     assert CountingReads.reads == 0  # weights come from labels_of, no image was read
     assert w[:3].sum().item() == pytest.approx(0.5) and w[3:].sum().item() == pytest.approx(0.5)
+
+
+def test_crash_between_the_renames_of_a_save_is_recovered(tmp_path):
+    import medexplore.train.checkpoint as ckpt
+
+    Trainer(toy_model(), toy_data(), TrainConfig(epochs=1, batch_size=8, device="cpu"), tmp_path).fit()
+    last = tmp_path / "checkpoints" / "last"
+    last.rename(last.with_name("last.old-123-abc"))  # killed after moving the old one away...
+    (last.parent / "last.tmp-123-abc").mkdir()  # ...before moving the new one in
+    assert load_checkpoint(last)[0]["step"] == 3  # the old one serves
+    ckpt.save_checkpoint(last, toy_model(seed=5), {"step": 4})
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last"]  # and leftovers are cleared
+    assert load_checkpoint(last)[0]["step"] == 4

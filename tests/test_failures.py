@@ -139,7 +139,7 @@ def test_ctrl_c_saves_last_and_resume_finishes(tmp_path, npz):
 
 def test_kill_before_the_first_checkpoint_leaves_a_reusable_folder(tmp_path, npz):
     out = tmp_path / "run"
-    proc = start(*train(npz, out, "--set", "train.epochs=400"))
+    proc = start(*train(npz, out, "--set", "train.steps_per_epoch=1000000"))  # the first checkpoint is far away
     wait_for(out / "config.json", proc)
     proc.kill()
     proc.wait()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from medexplore.models import Batch, Domain, LabelError, MedformerConfig, TaskSpec, create_model, list_models
-from medexplore.models.heads import OrdinalHead, SegmentationHead
+from medexplore.models.heads import OrdinalHead
 
 from conftest import ALL_KIND_TASKS, full_labels, image, small_model
 
@@ -86,7 +86,7 @@ def test_constant_images_give_finite_outputs():
 
 def test_input_adaptformer_attention_and_unknown_domain(model):
     batch = Batch.from_images([image(2), image(2)], [Domain("2d", "xray", "chest"), Domain("2d", "pet", "knee")])
-    out = model(batch)
+    out = model(batch, return_attention=True)
     assert tuple(out.input_attention.shape) == (out.layout.num_tokens, 3 * model.config.domain_latents)
     assert torch.allclose(out.input_attention.sum(-1), torch.ones(out.layout.num_tokens), atol=1e-5)
     assert model.domain_index(batch).tolist() == [[0, 1, 1], [0, 0, 0]]  # pet/knee fall back to unknown
@@ -121,14 +121,15 @@ def test_attention_on_request_does_not_change_outputs(model, mixed_batch):
 
 
 def test_output_without_output_adaptformer_and_with_class_token():
-    model = small_model(output_adaptformer=False, class_token=True, pos_embed="rope+learned", pos_grid=(4, 4, 4))
+    vector_tasks = [t for t in ALL_KIND_TASKS if t.kind.value not in ("segmentation", "detection")]
+    model = small_model(vector_tasks, output_adaptformer=False, class_token=True, pos_embed="rope+learned",
+                        pos_grid=(4, 4, 4))
     batch = Batch.from_images([image(2), image(3)], [Domain("2d"), Domain("3d")],
                               {"presence": [1, 0], "grade": [2, None]})
     out = model(batch)
     loss, per_task = model.compute_loss(out, batch)
     assert set(per_task) == {"presence", "grade"} and torch.isfinite(loss)
     assert OrdinalHead.grade(out.predictions["grade"]).shape == (2,)
-    assert len(SegmentationHead.per_sample(out.predictions["tissue"], 2)) == 2
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -222,3 +223,48 @@ def test_forward_of_chosen_tasks_only(mixed_batch):
     torch.testing.assert_close(some.predictions["presence"], full.predictions["presence"])
     with pytest.raises(ValueError, match="unknown task"):
         model(mixed_batch, tasks=["nope"])
+
+
+def test_coral_predictions_are_monotone_whatever_the_parameters():
+    model = small_model(tasks=[TaskSpec("grade", "ordinal", 6)])
+    head = model.heads["grade"]
+    with torch.no_grad():
+        head.threshold_gaps.normal_(0, 5)
+        head.first_threshold.fill_(3.0)
+    probs = torch.sigmoid(head.thresholds)
+    assert (probs[1:] < probs[:-1]).all()  # P(grade > k) falls with k
+    batch = Batch.from_images([image(2, seed=i) for i in range(4)], Domain("2d", "xray", "chest"))
+    with torch.no_grad():
+        logits = model(batch).predictions["grade"]
+    assert (logits[:, 1:] < logits[:, :-1]).all()
+
+
+def test_detected_boxes_stay_inside_the_image():
+    model = small_model(tasks=[TaskSpec("lesions", "detection", 3)])
+    with torch.no_grad():  # centres at the image's corner, sizes of the whole image: half of each box outside
+        for layer in model.heads["lesions"].box.values():
+            d = layer[-1].out_features // 2
+            layer[-1].weight.zero_()
+            layer[-1].bias.copy_(torch.tensor([-8.0] * d + [8.0] * d))
+    batch = Batch.from_images([image(2, 16), image(3, 8)], [Domain("2d"), Domain("3d")])
+    with torch.no_grad():
+        boxes = model(batch).predictions["lesions"]["boxes"]
+    for b, size in zip(boxes, (16, 8)):
+        assert b.min() >= 0 and b.max() <= size
+
+
+def test_added_task_follows_the_models_dtype_and_heads_need_their_queries():
+    model = small_model(tasks=[TaskSpec("presence", "binary", 1)]).double()
+    model.add_task(TaskSpec("organ", "multiclass", 4))
+    assert model.output_adaptformer.queries["organ"].dtype == torch.float64
+    with pytest.raises(ValueError, match="needs one query per class"):
+        TaskSpec("tissue", "segmentation", 4, num_queries=2)
+    with pytest.raises(ValueError, match="output_adaptformer=True"):
+        small_model(tasks=[TaskSpec("tissue", "segmentation", 3)], output_adaptformer=False)
+
+
+def test_input_attention_is_returned_on_request_only(mixed_batch):
+    model = small_model()
+    with torch.no_grad():
+        assert model(mixed_batch).input_attention is None
+        assert model(mixed_batch, return_attention=True).input_attention is not None

@@ -46,14 +46,15 @@ class InputAdaptformer(nn.Module):
                           self.modality_latents[domain_index[:, 1]],
                           self.body_part_latents[domain_index[:, 2]]], 1)
 
-    def forward(self, x: Tensor, layout: TokenLayout, domain_index: Tensor) -> tuple[Tensor, Tensor]:
-        """Updated (T, D) tokens and (T, 3 * num_latents) head-averaged attention over the latents."""
+    def forward(self, x: Tensor, layout: TokenLayout, domain_index: Tensor,
+                need_weights: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Updated (T, D) tokens and, on request, (T, 3 * num_latents) head-averaged attention over the latents."""
         h, hd = self.num_heads, x.shape[-1] // self.num_heads
         q = self.q(self.norm(x)).unflatten(-1, (h, hd))
         latents = self.norm_latents(self.sample_latents(domain_index))
         k, v = self.kv(latents).unflatten(-1, (2, h, hd)).permute(2, 0, 3, 1, 4)  # 2 x (S, H, L, hd)
         out, weights = layout.attend_latents(q, k, v)
-        return x + self.gamma * self.proj(out.flatten(1)), weights.mean(1)
+        return x + self.gamma * self.proj(out.flatten(1)), weights.mean(1) if need_weights else None
 
     @torch.no_grad()
     def extend_vocab(self, old: DomainVocab, new: DomainVocab) -> None:
@@ -82,9 +83,9 @@ class OutputAdaptformer(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def add_task(self, task: TaskSpec) -> None:
-        ref = next(iter(self.queries.values()), None)
-        dim = self.q.in_features
-        self.queries[task.name] = nn.Parameter(torch.randn(task.queries, dim, device=None if ref is None else ref.device) * 0.02)
+        ref = self.q.weight  # the module's device and dtype, also before any task exists
+        self.queries[task.name] = nn.Parameter(torch.randn(task.queries, ref.shape[1], device=ref.device,
+                                                           dtype=ref.dtype) * 0.02)
 
     def forward(self, x: Tensor, layout: TokenLayout, need_weights: bool = False):
         """Per task ``(S, Q_t, D)`` query outputs and, on request, per task per-sample (H, Q_t, n_i) weights."""

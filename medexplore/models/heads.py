@@ -6,6 +6,8 @@ label in the batch returns ``None`` for the loss.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -107,10 +109,20 @@ class OrdinalHead(VectorHead):
         TaskHead.__init__(self, spec)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.fc = nn.Linear(dim, 1, bias=False)
-        self.thresholds = nn.Parameter(torch.linspace(1.0, -1.0, spec.num_outputs - 1))
+        # thresholds = first - cumsum(softplus(gaps)): strictly decreasing whatever the parameters, so
+        # P(grade > k) never increases with k (start: evenly spaced from 1 to -1)
+        k = spec.num_outputs - 1
+        gap = 2.0 / max(k - 1, 1)
+        self.first_threshold = nn.Parameter(torch.tensor(1.0))
+        self.threshold_gaps = nn.Parameter(torch.full((k - 1,), math.log(math.expm1(gap))))
+
+    @property
+    def thresholds(self) -> Tensor:
+        steps = F.softplus(self.threshold_gaps).cumsum(0)
+        return torch.cat([self.first_threshold[None], self.first_threshold - steps])
 
     def forward(self, queries: Tensor, ctx: HeadContext) -> Tensor:
-        """(S, K - 1) cumulative logits: logit k is P(grade > k)."""
+        """(S, K - 1) cumulative logits: logit k is P(grade > k), decreasing in k."""
         return self.fc(self.norm(queries.mean(1))) + self.thresholds
 
     def loss(self, prediction: Tensor, labels: list) -> Tensor | None:
@@ -223,7 +235,7 @@ class DetectionHead(TaskHead):
             key = f"{len(group.grid)}d"
             if key not in self.box:
                 continue
-            unit = center_size_to_corners(self.box[key](q[group.sample_ids]).sigmoid())
+            unit = center_size_to_corners(self.box[key](q[group.sample_ids]).sigmoid()).clamp(0, 1)  # inside the image
             scale = torch.tensor(group.image_shape, dtype=unit.dtype, device=unit.device).repeat(2)
             for r, s in enumerate(group.sample_ids.tolist()):
                 normalized[s], scales[s] = unit[r], scale

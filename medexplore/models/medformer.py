@@ -13,7 +13,7 @@ from .heads import HeadContext, LabelError, build_head
 from .packing import Batch, TokenLayout
 from .rope import Rotary3D
 from .segmentation import feature_depths
-from .tasks import TaskSpec
+from .tasks import TaskKind, TaskSpec
 from .tokenizer import LearnedPositions, PatchEmbed
 
 __all__ = ["Medformer", "MedformerOutput"]
@@ -28,7 +28,7 @@ class MedformerOutput:
         embedding: (S, D) pooled embedding of each sample.
         tokens: (T, D) final normalised packed tokens, laid out by ``layout``.
         layout: the packing of this batch.
-        input_attention: (T, L) each token's attention over its domain latents, or None.
+        input_attention: on request, (T, L) each token's attention over its domain latents.
         attentions: on request, per block one list of (B, H, n, n) weights per segment.
         query_attention: on request, per task a list of per-sample (H, Q, n_i) weights.
     """
@@ -86,6 +86,9 @@ class Medformer(nn.Module):
             raise TypeError(f"add_task expects a TaskSpec, got {type(task).__name__}")
         if task.name in self.tasks:
             raise ValueError(f"task {task.name!r} already exists; names must be unique")
+        if task.kind in (TaskKind.SEGMENTATION, TaskKind.DETECTION) and self.output_adaptformer is None:
+            raise ValueError(f"task {task.name!r} ({task.kind.value}) needs one query per class or box, which the "
+                             "Output Adaptformer provides; build the model with output_adaptformer=True")
         self.tasks[task.name] = task
         cfg = self.config
         head = build_head(task, cfg.embed_dim, cfg.in_chans, cfg.patch_size, cfg.seg_channels, len(self.feature_depths))
@@ -135,7 +138,7 @@ class Medformer(nn.Module):
         x = self.embed(batch, layout)
         input_attention = None
         if self.input_adaptformer is not None:
-            x, input_attention = self.input_adaptformer(x, layout, self.domain_index(batch))
+            x, input_attention = self.input_adaptformer(x, layout, self.domain_index(batch), need_weights)
         rope = self.rope(layout.coords, layout.is_prefix) if self.rope is not None else None
         features, attentions = [], []
         for i, block in enumerate(self.blocks):

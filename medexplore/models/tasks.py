@@ -100,6 +100,10 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}: {len(self.label_names)} label_names for num_outputs={self.num_outputs}")
         if self.num_queries < 0:
             raise ValueError(f"task {self.name!r}: num_queries must be >= 0, got {self.num_queries}")
+        if self.kind in (TaskKind.SEGMENTATION, TaskKind.DETECTION) and 0 < self.num_queries < self.num_outputs:
+            what = "class" if self.kind == TaskKind.SEGMENTATION else "box"
+            raise ValueError(f"task {self.name!r}: a {self.kind.value} task needs one query per {what} "
+                             f"(num_queries >= num_outputs = {self.num_outputs}), got {self.num_queries}")
         losses = {TaskKind.REGRESSION: ("", "huber", "mse")}.get(self.kind, ("",))
         if self.loss not in losses:
             raise ValueError(f"task {self.name!r}: loss {self.loss!r} not available for {self.kind.value}; choose from {losses}")

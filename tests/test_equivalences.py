@@ -112,3 +112,28 @@ def test_rotary_shift_leaves_attention_unchanged():
 def test_rope_model_serves_any_size(model):
     for size in (8, 12, 32):
         assert torch.isfinite(model(Batch.from_images([torch.rand(1, size, size)], Domain("2d"))).embedding).all()
+
+
+def test_timm_variants_map_or_refuse_clearly():
+    torch.manual_seed(0)
+    kwargs = dict(img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=3, num_classes=0)
+    # no_embed_class: the class token carries no position; it maps exactly
+    vit = timm.models.vision_transformer.VisionTransformer(no_embed_class=True, **kwargs).eval()
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model = small_model([], depth=1, patch_size=4, pos_embed="learned", pos_grid=(1, 4, 4), class_token=True,
+                        input_adaptformer=False, output_adaptformer=False)
+    load_timm_weights(model, vit.state_dict())
+    images = torch.randn(2, 3, 16, 16)
+    got = model(Batch.from_images(images, Domain("2d"))).tokens.reshape(2, 17, -1)
+    _assert_close(got, vit.forward_features(images))
+    for options, message in (({"reg_tokens": 4}, "register tokens"),
+                             ({"global_pool": "avg", "fc_norm": True}, "global_pool='avg'"),
+                             ({"class_token": False, "global_pool": "avg", "fc_norm": False}, "has no class token")):
+        other = timm.models.vision_transformer.VisionTransformer(**{**kwargs, **options})
+        with pytest.raises(ValueError, match=message):
+            load_timm_weights(model, other.state_dict())
+    wider = timm.models.vision_transformer.VisionTransformer(**{**kwargs, "embed_dim": 96})
+    with pytest.raises(ValueError, match="do not fit this model"):
+        load_timm_weights(model, wider.state_dict())

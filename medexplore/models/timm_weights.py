@@ -1,6 +1,7 @@
 """Load timm VisionTransformer weights into a Medformer (a checkpoint filter, as in timm)."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .medformer import Medformer
@@ -10,8 +11,28 @@ __all__ = ["timm_to_medformer", "load_timm_weights"]
 _DROPPED_PREFIXES = ("head.", "fc_norm.", "attn_pool.")
 
 
+def _check_variant(state_dict: dict[str, Tensor], model: Medformer) -> None:
+    """Refuse, in one line, the timm ViT variants whose computation a Medformer does not reproduce."""
+    if "reg_token" in state_dict:
+        raise ValueError(f"timm ViT with {state_dict['reg_token'].shape[1]} register tokens (reg_tokens) cannot be "
+                         "loaded: a Medformer has no register tokens")
+    if "fc_norm.weight" in state_dict and "norm.weight" not in state_dict:
+        raise ValueError("timm ViT with global_pool='avg' (fc_norm after pooling, no final norm) cannot be loaded "
+                         "exactly: a Medformer normalises tokens before pooling; use a class-token ViT")
+    has_cls = "cls_token" in state_dict
+    if has_cls != (model.cls_token is not None):
+        raise ValueError(f"timm ViT {'has' if has_cls else 'has no'} class token but the model was built with "
+                         f"class_token={model.cls_token is not None}; build it with class_token={has_cls}")
+
+
 def timm_to_medformer(state_dict: dict[str, Tensor], model: Medformer) -> dict[str, Tensor]:
-    """Remap a timm ViT state dict to Medformer keys; resample ``pos_embed`` to the model's grid."""
+    """Remap a timm ViT state dict to Medformer keys; resample ``pos_embed`` to the model's grid.
+
+    Handles class-token ViTs with positions on the class token (timm's default) or without
+    (``no_embed_class=True``: the class token's position is zero); refuses register tokens and
+    ``global_pool='avg'`` with a ValueError.
+    """
+    _check_variant(state_dict, model)
     out = {}
     for key, value in state_dict.items():
         if key.startswith(_DROPPED_PREFIXES) or key == "norm_pre.weight" or key == "norm_pre.bias":
@@ -41,6 +62,9 @@ def _resample_pos(pos: Tensor, model: Medformer) -> Tensor:
     prefix = model.config.num_prefix_tokens
     if grid[0] != 1:
         raise ValueError(f"timm position embeddings are 2D; the model's pos_grid {grid} must have z = 1")
+    side = round((pos.shape[1]) ** 0.5)
+    if prefix and side * side == pos.shape[1]:  # no_embed_class: no position for the class token, i.e. zero
+        pos = torch.cat([pos.new_zeros(1, prefix, pos.shape[2]), pos], 1)
     if pos.shape[1] - prefix == grid[1] * grid[2]:
         return pos
     from timm.layers import resample_abs_pos_embed
@@ -54,6 +78,11 @@ def load_timm_weights(model: Medformer, state_dict: dict[str, Tensor], strict_bo
     (``patch_embed.proj``, ``blocks.*``, ``norm``) missing from ``state_dict`` raises a ValueError.
     """
     mapped = timm_to_medformer(state_dict, model)
+    own = model.state_dict()
+    shapes = [f"{k}: timm {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in mapped.items()
+              if k in own and own[k].shape != v.shape]
+    if shapes:
+        raise ValueError(f"timm weights do not fit this model (width, depth or patch size differ): {shapes[:3]}")
     result = model.load_state_dict(mapped, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"timm weights have keys the Medformer lacks: {result.unexpected_keys[:5]}")

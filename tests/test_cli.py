@@ -110,3 +110,16 @@ def test_runs_are_reproducible_from_the_seed(tmp_path, npz):
     a, b, c = (load_file(str(r / "checkpoints" / "last" / "model.safetensors")) for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_tensorboard_logging_is_an_option(tmp_path, npz):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(out), *TINY,
+                 "--set", "train.tensorboard=true"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "train/loss" in tags and "val/pneumoniamnist/auc" in tags
+    assert len(events.Scalars("train/loss")) == 4  # 16 images, batch 4, one epoch

@@ -71,6 +71,7 @@ class TrainConfig:
         compile: ``torch.compile`` the model.
         balance: sample so that every ``source`` (dataset) or every ``label`` class is equally likely.
         checkpoint_every: save ``last`` every N steps (0: at the end of each epoch only).
+        tensorboard: also log losses and metrics for TensorBoard into ``<run>/tensorboard``.
         keep_every: also keep a weights-only snapshot ``checkpoints/step_NNNNNNN`` every N steps
             (0: none), e.g. to follow the Fisher spectrum over training.
         monitor: validation metric (averaged over tasks) that selects the ``best`` checkpoint.
@@ -97,6 +98,7 @@ class TrainConfig:
     balance: str = "none"
     checkpoint_every: int = 0
     keep_every: int = 0
+    tensorboard: bool = False
     monitor: str = "auc"
     eval_batch_size: int = 256
     num_workers: int = 0
@@ -272,6 +274,10 @@ class Trainer:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
         self.is_main = self.rank == 0
+        if config.tensorboard and self.is_main:
+            from .tensorboard import TensorBoardLogger
+
+            self.callbacks.append(TensorBoardLogger(self.run_dir / "tensorboard"))
         torch.manual_seed(config.seed)
         self.expander = Expander(model.config.embed_dim, config.expander) if config.mode == "vicreg" else None
         self.vicreg = VICRegLoss() if config.mode == "vicreg" else None
@@ -356,7 +362,7 @@ class Trainer:
             self.expander_module.load_state_dict(extra)
         if meta["run"] != self.config.to_dict():
             changed = sorted(k for k in meta["run"] if meta["run"].get(k) != self.config.to_dict().get(k))
-            if set(changed) - {"epochs", "device", "num_workers", "checkpoint_every", "keep_every"}:
+            if set(changed) - {"epochs", "device", "num_workers", "checkpoint_every", "keep_every", "tensorboard"}:
                 raise ValueError(f"{folder}: cannot resume with changed run settings {changed}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -117,12 +117,14 @@ def _prepare_run_dir(out: Path, resume: bool, data: dict) -> bool:
             raise FileExistsError(f"output directory {out} holds a run; continue it with --resume, "
                                   "or choose another directory")
         return True
-    leftovers = [p for p in out.iterdir() if p.name not in (LOCK_NAME, "config.json", "metrics.jsonl", "checkpoints")]
+    leftovers = [p for p in out.iterdir()
+                 if p.name not in (LOCK_NAME, "config.json", "metrics.jsonl", "checkpoints", "tensorboard")]
     if leftovers:
         raise FileExistsError(f"output directory {out} is not empty ({leftovers[0].name}, ...); choose another directory")
     for name in ("config.json", "metrics.jsonl"):  # a run that stopped before its first checkpoint
         (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    for name in ("checkpoints", "tensorboard"):
+        shutil.rmtree(out / name, ignore_errors=True)
     return False
 
 

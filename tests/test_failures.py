@@ -68,6 +68,13 @@ def train(npz, out, *extra):
     ("data.sizes=28", "data: unknown option(s) ['sizes']"),
     ("train.monitor=aucc", "train.monitor must be one of"),
     ("train.monitor=dice", "train.monitor 'dice' is not a validation metric of any task here"),
+    ("train.lr=inf", "train.lr must be a finite number > 0"),
+    ("train.clip_grad=-1", "train.clip_grad must be > 0"),
+    ("train.num_workers=-1", "train.num_workers must be >= 0"),
+    ("train.steps_per_epoch=0", "train.steps_per_epoch must be >= 1"),
+    ("train.device=tpu", "unknown device 'tpu'"),
+    ("train.mode=vicreg", "train.mode is set by the command"),
+    ("model.patch_size=5", "not divisible by the patch size 5"),
 ])
 def test_config_values_are_typed_and_checked(tmp_path, npz, setting, message):
     code, line = cli(*train(npz, tmp_path / "run", "--set", setting))

@@ -117,6 +117,8 @@ class MedformerConfig:
             raise ValueError(f"MedformerConfig: rotary positions need head_dim >= 6, got {self.head_dim}")
         if len(self.pos_grid) != 3 or min(self.pos_grid) < 1:
             raise ValueError(f"MedformerConfig.pos_grid must be three positive ints (z, y, x), got {self.pos_grid}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"MedformerConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"MedformerConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 

@@ -122,8 +122,18 @@ class TrainConfig:
         if self.monitor not in MONITOR_METRICS:
             raise ValueError(f"train.monitor must be one of {MONITOR_METRICS} (a validation metric where "
                              f"higher is better), got {self.monitor!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"train.steps_per_epoch must be >= 1 (or null: one pass over the data), got {self.steps_per_epoch}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f"train.clip_grad must be > 0 (or null: no clipping), got {self.clip_grad}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.num_workers < 0:
+            raise ValueError(f"train.num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.min_lr_fraction <= 1:
+            raise ValueError(f"train.min_lr_fraction must be in [0, 1], got {self.min_lr_fraction}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"TrainConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
 
@@ -202,10 +212,12 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {name!r}: {exc}") from exc
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use auto or cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r} requested but MPS is not available; use auto or cpu")
     return device
 
 

@@ -20,7 +20,7 @@ from ..models.config import MedformerConfig
 from ..models.medformer import Medformer
 from ..typed import coerce_fields
 from .checkpoint import CheckpointError, load_checkpoint, load_model
-from .engine import Event, RunControl, RunResult, TrainConfig, Trainer, metrics_of_kind
+from .engine import Event, RunControl, RunResult, TrainConfig, Trainer, metrics_of_kind, resolve_device
 from .evaluate import evaluate
 from .runlock import LOCK_NAME, RunLock
 
@@ -146,7 +146,10 @@ def run_training(config: dict, out: str | Path, mode: str = "supervised", init: 
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file, not a directory")
     config["data"] = _absolute_paths(check_data_config(config["data"]))
+    if config.get("train", {}).get("mode", mode) != mode:
+        raise ValueError(f"train.mode is set by the command ({mode}); remove train.mode={config['train']['mode']!r}")
     train_cfg = TrainConfig.from_dict({**config.get("train", {}), "mode": mode})
+    resolve_device(train_cfg.device)  # an unknown or absent device fails before the folder is touched
     train_set = build_dataset(config["data"], "train")
     val_set = build_dataset(config["data"], "val") if mode == "supervised" else None
     test_set = build_dataset(config["data"], "test") if mode == "supervised" and test else None

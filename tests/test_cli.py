@@ -49,7 +49,7 @@ def test_pretrain_then_finetune(tmp_path, npz):
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "mnist"], "unknown dataset 'mnist'; available: \\['embedded', 'folder', 'pathmnist'"),
     (["--dataset", "pneumoniamnist", "--data-path", "{bad}"], "not a readable npz file"),
-    (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--set", "train.lr=-1"], "lr must be > 0"),
+    (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--set", "train.lr=-1"], "lr must be a finite number > 0"),
     (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--set", "model.widht=3"], r"unknown option\(s\) \['widht'\]"),
     (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--set", "nonsense"], "--set expects section.key=value"),
     (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--config", "{missing}"], "config file .* not found"),

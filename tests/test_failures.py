@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 TINY = ["--set", "model.depth=1", "--set", "model.embed_dim=24", "--set", "model.num_heads=2",
         "--set", "train.batch_size=4", "--set", "train.eval_batch_size=8", "--quiet"]
-LONG = ["--set", "train.epochs=400", "--set", "train.checkpoint_every=1"]
+LONG = ["--set", "train.epochs=5000", "--set", "train.checkpoint_every=1"]  # never finishes: stopped or killed
 
 
 def cli(*args, cwd=None, limit_file_size=None, check_one_line=True):

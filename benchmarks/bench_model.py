@@ -61,6 +61,17 @@ def train_step_fn(model, optimizer, forward_loss):
     return step
 
 
+def attention_flop_formulas() -> dict:
+    """FLOP formulas for the CPU flash-attention kernels, which torch's counter does not know (it counts 0)."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    return {aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *args, out_shape=None, **kwargs: fc.sdpa_flop_count(q, k, v),
+            aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *args, out_shape=None, **kwargs: fc.sdpa_backward_flop_count(grad, q, k, v)}
+
+
 def bench_vs_timm(args, device):
     torch.manual_seed(0)
     images = torch.randn(args.batch, 1, 28, 28, device=device)
@@ -80,7 +91,7 @@ def bench_vs_timm(args, device):
     med_step = train_step_fn(med, torch.optim.AdamW(med.parameters(), 1e-4), med_loss)
     vit_step = train_step_fn(vit, torch.optim.AdamW(vit.parameters(), 1e-4), vit_loss)
     t = alternate({"medformer": med_step, "timm": vit_step}, args.reps, device)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=attention_flop_formulas()) as counter:
         med_loss().backward()
     flops = counter.get_total_flops()
     return t, flops

@@ -135,16 +135,59 @@ def bench_packing(args, device):
     return rows
 
 
+def bench_shapes(args, device, depth: int = 2) -> dict:
+    """Every sample its own shape (small grids, 4-49 tokens) against one shape with the same total tokens."""
+    torch.manual_seed(0)
+    model = create_model("medformer_tiny", tasks=[TaskSpec("label", "binary", 1)], patch_size=4,
+                         depth=depth).to(device).train()
+    g = torch.Generator().manual_seed(0)
+    grids = [(h, w) for h in range(2, 8) for w in range(2, 8)][:args.mixed_batch]  # all different
+    total = sum(h * w for h, w in grids)
+    side = max(2, round((total / len(grids)) ** 0.5))
+    same = [(side, round(total / len(grids) / side))] * len(grids)
+    batches = {}
+    for name, shapes in (("all-different", grids), ("same-shape", same)):
+        images = [torch.randn(1, 4 * h, 4 * w, generator=g) for h, w in shapes]
+        labels = torch.randint(0, 2, (len(images),), generator=g).tolist()
+        batches[name] = Batch.from_images(images, Domain("2d", "xray", "chest"), {"label": labels}).to(device)
+
+    def run(batch):
+        def fn():
+            model.zero_grad(set_to_none=True)
+            model.compute_loss(model(batch), batch)[0].backward()
+        return fn
+
+    t = alternate({name: run(b) for name, b in batches.items()}, args.reps, device)
+    tokens = {name: sum(_grid_tokens(img.shape[2:]) * img.shape[0] for img in b.groups) for name, b in batches.items()}
+    calls = {name: len(model.layout(b).segments) for name, b in batches.items()}
+    return {"times": t, "tokens": tokens, "segments": calls}
+
+
+def _grid_tokens(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s // 4
+    return n
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--mixed-batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only-shapes", action="store_true", help="run case [4] alone")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, timm {timm.__version__}")
 
+    if args.only_shapes:
+        shapes = bench_shapes(args, device)
+        t = shapes["times"]
+        per_token = (t["all-different"] / shapes["tokens"]["all-different"]) / (t["same-shape"] / shapes["tokens"]["same-shape"])
+        print({k: round(v, 4) for k, v in t.items()}, shapes["tokens"], shapes["segments"],
+              f"time per token all-different / same-shape {per_token:.2f}")
+        return
     peak = matmul_peak(device)
     t, flops = bench_vs_timm(args, device)
     ratio = t["timm"] / t["medformer"]
@@ -159,6 +202,15 @@ def main():
     print(f"    {'case':8s} {'grouped s':>10s} {'padded s':>10s} {'speedup':>8s} {'ceiling':>8s} {'of ceil':>8s} {'max|diff|':>10s}")
     for name, tg, tp, sp, ceil, frac, diff in bench_packing(args, device):
         print(f"    {name:8s} {tg:10.3f} {tp:10.3f} {sp:8.2f} {ceil:8.2f} {frac:8.2f} {diff:10.2e}")
+
+    shapes = bench_shapes(args, device)
+    t = shapes["times"]
+    print(f"\n[4] {args.mixed_batch} samples of {args.mixed_batch} different shapes vs one shape, depth 2, fwd+bwd")
+    for name in t:
+        print(f"    {name:14s} {t[name]:8.4f} s  {shapes['tokens'][name]:5d} tokens  "
+              f"{shapes['segments'][name]:3d} attention segment(s)")
+    per_token = (t["all-different"] / shapes["tokens"]["all-different"]) / (t["same-shape"] / shapes["tokens"]["same-shape"])
+    print(f"    time per token, all-different / same-shape = {per_token:.2f}   (target <= 1.2)")
 
 
 if __name__ == "__main__":

@@ -137,3 +137,27 @@ def test_timm_variants_map_or_refuse_clearly():
     wider = timm.models.vision_transformer.VisionTransformer(**{**kwargs, "embed_dim": 96})
     with pytest.raises(ValueError, match="do not fit this model"):
         load_timm_weights(model, wider.state_dict())
+
+
+def test_equal_token_counts_share_a_segment_and_nearby_counts_pad_a_little():
+    layout = TokenLayout.build([(4, 8), (8, 4), (2, 4, 4)], [torch.tensor([0]), torch.tensor([1]), torch.tensor([2])],
+                               [(16, 32), (32, 16), (8, 16, 16)], num_samples=3)
+    assert [(s.batch, s.length, s.key_mask is None) for s in layout.segments] == [(3, 32, True)]
+    grids = [(h, w) for h, w in zip(range(4, 12), range(5, 13))]  # 20, 30, ..., 132 tokens: every count differs
+    layout = TokenLayout.build(grids, [torch.tensor([i]) for i in range(len(grids))], [(4 * h, 4 * w) for h, w in grids],
+                               num_samples=len(grids))
+    real = sum(h * w for h, w in grids)
+    padded = sum(s.batch * s.length for s in layout.segments)
+    assert len(layout.segments) < len(grids) and padded <= 1.15 * real
+
+
+def test_all_different_shapes_packed_equal_each_alone(model):
+    shapes = [(1, 8, 12), (1, 12, 8), (1, 8, 16), (1, 12, 12), (1, 16, 12), (1, 4, 8, 8), (1, 8, 8, 4)]
+    images = [torch.rand(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    domains = [Domain("2d", "xray", "chest") if len(s) == 3 else Domain("3d", "mri", "brain") for s in shapes]
+    packed = model(Batch.from_images(images, domains))
+    assert len(packed.layout.segments) < len(shapes)
+    for i, (img, dom) in enumerate(zip(images, domains)):
+        alone = model(Batch.from_images([img], [dom]))
+        _assert_close(packed.embedding[i], alone.embedding[0])
+        _assert_close(packed.predictions["organ"][i], alone.predictions["organ"][0])

@@ -1,9 +1,10 @@
 """Packed batches: many 2D/3D samples of any size in one token sequence.
 
-Samples whose images share a shape form a *group*; the packed sequence holds the groups one after
-another, so every group is a contiguous ``(B_g, n_g, D)`` view of the sequence. Attention runs as
-dense batched attention within each *segment* (a group, or the whole padded batch), which keeps its
-cost at sum(n_i^2) and never lets a token see another sample.
+Samples whose images share a shape form a *group*. Groups with the same token count share one
+*segment*, a contiguous ``(rows, n, D)`` stretch of the packed sequence; groups of nearby token counts
+share one too, padded to its longest with masked keys while the padding stays small. Attention runs
+as dense batched attention within each segment, which keeps its cost near sum(n_i^2), issues one
+call per segment rather than per shape, and never lets a token see another sample.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .tasks import Domain
 __all__ = ["Batch", "TokenLayout", "Segment", "Group", "PACKING_MODES"]
 
 PACKING_MODES = ("grouped", "padded")
+MAX_PADDING = 0.15  # padded tokens allowed per real token when nearby token counts share a segment
 
 
 @dataclass
@@ -143,54 +145,59 @@ class TokenLayout:
     # ------------------------------------------------------------------ construction
     @classmethod
     def build(cls, grids: Sequence[tuple[int, ...]], group_samples: Sequence[Tensor], image_shapes,
-              num_samples: int, num_prefix: int = 0, mode: str = "grouped", device=None) -> "TokenLayout":
-        """Lay out groups of ``len(group_samples[g])`` samples with token grid ``grids[g]``."""
+              num_samples: int, num_prefix: int = 0, mode: str = "grouped", device=None,
+              max_padding: float = MAX_PADDING) -> "TokenLayout":
+        """Lay out groups of ``len(group_samples[g])`` samples with token grid ``grids[g]``.
+
+        ``grouped``: groups of equal token count share one attention segment; groups of nearby counts
+        share one too, padded with masked keys, while the padding stays within ``max_padding`` of the
+        real tokens (so a batch of all-different small images does not pay one call per image).
+        ``padded``: one segment for the whole batch (the reference path).
+        """
         if mode not in PACKING_MODES:
             raise ValueError(f"packing mode must be one of {PACKING_MODES}, got {mode!r}")
         lengths = [num_prefix + _prod(g) for g in grids]
-        per_group_coords = [_grid_coords(g, num_prefix, device) for g in grids]
-        segments, groups, sample_idx, coords, prefix = [], [], [], [], []
-        if mode == "grouped":
-            start = 0
-            for g, (grid, ids, n) in enumerate(zip(grids, group_samples, lengths)):
-                ids = ids.to(device)
-                segments.append(Segment(start, len(ids), n, ids))
-                groups.append(Group(g, 0, ids, tuple(grid), tuple(image_shapes[g])))
-                sample_idx.append(ids.repeat_interleave(n))
-                coords.append(per_group_coords[g].repeat(len(ids), 1))
-                prefix.append(_prefix_mask(n, num_prefix, device).repeat(len(ids)))
-                start += len(ids) * n
-        else:
-            n_max = max(lengths)
-            all_ids = torch.cat([ids.to(device) for ids in group_samples])
-            key_mask = torch.zeros(len(all_ids), n_max, dtype=torch.bool, device=device)
+        sizes = [len(ids) for ids in group_samples]
+        buckets = ([list(range(len(grids)))] if mode == "padded"
+                   else _buckets_by_length(lengths, sizes, max_padding))
+        segments, sample_idx, coords, prefix = [], [], [], []
+        groups: list[Group | None] = [None] * len(grids)
+        start = 0
+        for bucket in buckets:
+            n = max(lengths[g] for g in bucket)
+            ids_all = torch.cat([group_samples[g].to(device) for g in bucket])
+            padded = any(lengths[g] != n for g in bucket)
+            key_mask = torch.zeros(len(ids_all), n, dtype=torch.bool, device=device) if padded else None
             row = 0
-            for g, (grid, ids, n) in enumerate(zip(grids, group_samples, lengths)):
-                key_mask[row:row + len(ids), :n] = True
-                groups.append(Group(0, row, ids.to(device), tuple(grid), tuple(image_shapes[g])))
-                padded_coords = torch.zeros(n_max, 3, dtype=torch.long, device=device)
-                padded_coords[:n] = per_group_coords[g]
-                coords.append(padded_coords.repeat(len(ids), 1))
-                pre = torch.zeros(n_max, dtype=torch.bool, device=device)
-                pre[:num_prefix] = True
-                prefix.append(pre.repeat(len(ids)))
+            for g in bucket:
+                ids, length = group_samples[g].to(device), lengths[g]
+                groups[g] = Group(len(segments), row, ids, tuple(grids[g]), tuple(image_shapes[g]))
+                idx = ids[:, None].expand(-1, n).clone()
+                idx[:, length:] = -1
+                sample_idx.append(idx.flatten())
+                grid_coords = torch.zeros(n, 3, dtype=torch.long, device=device)
+                grid_coords[:length] = _grid_coords(grids[g], num_prefix, device)
+                coords.append(grid_coords.repeat(len(ids), 1))
+                prefix.append(_prefix_mask(n, num_prefix, device).repeat(len(ids)))
+                if key_mask is not None:
+                    key_mask[row:row + len(ids), :length] = True
                 row += len(ids)
-            segments.append(Segment(0, len(all_ids), n_max, all_ids, key_mask))
-            idx = all_ids[:, None].expand(-1, n_max).clone()
-            idx[~key_mask] = -1
-            sample_idx.append(idx.flatten())
+            segments.append(Segment(start, len(ids_all), n, ids_all, key_mask))
+            start += len(ids_all) * n
         return cls(segments, groups, torch.cat(sample_idx), torch.cat(coords), torch.cat(prefix),
                    num_samples, num_prefix, mode)
 
     # ------------------------------------------------------------------ packing token features
     def pack(self, group_tokens: Sequence[Tensor]) -> Tensor:
         """(T, D) sequence from per-group ``(B_g, n_g, D)`` tokens (prefix tokens included)."""
-        if self.mode == "grouped":
-            return torch.cat([t.flatten(0, 1) for t in group_tokens])
-        seg = self.segments[0]
-        width = group_tokens[0].shape[-1]
-        rows = [F.pad(t, (0, 0, 0, seg.length - t.shape[1])) for t in group_tokens]
-        return torch.cat(rows).reshape(seg.batch * seg.length, width)
+        order = sorted(range(len(self.groups)), key=lambda g: (self.groups[g].segment, self.groups[g].row0))
+        pieces = []
+        for g in order:
+            tokens, length = group_tokens[g], self.segments[self.groups[g].segment].length
+            if tokens.shape[1] < length:
+                tokens = F.pad(tokens, (0, 0, 0, length - tokens.shape[1]))
+            pieces.append(tokens.flatten(0, 1))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def group_tokens(self, x: Tensor, g: int, with_prefix: bool = False) -> Tensor:
         """Group ``g``'s tokens from the packed ``x``: ``(B_g, n_g, D)``."""
@@ -288,6 +295,22 @@ def _attention_weights(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
     if mask is not None:
         attn = attn.masked_fill(~mask, float("-inf"))
     return attn.softmax(-1)
+
+
+def _buckets_by_length(lengths: Sequence[int], sizes: Sequence[int], max_padding: float) -> list[list[int]]:
+    """Groups in order of token count, cut into runs whose padding to the run's longest stays within
+    ``max_padding`` of their real tokens (equal counts never pad)."""
+    buckets: list[list[int]] = []
+    real = rows = 0
+    for g in sorted(range(len(lengths)), key=lambda g: (lengths[g], g)):
+        new_real, new_rows = real + sizes[g] * lengths[g], rows + sizes[g]
+        if buckets and new_rows * lengths[g] <= (1 + max_padding) * new_real:
+            buckets[-1].append(g)
+            real, rows = new_real, new_rows
+        else:
+            buckets.append([g])
+            real, rows = sizes[g] * lengths[g], sizes[g]
+    return buckets
 
 
 def _prod(shape) -> int:

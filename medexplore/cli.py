@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .train.checkpoint import CheckpointError
+    from .train.checkpoint import CheckpointError, checkpoint_exists
     from .train.engine import NonFiniteLossError
     from .train.runlock import RunLockedError
 
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
-        saved = out is not None and (Path(out) / "checkpoints" / "last" / "meta.json").exists()
+        saved = out is not None and checkpoint_exists(Path(out) / "checkpoints" / "last")
         advice = "continue with --resume" if saved and args.command in ("train", "pretrain") else "nothing was saved"
         print(f"medexplore {args.command}: interrupted; {advice}", file=sys.stderr)
         return 130

@@ -241,12 +241,15 @@ def compute_embeddings(model: Medformer, dataset: Dataset | Sequence[Sample], ba
                         torch.cat(per_block).numpy() if blocks else None, info)
 
 
+def sample_rows(batch) -> list[dict]:
+    """One metadata row per sample of a collated batch: source dataset, index, domain, patient."""
+    return [{"dataset": str(batch.meta["source"][i]), "index": batch.meta["index"][i], "modality": d.modality,
+             "body_part": d.body_part, "dimensionality": d.dimensionality,
+             "patient_id": str(batch.meta["patient_id"][i])} for i, d in enumerate(batch.domains)]
+
+
 def _metadata_rows(model: Medformer, batch, out, split: str) -> list[dict]:
-    rows = []
-    for i, domain in enumerate(batch.domains):
-        rows.append({"dataset": str(batch.meta["source"][i]), "split": split, "index": batch.meta["index"][i],
-                     "modality": domain.modality, "body_part": domain.body_part,
-                     "dimensionality": domain.dimensionality, "patient_id": str(batch.meta["patient_id"][i])})
+    rows = [{**row, "split": split} for row in sample_rows(batch)]
     for name, spec in model.tasks.items():
         items = per_sample_predictions(spec.kind, out.predictions[name], batch.num_samples)
         labels = batch.targets.get(name, [None] * batch.num_samples)

@@ -197,8 +197,8 @@ def fisher_over_checkpoints(checkpoints: Sequence[tuple[int, str | Path]], sampl
     for step, folder in tqdm(list(checkpoints), desc="fisher", disable=not progress):
         model, _ = load_model(Path(folder), device)
         spectrum = fisher_spectrum(model, samples, params, method)
-        top = spectrum.eigenvalues
-        rows.append({"step": int(step), "checkpoint": str(folder), **spectrum_summary(top),
-                     "lambda_max": float(top[0]), "effective_rank": math.exp(spectrum_summary(top)["spectral_entropy"]),
+        summary = spectrum_summary(spectrum.eigenvalues)
+        rows.append({"step": int(step), "checkpoint": str(folder), **summary,
+                     "lambda_max": float(spectrum.eigenvalues[0]), "effective_rank": math.exp(summary["spectral_entropy"]),
                      "n": spectrum.n, "num_params": spectrum.num_params})
     return pd.DataFrame(rows)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.sample import Sample, collate
 from ..models.medformer import Medformer
 from .attribution import token_map_to_image
+from .embeddings import sample_rows
 
 __all__ = ["MixingWeights", "domain_attention", "domain_attention_maps", "summarize_mixing"]
 
@@ -93,9 +94,7 @@ def domain_attention(model: Medformer, dataset: Dataset | Sequence[Sample], batc
         out = model(batch.to(device), return_attention=True, tasks=[])
         per_sample = out.layout.per_sample(out.input_attention)
         weights.append(torch.stack([w.float().mean(0) for w in per_sample]).cpu())
-        for i, d in enumerate(batch.domains):
-            rows.append({"dataset": str(batch.meta["source"][i]), "modality": d.modality, "body_part": d.body_part,
-                         "dimensionality": d.dimensionality, "patient_id": str(batch.meta["patient_id"][i])})
+        rows.extend(sample_rows(batch))
     if not rows:
         raise ValueError("domain_attention: the dataset is empty")
     return MixingWeights(torch.cat(weights).numpy(), names, groups, pd.DataFrame(rows))

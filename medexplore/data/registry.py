@@ -9,11 +9,12 @@ from ..models.config import DomainVocab
 from ..models.tasks import Domain, TaskSpec
 from .embedded import EmbeddedConfig, EmbeddedDataset
 from .folder import FolderDataset
-from .medmnist import MEDMNIST, MedMNIST
 from ..typed import coerce_fields
+from .medmnist import MEDMNIST, MedMNIST
 from .sampling import MixedDataset
 
-__all__ = ["DataSection", "check_data_config", "build_dataset", "dataset_parts", "dataset_tasks", "dataset_domains", "vocab_for", "available_datasets"]
+__all__ = ["DataSection", "check_data_config", "build_dataset", "dataset_parts", "dataset_tasks", "dataset_domains",
+           "vocab_for", "available_datasets"]
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,6 @@ class TokenLayout:
     is_prefix: Tensor  # (T,) class tokens
     num_samples: int
     num_prefix: int
-    mode: str
 
     @property
     def num_tokens(self) -> int:
@@ -185,7 +184,7 @@ class TokenLayout:
             segments.append(Segment(start, len(ids_all), n, ids_all, key_mask))
             start += len(ids_all) * n
         return cls(segments, groups, torch.cat(sample_idx), torch.cat(coords), torch.cat(prefix),
-                   num_samples, num_prefix, mode)
+                   num_samples, num_prefix)
 
     # ------------------------------------------------------------------ packing token features
     def pack(self, group_tokens: Sequence[Tensor]) -> Tensor:

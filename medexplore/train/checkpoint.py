@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..models.medformer import Medformer
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "CheckpointError", "rng_state", "set_rng_state",
-           "snapshot_name", "list_snapshots"]
+           "snapshot_name", "list_snapshots", "checkpoint_exists"]
 
 FORMAT = "medexplore-checkpoint/1"
 
@@ -116,6 +116,15 @@ def _resolve(folder: Path) -> Path:
             return max(olds, key=lambda p: p.stat().st_mtime)
         raise CheckpointError(f"{folder}: not a medexplore checkpoint (no meta.json)")
     return folder
+
+
+def checkpoint_exists(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a loadable checkpoint (also one a crash left between its two renames)."""
+    try:
+        _resolve(Path(folder))
+    except CheckpointError:
+        return False
+    return True
 
 
 def load_checkpoint(folder: Path, map_location="cpu", with_state: bool = True

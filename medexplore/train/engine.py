@@ -31,7 +31,8 @@ from ..typed import coerce_fields
 from .checkpoint import load_checkpoint, load_into, rng_state, save_checkpoint, set_rng_state, snapshot_name
 from .evaluate import evaluate
 
-__all__ = ["metrics_of_kind", "TrainConfig", "Trainer", "Event", "RunControl", "NonFiniteLossError", "resolve_device", "RunResult",
+__all__ = ["metrics_of_kind", "TrainConfig", "Trainer", "Event", "RunControl", "NonFiniteLossError", "resolve_device",
+           "RunResult",
            "init_distributed"]
 
 MODES = ("supervised", "vicreg")
@@ -42,18 +43,20 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; the message names the step and the task(s)."""
 
 
-MONITOR_METRICS = ("auc", "acc", "balanced_acc", "f1_macro", "dice", "mean_iou", "map@0.25", "map@0.5", "map@0.75")
-
-
 def metrics_of_kind(kind: TaskKind) -> tuple[str, ...]:
     """The validation metrics (higher is better) a task of ``kind`` reports."""
-    if kind in (TaskKind.BINARY, TaskKind.MULTICLASS, TaskKind.MULTILABEL, TaskKind.ORDINAL):
-        return ("auc", "acc", "balanced_acc", "f1_macro") if kind != TaskKind.MULTILABEL else ("auc", "acc", "f1_macro")
+    if kind == TaskKind.MULTILABEL:
+        return ("auc", "acc", "f1_macro")
+    if kind in (TaskKind.BINARY, TaskKind.MULTICLASS, TaskKind.ORDINAL):
+        return ("auc", "acc", "balanced_acc", "f1_macro")
     if kind == TaskKind.SEGMENTATION:
         return ("dice",)
     if kind == TaskKind.DETECTION:
         return ("mean_iou", "map@0.25", "map@0.5", "map@0.75")
     return ()
+
+
+MONITOR_METRICS = tuple(dict.fromkeys(m for kind in TaskKind for m in metrics_of_kind(kind)))
 
 
 @dataclass(frozen=True)
@@ -327,6 +330,7 @@ class Trainer:
         self.step, self.epoch, self.best = 0, 0, None
         self.epoch_losses: dict[str, float] = {}  # sums over the steps of the current epoch so far
         self.interrupted = False
+        self.last_saved_step: int | None = None  # step of the newest ``last`` checkpoint
         self.last_metrics: dict = {}
 
     # ------------------------------------------------------------------ events and files
@@ -358,6 +362,8 @@ class Trainer:
                  if with_state else None)
         extra = self.expander_module.state_dict() if self.expander is not None else None
         save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self._meta(), state, extra)
+        if name == "last":
+            self.last_saved_step = self.step
         self.emit(Event("checkpoint", self.step, self.total_steps, self.epoch, message=name))
 
     @property
@@ -381,14 +387,8 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step, self.epoch, self.best = meta["step"], meta["epoch"], meta.get("best")
         self.epoch_losses = dict(meta.get("epoch_loss_sums", {}))
+        self.last_saved_step = self.step
         self._truncate_log(self.epoch)
-
-    @staticmethod
-    def _saved_step(folder: Path):
-        try:
-            return json.loads((folder / "meta.json").read_text()).get("step")
-        except (OSError, ValueError):
-            return "?"
 
     def _truncate_log(self, epoch: int) -> None:
         """Drop metrics lines of epochs after ``epoch`` (logged after the checkpoint a resume starts from)."""
@@ -452,8 +452,8 @@ class Trainer:
             if not torch.isfinite(loss):
                 bad = [k for k, v in per_task.items() if not torch.isfinite(v)] or ["(total)"]
                 last = self.run_dir / "checkpoints" / "last"
-                kept = (f"the last good checkpoint (step {self._saved_step(last)}) is kept in {last}; "
-                        f"lower train.lr or check the labels, then --resume" if (last / "meta.json").exists()
+                kept = (f"the last good checkpoint (step {self.last_saved_step}) is kept in {last}; "
+                        f"lower train.lr or check the labels, then --resume" if self.last_saved_step is not None
                         else "no checkpoint had been saved yet; a new run may use the same --out")
                 raise NonFiniteLossError(f"non-finite loss at step {self.step + 1} in task(s) {bad}; {kept}")
             (loss / len(micro_batches)).backward()

@@ -14,18 +14,19 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..data.registry import build_dataset, check_data_config, dataset_tasks, vocab_for
+from ..data.registry import build_dataset, check_data_config, dataset_parts, dataset_tasks, vocab_for
+from ..data.sample import collate
 from ..models import create_model
 from ..models.config import MedformerConfig
 from ..models.medformer import Medformer
 from ..typed import coerce_fields
-from .checkpoint import CheckpointError, load_checkpoint, load_model
+from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, load_model
 from .engine import Event, RunControl, RunResult, TrainConfig, Trainer, metrics_of_kind, resolve_device
 from .evaluate import evaluate
 from .runlock import LOCK_NAME, RunLock
 
 __all__ = ["DEFAULT_CONFIG", "EXAMPLE_SIZES", "build_model", "init_from_checkpoint", "run_training", "write_figures",
-           "demo", "example_run", "RunOutcome"]
+           "demo", "example_run", "final_checkpoint", "RunOutcome"]
 
 DEFAULT_CONFIG = {
     "model": {"name": "medformer_tiny", "patch_size": 4},
@@ -75,6 +76,12 @@ def init_from_checkpoint(model: Medformer, folder: str | Path) -> int:
     return len(matched)
 
 
+def final_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint a finished run is used through: ``best`` when validation chose one, else ``last``."""
+    folder = Path(run_dir) / "checkpoints"
+    return folder / "best" if checkpoint_exists(folder / "best") else folder / "last"
+
+
 def _absolute_paths(data: dict) -> dict:
     """Data paths made absolute, so ``evaluate`` and ``--resume`` find them from any directory."""
     return {k: (str(Path(v).expanduser().resolve()) if k in ("path", "root", "csv") and v
@@ -90,9 +97,6 @@ def _check_monitor(monitor: str, tasks) -> None:
 
 def _check_images(model: Medformer, *datasets) -> None:
     """The model takes one image of every dataset part (patch size, channels), before anything is written."""
-    from ..data.registry import dataset_parts
-    from ..data.sample import collate
-
     for dataset in datasets:
         for part in dataset_parts(dataset) if dataset is not None else ():
             if hasattr(part, "check"):
@@ -104,8 +108,7 @@ def _check_images(model: Medformer, *datasets) -> None:
 def _prepare_run_dir(out: Path, resume: bool, data: dict) -> bool:
     """Whether to resume; refuses a folder holding another run, takes over one that never saved a checkpoint."""
     stored = out / "config.json"
-    has_checkpoint = (out / "checkpoints" / "last" / "meta.json").exists() or any(
-        (p / "meta.json").exists() for p in (out / "checkpoints").glob("last.old*"))
+    has_checkpoint = checkpoint_exists(out / "checkpoints" / "last")
     if resume and has_checkpoint and stored.exists():
         before = json.loads(stored.read_text()).get("data", {})
         changed = sorted(k for k in set(before) | set(data) if before.get(k) != data.get(k))
@@ -172,8 +175,7 @@ def run_training(config: dict, out: str | Path, mode: str = "supervised", init: 
         result = trainer.fit(resume=resume)
         test_metrics = {}
         if is_main and test_set is not None and not result.stopped:
-            folder = out / "checkpoints" / ("best" if (out / "checkpoints" / "best").exists() else "last")
-            best_model, _ = load_model(folder, trainer.device)
+            best_model, _ = load_model(final_checkpoint(out), trainer.device)
             test_metrics = evaluate(best_model, test_set, train_cfg.eval_batch_size, trainer.device)
             (out / "test_metrics.json").write_text(json.dumps(test_metrics, indent=2, default=float))
     return RunOutcome(out, result, test_metrics)
@@ -193,8 +195,7 @@ def write_figures(run_dir: str | Path, n_examples: int = 8) -> list[Path]:
     curves = training_curves(read_metrics(run_dir / "metrics.jsonl"))
     curves.savefig(folder / "training_curves.png", dpi=100)
     written.append(folder / "training_curves.png")
-    checkpoint = run_dir / "checkpoints" / ("best" if (run_dir / "checkpoints" / "best").exists() else "last")
-    model, meta = load_model(checkpoint)
+    model, meta = load_model(final_checkpoint(run_dir))
     seg = next((n for n, t in model.tasks.items() if t.kind == TaskKind.SEGMENTATION), None)
     box = next((n for n, t in model.tasks.items() if t.kind == TaskKind.DETECTION), None)
     if seg:
@@ -241,10 +242,7 @@ def example_run(out: str | Path = "runs/example", size: str = "small", seed: int
     out = Path(out)
     recipe = EXAMPLE_SIZES[size]
     config = {"model": dict(recipe["model"]), "data": {"datasets": ["embedded"], "seed": seed},
-              "train": {**recipe["train"], "seed": seed, "keep_every": 0}}
-    last = out / "checkpoints" / "last"
-    finished = (out / "test_metrics.json").exists()
-    if not finished:
-        run_training(config, out, resume=last.exists(), callbacks=callbacks)
-    best = out / "checkpoints" / "best"
-    return best if best.exists() else last
+              "train": {**recipe["train"], "seed": seed}}
+    if not (out / "test_metrics.json").exists():  # not finished: start, or continue where it stopped
+        run_training(config, out, resume=True, callbacks=callbacks)
+    return final_checkpoint(out)

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .figures import display_image
+
 __all__ = ["OKABE_ITO", "category_colors", "scatter", "principal_angle_heatmap", "variance_bars",
            "decodability_bars", "eigenvalue_spectra", "fisher_curves", "mixing_bars", "mixing_histograms",
            "overlay_2d", "orthoslice_overlay", "explanation_panel"]
@@ -188,15 +190,6 @@ def mixing_histograms(weights: pd.DataFrame, by: pd.Series | None = None, bins: 
     return fig
 
 
-def _display(image: np.ndarray) -> np.ndarray:
-    """A (C, H, W) or (H, W) image as something imshow shows well (RGB or grey in [0, 1])."""
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 3:
-        image = image.transpose(1, 2, 0) if image.shape[0] == 3 else image[0]
-    lo, hi = np.percentile(image, [1, 99])
-    return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
-
-
 def _overlay_cmap(values: np.ndarray) -> tuple[str, float, float]:
     if (values < 0).any():
         bound = float(np.abs(values).max()) or 1.0
@@ -226,7 +219,7 @@ def overlay_2d(image: np.ndarray, overlay: np.ndarray | None = None, ax=None, al
                mask: np.ndarray | None = None, title: str = "", colorbar: bool = True) -> Figure:
     """A 2D image (C, H, W) with a map (H, W) on top and an optional mask outline."""
     fig, ax = _new_ax(ax, (4, 4))
-    ax.imshow(_display(image), cmap="gray", interpolation="nearest")
+    ax.imshow(display_image(image), cmap="gray", interpolation="nearest")
     if overlay is not None:
         overlay = np.asarray(overlay, dtype=np.float32)
         cmap, lo, hi = _overlay_cmap(overlay)
@@ -257,7 +250,7 @@ def orthoslice_overlay(volume: np.ndarray, overlay: np.ndarray | None = None, po
     cmap_args = _overlay_cmap(np.asarray(overlay)) if overlay is not None else None
     for ax, (axis, index, name, labels) in zip(axes, cuts):
         take = lambda a, lead=0: np.take(a, index, axis=axis + lead)  # noqa: E731
-        ax.imshow(_display(take(volume, 1)), cmap="gray", interpolation="nearest", origin="lower" if axis else "upper")
+        ax.imshow(display_image(take(volume, 1)), cmap="gray", interpolation="nearest", origin="lower" if axis else "upper")
         if overlay is not None:
             ax.imshow(_overlay_rgba(take(np.asarray(overlay)), *cmap_args, alpha), interpolation="nearest",
                       origin="lower" if axis else "upper")

@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-__all__ = ["training_curves", "prediction_gallery", "read_metrics"]
+__all__ = ["training_curves", "prediction_gallery", "read_metrics", "display_image"]
 
 HEADLINE = ("auc", "dice", "map@0.5", "mae")
 
@@ -43,12 +43,17 @@ def _middle_slice(array: np.ndarray, spatial_dims: int) -> np.ndarray:
     return array[..., array.shape[-3] // 2, :, :] if spatial_dims == 3 else array
 
 
+def display_image(image: np.ndarray) -> np.ndarray:
+    """A (C, H, W) or (H, W) image as imshow shows it well: RGB or grey, 1st-99th percentile to [0, 1]."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3:
+        image = image.transpose(1, 2, 0) if image.shape[0] == 3 else image[0]
+    lo, hi = np.percentile(image, [1, 99])
+    return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
+
+
 def _show_image(ax, image: np.ndarray) -> None:
-    dims = image.ndim - 1
-    img = _middle_slice(image, dims)
-    img = img.transpose(1, 2, 0) if img.shape[0] == 3 else img[0]
-    lo, hi = np.percentile(img, [1, 99])
-    ax.imshow(np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1), cmap="gray")
+    ax.imshow(display_image(_middle_slice(image, image.ndim - 1)), cmap="gray")
 
 
 def _draw_boxes(ax, boxes: np.ndarray, dims: int, depth: int | None, color: str) -> None:

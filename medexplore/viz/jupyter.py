@@ -14,7 +14,8 @@ import numpy as np
 from ..analysis.embeddings import EmbeddingSet
 from ..analysis.projections import project
 from ..analysis.selection import nearest_neighbours, nearest_point, points_in_polygon
-from .analysis import _display, scatter
+from .analysis import scatter
+from .figures import display_image
 
 __all__ = ["EmbeddingExplorer"]
 
@@ -55,8 +56,9 @@ class EmbeddingExplorer:
         self.coords = None
         self._lasso = LassoSelector(self.ax, self.lasso)
         self.figure.canvas.mpl_connect("button_press_event", self._on_click)
-        for control in (self.color, self.method, self.features):
-            control.observe(lambda change: self.redraw(), names="value")
+        for control in (self.method, self.features):
+            control.observe(lambda change: self.reproject(), names="value")
+        self.color.observe(lambda change: self.redraw(), names="value")
         self.index.observe(lambda change: self.pick(change["new"]), names="value")
         if isinstance(self.figure.canvas, widgets.DOMWidget):  # ipympl: the live, clickable canvas
             canvas = self.figure.canvas
@@ -64,17 +66,21 @@ class EmbeddingExplorer:
             canvas = self._static = widgets.Output()
         self.widget = widgets.VBox([widgets.HBox([self.features, self.method]), widgets.HBox([self.color, self.index]),
                                     self.status, widgets.HBox([canvas, self.gallery])])
-        self.redraw()
+        self.reproject()
 
     # ------------------------------------------------------------------ actions
-    def redraw(self) -> None:
-        """Project the chosen features (cached) and redraw the scatter with the current colouring."""
+    def reproject(self) -> None:
+        """Project the chosen features with the chosen method (cached on disk), then redraw."""
         x = self.embeddings.features(self.features.value)
         self.status.value = f"computing {self.method.value.upper()} of {len(x)} points..."
         result = project(x, self.method.value, cache=self.cache)
         self.coords = result.coords
         self.status.value = (f"{self.method.value.upper()} of {self.features.value} ({len(x)} points"
-                             f"{', from cache' if result.cached else ''}); lasso to select, click to pick")
+                             f"{', from cache' if result.cached else ''}); lasso to select, right-click to pick")
+        self.redraw()
+
+    def redraw(self) -> None:
+        """Redraw the scatter with the current colouring and selection."""
         self.ax.clear()
         scatter(self.coords, self.embeddings.metadata, self.color.value, ax=self.ax, highlight=self.selected,
                 axis_labels=(f"{self.method.value} 1", f"{self.method.value} 2"))
@@ -133,7 +139,7 @@ class EmbeddingExplorer:
             image = np.asarray(self._image(int(i)))
             if image.ndim == 4:  # a volume: its middle slice
                 image = image[:, image.shape[1] // 2]
-            ax.imshow(_display(image), cmap="gray")
+            ax.imshow(display_image(image), cmap="gray")
             ax.set_title(f"#{i} {meta['modality'].iloc[i]}", fontsize=7)
             ax.set_axis_off()
         fig.suptitle(title, fontsize=9)

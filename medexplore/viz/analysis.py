@@ -191,10 +191,13 @@ def mixing_histograms(weights: pd.DataFrame, by: pd.Series | None = None, bins: 
 
 
 def _overlay_cmap(values: np.ndarray) -> tuple[str, float, float]:
+    """Signed maps: a diverging map centred on 0. Non-negative maps (attention, weights): their own
+    range, so a nearly uniform map still shows where it is higher (the colour bar gives the values)."""
     if (values < 0).any():
         bound = float(np.abs(values).max()) or 1.0
         return "RdBu_r", -bound, bound
-    return "magma", 0.0, float(values.max()) or 1.0
+    lo, hi = float(values.min()), float(values.max())
+    return "magma", lo, hi if hi > lo else lo + 1.0
 
 
 def _overlay_rgba(values: np.ndarray, cmap: str, lo: float, hi: float, alpha: float) -> np.ndarray:
@@ -203,7 +206,7 @@ def _overlay_rgba(values: np.ndarray, cmap: str, lo: float, hi: float, alpha: fl
 
     norm = matplotlib.colors.Normalize(lo, hi)
     rgba = matplotlib.colormaps[cmap](norm(values))
-    strength = np.abs(values) / max(abs(lo), abs(hi), 1e-12)
+    strength = np.abs(values) / max(abs(lo), abs(hi), 1e-12) if lo < 0 else norm(values)
     rgba[..., 3] = alpha * np.clip(strength, 0, 1) ** 0.75
     return rgba
 

@@ -245,3 +245,16 @@ def test_crash_between_the_renames_of_a_save_is_recovered(tmp_path):
     ckpt.save_checkpoint(last, toy_model(seed=5), {"step": 4})
     assert sorted(p.name for p in last.parent.iterdir()) == ["last"]  # and leftovers are cleared
     assert load_checkpoint(last)[0]["step"] == 4
+
+
+def test_recover_checkpoints_restores_an_interrupted_rename_and_clears_temporaries(tmp_path):
+    from medexplore.train.checkpoint import recover_checkpoints
+
+    Trainer(toy_model(), toy_data(), TrainConfig(epochs=1, batch_size=8, device="cpu"), tmp_path).fit()
+    folder = tmp_path / "checkpoints"
+    (folder / "best.tmp-8-dead").mkdir()  # a killed writer's half-written first save of "best"
+    (folder / "last").rename(folder / "last.old-9-dead")  # and a save killed between its two renames
+    (folder / "last.tmp-9-dead").mkdir()
+    recover_checkpoints(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["last"]
+    assert load_checkpoint(folder / "last")[0]["step"] == 3

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..models.medformer import Medformer
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "CheckpointError", "rng_state", "set_rng_state",
+           "recover_checkpoints",
            "snapshot_name", "list_snapshots", "checkpoint_exists"]
 
 FORMAT = "medexplore-checkpoint/1"
@@ -104,6 +105,24 @@ def save_checkpoint(folder: Path, model: Medformer, meta: dict, train_state: dic
         if stale.name.startswith((f"{folder.name}.tmp-", f"{folder.name}.old")):
             shutil.rmtree(stale, ignore_errors=True)
     return folder
+
+
+def recover_checkpoints(checkpoints: str | Path) -> None:
+    """Finish or undo saves that a killed writer left in ``checkpoints`` (call only while holding the run lock).
+
+    A checkpoint caught between its two renames is moved back into place; every other temporary or
+    superseded folder is removed.
+    """
+    checkpoints = Path(checkpoints)
+    if not checkpoints.is_dir():
+        return
+    leftovers = [p for p in checkpoints.iterdir() if ".tmp-" in p.name or ".old" in p.name]
+    for path in sorted(leftovers, key=lambda p: p.stat().st_mtime, reverse=True):  # newest first
+        name = path.name.split(".old")[0] if ".old" in path.name else None
+        if name and not (checkpoints / name).exists() and (path / "meta.json").exists():
+            path.rename(checkpoints / name)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _resolve(folder: Path) -> Path:

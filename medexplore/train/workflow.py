@@ -20,7 +20,7 @@ from ..models import create_model
 from ..models.config import MedformerConfig
 from ..models.medformer import Medformer
 from ..typed import coerce_fields
-from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, load_model
+from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, load_model, recover_checkpoints
 from .engine import Event, RunControl, RunResult, TrainConfig, Trainer, metrics_of_kind, resolve_device
 from .evaluate import evaluate
 from .runlock import LOCK_NAME, RunLock
@@ -108,6 +108,7 @@ def _check_images(model: Medformer, *datasets) -> None:
 def _prepare_run_dir(out: Path, resume: bool, data: dict) -> bool:
     """Whether to resume; refuses a folder holding another run, takes over one that never saved a checkpoint."""
     stored = out / "config.json"
+    recover_checkpoints(out / "checkpoints")
     has_checkpoint = checkpoint_exists(out / "checkpoints" / "last")
     if resume and has_checkpoint and stored.exists():
         before = json.loads(stored.read_text()).get("data", {})

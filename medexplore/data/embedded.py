@@ -20,13 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch.utils.data import Dataset
 
 from ..models.tasks import Domain, TaskSpec
 from .sample import Sample
 from .transforms import normalize_intensity
 
-__all__ = ["EmbeddedConfig", "EmbeddedDataset", "EMBEDDED_TASKS", "TISSUE_LABELS", "build_embedded", "cache_dir"]
+__all__ = ["EmbeddedConfig", "EmbeddedDataset", "EMBEDDED_TASKS", "TISSUE_LABELS", "build_embedded", "cache_dir", "mni152",
+           "add_lesions"]
 
 VERSION = 1
 TISSUE_LABELS = ("background", "csf and other", "grey matter", "white matter")
@@ -67,27 +69,35 @@ def cache_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------- real sources
-def _load_sources() -> dict:
-    """Real images, intensity-normalised, channels first."""
+def mni152(resolution: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """nilearn's MNI152 T1 template ``(x, y, z)``, its tissue labels (:data:`TISSUE_LABELS`) and brain mask."""
     import warnings
 
     from nilearn.datasets import (load_mni152_brain_mask, load_mni152_gm_template, load_mni152_template,
                                   load_mni152_wm_template)
-    from pydicom import dcmread
-    from pydicom.data import get_testdata_file
-    from skimage import data as skdata
 
     def arr(img):
         return np.asarray(img.get_fdata(), dtype=np.float32)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t1 = arr(load_mni152_template(resolution=2))
-        gm, wm = arr(load_mni152_gm_template(resolution=2)), arr(load_mni152_wm_template(resolution=2))
-        mask = arr(load_mni152_brain_mask(resolution=2)) > 0.5
+        t1 = arr(load_mni152_template(resolution=resolution))
+        gm = arr(load_mni152_gm_template(resolution=resolution))
+        wm = arr(load_mni152_wm_template(resolution=resolution))
+        mask = arr(load_mni152_brain_mask(resolution=resolution)) > 0.5
     tissue = np.where(mask, 1, 0).astype(np.uint8)
     tissue[mask & (gm > 0.5)] = 2
     tissue[mask & (wm > 0.5)] = 3
+    return t1, tissue, mask
+
+
+def _load_sources() -> dict:
+    """Real images, intensity-normalised, channels first."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from skimage import data as skdata
+
+    t1, tissue, mask = mni152(2)
     ct = dcmread(get_testdata_file("CT_small.dcm"))
     ct_hu = ct.pixel_array.astype(np.float32) * float(ct.RescaleSlope) + float(ct.RescaleIntercept)
     mr = dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(np.float32)
@@ -117,7 +127,7 @@ def _crop(rng, volume: np.ndarray, size: int, dims: int, inside: np.ndarray | No
     return volume[(slice(None), *slices)], slices
 
 
-def _add_lesions(rng, image: np.ndarray, count: int, allowed: np.ndarray | None):
+def add_lesions(rng, image: np.ndarray, count: int, allowed: np.ndarray | None):
     """Blend ``count`` smooth blobs into ``image``; returns (image, mask, boxes (count, 2d))."""
     spatial = image.shape[1:]
     dims = len(spatial)
@@ -137,7 +147,7 @@ def _add_lesions(rng, image: np.ndarray, count: int, allowed: np.ndarray | None)
             break
         centres.append((c, r))
         dist = np.linalg.norm(grid - c, axis=-1)
-        blob = 1.0 / (1.0 + np.exp(-(r - dist) * 3.0))
+        blob = expit((r - dist) * 3.0)
         amplitude = rng.choice([-1.0, 1.0]) * rng.uniform(1.2, 2.0) * scale
         image = image + amplitude * blob[None]
         inside = dist <= r
@@ -169,7 +179,7 @@ def build_embedded(config: EmbeddedConfig = EmbeddedConfig()) -> dict[str, np.nd
             if rng.random() < 0.5:
                 img = img[:, :, ::-1]
             count = 0 if rng.random() < config.lesion_free else int(rng.integers(1, MAX_LESIONS + 1))
-            img, mask, boxes = _add_lesions(rng, np.ascontiguousarray(img), count, allowed)
+            img, mask, boxes = add_lesions(rng, np.ascontiguousarray(img), count, allowed)
             padded = np.zeros((3, s2, s2), np.float32)
             padded[:img.shape[0]] = img
             images2d.append(padded), ch2d.append(img.shape[0]), masks2d.append(mask)
@@ -182,7 +192,7 @@ def build_embedded(config: EmbeddedConfig = EmbeddedConfig()) -> dict[str, np.nd
             img, tissue = img[:, ::-1], tissue[::-1]
         img = img * rng.uniform(0.8, 1.2) + rng.uniform(-0.2, 0.2)
         count = 0 if rng.random() < config.lesion_free else int(rng.integers(1, MAX_LESIONS + 1))
-        img, mask, boxes = _add_lesions(rng, np.ascontiguousarray(img), count, np.ascontiguousarray(tissue) > 0)
+        img, mask, boxes = add_lesions(rng, np.ascontiguousarray(img), count, np.ascontiguousarray(tissue) > 0)
         images3d.append(img), masks3d.append(mask), tissue3d.append(np.ascontiguousarray(tissue)), boxes3d.append(boxes)
 
     def pack_boxes(boxes_list, width):

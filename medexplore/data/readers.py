@@ -6,12 +6,12 @@ closest canonical (RAS+) orientation first; the file's own affine is kept in ``o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Volume", "read_image", "read_nifti", "read_dicom", "is_nifti", "is_dicom_path"]
+__all__ = ["Volume", "read_image", "read_nifti", "read_dicom", "is_nifti", "is_dicom_path", "DICOM_MODALITIES"]
 
 
 @dataclass
@@ -21,6 +21,30 @@ class Volume:
     affine: np.ndarray | None  # 4x4 voxel -> world of the canonical array (NIfTI), else None
     original_affine: np.ndarray | None
     source: str
+    header: dict = field(default_factory=dict)  # the file's header fields as plain values
+    modality: str | None = None  # medexplore's modality name, when the file says it
+    body_part: str | None = None
+
+DICOM_MODALITIES = {"CT": "ct", "MR": "mri", "US": "ultrasound", "CR": "xray", "DX": "xray", "MG": "mammography",
+                    "PT": "pet", "NM": "nuclear", "OP": "fundus", "XA": "xray", "SM": "pathology"}
+DICOM_HEADER_FIELDS = ("Modality", "BodyPartExamined", "PatientID", "StudyDescription", "SeriesDescription",
+                       "Manufacturer", "PixelSpacing", "SliceThickness", "ImageOrientationPatient",
+                       "ImagePositionPatient", "RescaleSlope", "RescaleIntercept", "Rows", "Columns")
+
+
+def _plain(value):
+    """A header value as JSON-friendly Python (numbers, strings, lists)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.size > 1 else value.item()
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode(errors="replace").strip("\x00 ")
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [_plain(v) for v in value]
+    if isinstance(value, (int, float, str)):
+        return value
+    return str(value)
 
     @property
     def dims(self) -> int:
@@ -62,7 +86,8 @@ def read_nifti(path: str | Path, label: bool = False) -> Volume:
     spacing = tuple(reversed(zooms[:channels.ndim - 1]))
     if label:
         array = np.rint(array)
-    return Volume(array.astype(np.float32), spacing, canonical.affine, img.affine, str(path))
+    header = {k: _plain(v) for k, v in img.header.items()}
+    return Volume(array.astype(np.float32), spacing, canonical.affine, img.affine, str(path), header)
 
 
 def _dicom_pixels(ds, path: Path) -> np.ndarray:
@@ -72,6 +97,13 @@ def _dicom_pixels(ds, path: Path) -> np.ndarray:
         raise ValueError(f"{path}: DICOM without readable pixel data: {exc}") from exc
     slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
     return pixels * slope + intercept
+
+
+def _dicom_volume(pixels, spacing, ds, path: Path) -> Volume:
+    header = {k: _plain(getattr(ds, k)) for k in DICOM_HEADER_FIELDS if hasattr(ds, k)}
+    modality = DICOM_MODALITIES.get(str(getattr(ds, "Modality", "")).upper())
+    body = str(getattr(ds, "BodyPartExamined", "") or "").strip().lower() or None
+    return Volume(pixels, spacing, None, None, str(path), header, modality, body)
 
 
 def read_dicom(path: str | Path) -> Volume:
@@ -96,11 +128,11 @@ def read_dicom(path: str | Path) -> Volume:
     if len(slices) == 1:
         pixels = _dicom_pixels(first, files[0])
         if pixels.ndim == 2:
-            return Volume(pixels[None], row_col, None, None, str(path))
+            return _dicom_volume(pixels[None], row_col, first, path)
         if pixels.ndim == 3 and getattr(first, "SamplesPerPixel", 1) == 3:
-            return Volume(np.moveaxis(pixels, -1, 0), row_col, None, None, str(path))
+            return _dicom_volume(np.moveaxis(pixels, -1, 0), row_col, first, path)
         thickness = float(getattr(first, "SliceThickness", 1.0) or 1.0)
-        return Volume(pixels[None], (thickness, *row_col), None, None, str(path))
+        return _dicom_volume(pixels[None], (thickness, *row_col), first, path)
     orientation = np.array(getattr(first, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=float)
     normal = np.cross(orientation[:3], orientation[3:])
 
@@ -117,7 +149,7 @@ def read_dicom(path: str | Path) -> Volume:
     positions = [position(ds) for _, ds in slices]
     gaps = np.diff(positions)
     z = float(np.median(gaps)) if len(gaps) and np.median(gaps) > 0 else float(getattr(first, "SliceThickness", 1.0) or 1.0)
-    return Volume(np.stack(arrays)[None], (z, *row_col), None, None, str(path))
+    return _dicom_volume(np.stack(arrays)[None], (z, *row_col), first, path)
 
 
 def read_image(path: str | Path, label: bool = False) -> Volume:

@@ -25,7 +25,7 @@ from .engine import Event, RunControl, RunResult, TrainConfig, Trainer, metrics_
 from .evaluate import evaluate
 from .runlock import LOCK_NAME, RunLock
 
-__all__ = ["DEFAULT_CONFIG", "EXAMPLE_SIZES", "build_model", "init_from_checkpoint", "run_training", "write_figures",
+__all__ = ["DEFAULT_CONFIG", "EXAMPLE_SIZES", "find_runs", "build_model", "init_from_checkpoint", "run_training", "write_figures",
            "demo", "example_run", "final_checkpoint", "RunOutcome"]
 
 DEFAULT_CONFIG = {
@@ -80,6 +80,18 @@ def final_checkpoint(run_dir: str | Path) -> Path:
     """The checkpoint a finished run is used through: ``best`` when validation chose one, else ``last``."""
     folder = Path(run_dir) / "checkpoints"
     return folder / "best" if checkpoint_exists(folder / "best") else folder / "last"
+
+
+def find_runs(root: str | Path, max_depth: int = 2) -> list[Path]:
+    """Run directories under ``root`` (itself included, ``max_depth`` levels down) holding a usable
+    checkpoint, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    candidates = [root] + [p for depth in range(1, max_depth + 1) for p in root.glob("/".join(["*"] * depth))]
+    runs = [p for p in candidates if p.is_dir() and checkpoint_exists(final_checkpoint(p))]
+    return sorted(runs, key=lambda p: (final_checkpoint(p) / "meta.json").stat().st_mtime
+                  if (final_checkpoint(p) / "meta.json").exists() else 0.0, reverse=True)
 
 
 def _absolute_paths(data: dict) -> dict:

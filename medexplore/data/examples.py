@@ -1,0 +1,61 @@
+"""The embedded default's real sources at full size, for viewers (napari's File > Open Sample) and notebooks.
+
+Each function returns an :class:`Example`: the image channels-first in (z, y, x) order, its spacing in
+mm, its domain and, where there is one, a label map with the names of its values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..models.tasks import Domain
+from .embedded import TISSUE_LABELS, add_lesions, mni152
+from .readers import read_dicom
+
+__all__ = ["Example", "mni152_t1", "ct_slice", "retina_with_lesions", "EXAMPLES"]
+
+
+@dataclass
+class Example:
+    name: str
+    image: np.ndarray  # (C, *spatial) float32
+    spacing: tuple[float, ...]
+    domain: Domain
+    labels: np.ndarray | None = None  # (*spatial) integer map
+    label_names: tuple[str, ...] = ()
+    boxes: np.ndarray | None = None  # (K, 2 * dims) corners in pixels
+    metadata: dict = field(default_factory=dict)
+
+
+def mni152_t1(resolution: int = 2) -> Example:
+    """The MNI152 T1 brain MRI (2 mm: 95 x 117 x 99 voxels) with its tissue labels."""
+    t1, tissue, _ = mni152(resolution)
+    zyx = (2, 1, 0)
+    return Example("MNI152 T1", np.ascontiguousarray(t1.transpose(zyx))[None], (float(resolution),) * 3,
+                   Domain("3d", "mri", "brain"), np.ascontiguousarray(tissue.transpose(zyx)), TISSUE_LABELS,
+                   metadata={"source": "nilearn MNI152 template"})
+
+
+def ct_slice() -> Example:
+    """pydicom's CT test slice (128 x 128, in Hounsfield units) read through medexplore's DICOM reader."""
+    from pydicom.data import get_testdata_file
+
+    volume = read_dicom(get_testdata_file("CT_small.dcm"))
+    return Example("CT slice", volume.array, volume.spacing, Domain("2d", "ct", "head"),
+                   metadata={"source": volume.source, "header": volume.header})
+
+
+def retina_with_lesions(seed: int = 0, count: int = 3) -> Example:
+    """scikit-image's fundus photograph (353 x 353 RGB) with ``count`` inserted lesions and their mask."""
+    from skimage import data as skdata
+
+    image = skdata.retina()[::4, ::4].astype(np.float32).transpose(2, 0, 1)
+    inside = image.mean(0) > image.mean(0).min() + 20
+    image, mask, boxes = add_lesions(np.random.default_rng(seed), image, count, inside)
+    return Example("retina with lesions", np.clip(image, 0, 255).astype(np.float32), (1.0, 1.0),
+                   Domain("2d", "fundus", "eye"), mask.astype(np.uint8), ("background", "lesion"), boxes,
+                   metadata={"source": "scikit-image retina"})
+
+
+EXAMPLES = {"mni152_t1": mni152_t1, "ct_slice": ct_slice, "retina_with_lesions": retina_with_lesions}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with pinned torch and medexplore installed (editable). Safe to re-run.
+# Create .venv with pinned torch, medexplore (editable) and the napari plugin. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -8,5 +8,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch is pinned: an unpinned resolve can pull a different (multi-GB) build.
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,notebooks]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,notebooks,napari]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e napari_plugin
 .venv/bin/python -c "import medexplore, torch, timm; print('medexplore ready: torch', torch.__version__, 'timm', timm.__version__)"

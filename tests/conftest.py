@@ -4,6 +4,7 @@ import tempfile
 import pytest
 import torch
 
+from medexplore.data.sample import Sample
 from medexplore.models import Batch, Domain, DomainVocab, TaskSpec, create_model
 
 # the embedded dataset is generated once per test session, outside the user's cache
@@ -66,3 +67,43 @@ def mixed_batch():
         labels.append(full_labels(dims, size, seed=i))
     targets = {name: [lab[name] for lab in labels] for name in labels[0]}
     return Batch.from_images(images, domains, targets)
+
+
+# ---------------------------------------------------------------------------- a model with a known answer
+REGION_DOMAIN = Domain("2d", "xray", "chest")
+REGION = (slice(4, 12), slice(20, 28))  # the only place the label can be read
+
+
+def _region_images(n, g):
+    x = torch.randn(n, 1, 32, 32, generator=g) * 0.3
+    y = torch.randint(0, 2, (n,), generator=g)
+    for i in range(n):
+        r, c = (int(v) for v in torch.randint(16, 24, (2,), generator=g))
+        x[i, 0, r:r + 8, c - 16:c - 8] += 1.5  # a distractor of the same look, elsewhere
+        if y[i]:
+            x[i, 0, REGION[0], REGION[1]] += 1.5
+    return x, y
+
+
+@pytest.fixture(scope="session")
+def region_model():
+    """A tiny model trained until the bright square in REGION (and only there) decides its output."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = create_model("medformer_tiny", tasks=[TaskSpec("target", "binary", 1)], embed_dim=32, depth=2,
+                         num_heads=2, patch_size=4, output_adaptformer=False)
+    optimizer = torch.optim.AdamW(model.parameters(), 2e-3)
+    for _ in range(120):
+        x, y = _region_images(32, g)
+        batch = Batch.from_images(x, REGION_DOMAIN, {"target": y.tolist()})
+        loss, _ = model.compute_loss(model(batch), batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    x, y = _region_images(64, g)
+    model.eval()
+    with torch.no_grad():
+        accuracy = ((model(Batch.from_images(x, REGION_DOMAIN)).predictions["target"] > 0).long() == y).float().mean()
+    assert accuracy > 0.95
+    positives = [Sample(x[i], REGION_DOMAIN) for i in torch.nonzero(y)[:3, 0].tolist()]
+    return model, positives

@@ -108,10 +108,12 @@ def infer_image(model: Medformer, image, domain: Domain, **options) -> ImageInfe
 
 def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[str] | None = None,
                      explain_methods: Sequence[str] = (), explain_task: str | None = None,
-                     explain_options: Mapping[str, dict] | None = None, window: int | Sequence[int] | None = None, overlap: float = 0.25,
+                     explain_options: Mapping[str, dict] | None = None,
+                     window: int | Sequence[int] | None = None, overlap: float = 0.25,
                      max_tokens: int = DEFAULT_MAX_TOKENS, batch_windows: int = 4, normalize: bool = True,
                      box_threshold: float = 0.5, device="cpu") -> Iterator[tuple[int, int]]:
-    """Generator form of :func:`infer_image`: yields ``(windows done, total)``, returns the result.
+    """Checks the arguments, then returns a generator that yields ``(windows done, total)`` and returns
+    the :class:`ImageInference`.
 
     Run ``tasks`` (default: every task that applies to ``domain``) and explanation maps on ``image``,
     ``(C, *spatial)`` in the intensities of its modality (normalised here as in training unless
@@ -119,7 +121,8 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     default the whole image when it has at most ``max_tokens`` tokens, else the largest cube that does.
     ``explain_methods`` are names from :data:`ATTRIBUTION_METHODS`; gradient methods explain
     ``explain_task``; ``explain_options`` passes options per method (e.g. ``{"attention": {"block": 3,
-    "head": 0}}``). Stop iterating (a GUI's cancel) and nothing is computed further.
+    "head": 0}}``). Stop iterating (a GUI's cancel) and nothing is computed further; bad arguments
+    raise here, before any step.
     """
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
@@ -137,8 +140,14 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     model.patch_embed.grid((image.shape[0], *(model.config.patch_size,) * (image.dim() - 1)), where="the image")
     if normalize:
         image = normalize_intensity(image, domain.modality)
+    roi = window_for(model, tuple(image.shape[1:]), window, max_tokens)
+    return _infer_steps(model, image, domain, tasks, explain_methods, explain_task, explain_options, roi, overlap,
+                        batch_windows, box_threshold, device)
+
+
+def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, explain_options, roi, overlap,
+                 batch_windows, box_threshold, device) -> Iterator[tuple[int, int]]:
     spatial = tuple(image.shape[1:])
-    roi = window_for(model, spatial, window, max_tokens)
     model.eval().to(device)
     kinds = {n: model.tasks[n].kind for n in tasks}
     seg_tasks = [n for n in tasks if kinds[n] == TaskKind.SEGMENTATION]

@@ -25,6 +25,11 @@ class Volume:
     modality: str | None = None  # medexplore's modality name, when the file says it
     body_part: str | None = None
 
+    @property
+    def dims(self) -> int:
+        return self.array.ndim - 1
+
+
 DICOM_MODALITIES = {"CT": "ct", "MR": "mri", "US": "ultrasound", "CR": "xray", "DX": "xray", "MG": "mammography",
                     "PT": "pet", "NM": "nuclear", "OP": "fundus", "XA": "xray", "SM": "pathology"}
 DICOM_HEADER_FIELDS = ("Modality", "BodyPartExamined", "PatientID", "StudyDescription", "SeriesDescription",
@@ -45,10 +50,6 @@ def _plain(value):
     if isinstance(value, (int, float, str)):
         return value
     return str(value)
-
-    @property
-    def dims(self) -> int:
-        return self.array.ndim - 1
 
 
 def is_nifti(path: Path) -> bool:

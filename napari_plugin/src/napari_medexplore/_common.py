@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from psygnal import Signal
 from magicgui.widgets import ComboBox, Container, FileEdit, LineEdit, PushButton
 
 from medexplore.models.tasks import Domain
@@ -52,6 +53,15 @@ class ModelCache:
 MODELS = ModelCache()
 
 
+class _Runs:
+    """``RUNS.changed`` fires when a widget has written a run, so pickers list it."""
+
+    changed = Signal()
+
+
+RUNS = _Runs()
+
+
 class CheckpointPicker(Container):
     """A recent run under the runs folder, or any checkpoint folder picked by hand."""
 
@@ -62,6 +72,7 @@ class CheckpointPicker(Container):
         super().__init__(widgets=[self.recent, self.folder, self.refresh_button], labels=True)
         self.refresh_button.changed.connect(self.refresh)
         self.recent.changed.connect(self._on_recent)
+        RUNS.changed.connect(self.refresh)
 
     @staticmethod
     def _recent_choices(_widget=None) -> list[tuple[str, str]]:
@@ -69,7 +80,10 @@ class CheckpointPicker(Container):
         return [(str(run.relative_to(root)) if run != root else run.name, str(run)) for run in find_runs(root)]
 
     def refresh(self) -> None:
-        self.recent.reset_choices()
+        try:
+            self.recent.reset_choices()
+        except RuntimeError:  # the widget was closed: stop listening
+            RUNS.changed.disconnect(self.refresh)
 
     def _on_recent(self, value) -> None:
         if value:

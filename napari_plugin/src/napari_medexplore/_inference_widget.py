@@ -63,6 +63,8 @@ class InferenceWidget(Container):
             self.status.value = report_error(exc, "loading the checkpoint")
             return
         self.explain_task.choices = list(model.tasks)
+        if self.explain_task.value is None and model.tasks:
+            self.explain_task.value = next(iter(model.tasks))
         self.status.value = f"model: {len(model.tasks)} tasks, patch {model.config.patch_size}"
 
     def select_layer(self, layer) -> None:
@@ -76,12 +78,12 @@ class InferenceWidget(Container):
 
     def _job(self):
         """Everything the worker needs, checked on the GUI thread (bad input never starts a worker)."""
+        model, _ = self.checkpoint.load()
         source = self.layer.value
         if source is None:
             raise ValueError("no image layer chosen")
         if source not in self.viewer.layers:
             raise ValueError(f"layer {source.name!r} is no longer in the viewer")
-        model, _ = self.checkpoint.load()
         domain = self.domain.domain
         image, _ = layer_image(source, domain, self.viewer.dims.current_step)
         methods = [key for key, box in self.explain_boxes.items() if box.value]
@@ -96,23 +98,23 @@ class InferenceWidget(Container):
         options = {"attention": {"block": self.block.value, "head": None if self.head.value < 0 else self.head.value}}
         from medexplore.train.engine import resolve_device
 
-        device = resolve_device(self.device.value)
-        return source, model, dict(image=image, domain=domain, explain_methods=methods, explain_task=task,
-                                   explain_options=options, window=window, device=device)
+        steps = iter_infer_image(model, image, domain, explain_methods=methods, explain_task=task,
+                                 explain_options=options, window=window, device=resolve_device(self.device.value))
+        return source, model, steps
 
     def run(self, _value=None):
         """Start the job; returns the worker (None when the input was refused)."""
         from napari.qt.threading import thread_worker
 
         try:
-            source, model, job = self._job()
+            source, model, steps = self._job()
         except Exception as exc:
             self.status.value = report_error(exc, "inference")
             return None
 
         @thread_worker
         def work():
-            return (yield from iter_infer_image(model, job.pop("image"), job.pop("domain"), **job))
+            return (yield from steps)
 
         worker = work()
         worker.yielded.connect(self._on_progress)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from medexplore.data.medmnist import MEDMNIST, SPLITS, load_medmnist_npz
-from medexplore.data.readers import Volume, is_dicom_path, is_nifti, read_image
+from medexplore.data.readers import Volume, is_nifti, read_image
 from medexplore.models.tasks import Domain
 
 from ._layers import domain_metadata

@@ -1,0 +1,259 @@
+"""Embedding explorer: a checkpoint's embeddings of a dataset (or of the open image layers) as a scatter.
+
+PCA is drawn as soon as the embeddings exist; UMAP runs in a worker and is swapped in when ready. Hover
+shows a point's image in the viewer, a lasso opens the selected images as a stack layer, and moving
+through that stack highlights the point of the image shown. Embeddings, projections and selections are
+``medexplore.analysis`` functions; the scatter is ``medexplore.viz.scatter``.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import torch
+from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
+from matplotlib.widgets import LassoSelector
+
+from medexplore.analysis.embeddings import compute_embeddings
+from medexplore.analysis.projections import project
+from medexplore.analysis.selection import nearest_point, points_in_polygon
+from medexplore.data.embedded import EmbeddedDataset
+from medexplore.data.sample import Sample
+from medexplore.data.transforms import fit_to_multiple, normalize_intensity
+from medexplore.viz.analysis import scatter
+
+from ._common import CheckpointPicker, image_layers, report_error
+from ._layers import layer_domain, layer_image
+from ._plots import MplCanvas
+
+SOURCES = ("embedded test", "embedded val", "embedded train", "open image layers")
+HOVER_LAYER = "medexplore: hovered sample"
+STACK_KEY = "medexplore_explorer_indices"
+
+
+def layer_samples(viewer, patch_size: int) -> list[Sample]:
+    """The viewer's image layers as samples (normalised per modality, padded to whole patches)."""
+    samples = []
+    for layer in image_layers(viewer):
+        if layer.name == HOVER_LAYER or STACK_KEY in layer.metadata:
+            continue
+        domain = layer_domain(layer)
+        image, _ = layer_image(layer, domain, viewer.dims.current_step)
+        tensor = normalize_intensity(torch.from_numpy(image), domain.modality)
+        samples.append(Sample(fit_to_multiple(tensor, patch_size, "pad"), domain, meta={"source": layer.name}))
+    if not samples:
+        raise ValueError("no image layers to embed")
+    return samples
+
+
+class ScatterCanvas(MplCanvas):
+    def __init__(self):
+        super().__init__((4.5, 4.0))
+        self.ax = self.figure.subplots()
+        self.highlight = None
+        self.lasso = None
+
+
+class ExplorerWidget(Container):
+    def __init__(self, napari_viewer):
+        self.viewer = napari_viewer
+        self.checkpoint = CheckpointPicker()
+        self.source = ComboBox(label="embed", choices=SOURCES, value=SOURCES[0])
+        self.compute_button = PushButton(text="Compute embeddings")
+        self.method = ComboBox(label="projection", choices=["pca"], value="pca")
+        self.color_by = ComboBox(label="colour by", choices=[], nullable=True)
+        self.progress = ProgressBar(label="progress", value=0, max=1)
+        self.status = Label(value="")
+        self.plot = ScatterCanvas()
+        super().__init__(widgets=[self.checkpoint, self.source, self.compute_button, self.method, self.color_by,
+                                  self.progress, self.status])
+        self.native.layout().addWidget(self.plot.native)
+        self.embeddings = None
+        self.samples = None  # what the points are images of
+        self.projections: dict[str, np.ndarray] = {}
+        self.selected = np.zeros(0, dtype=int)
+        self.workers = []
+        self.compute_button.changed.connect(self.compute)
+        self.method.changed.connect(self.redraw)
+        self.color_by.changed.connect(self.redraw)
+        self.plot.canvas.mpl_connect("motion_notify_event", self._on_hover)
+        self.plot.canvas.mpl_connect("button_press_event", self._on_click)
+        self.viewer.dims.events.current_step.connect(self._on_step)
+
+    # ------------------------------------------------------------------ computing
+    def _dataset(self, patch_size: int):
+        if self.source.value == "open image layers":
+            return layer_samples(self.viewer, patch_size)
+        return EmbeddedDataset(self.source.value.split()[1])
+
+    def compute(self, _value=None):
+        """Embed in a worker; returns it (None when the input was refused)."""
+        from napari.qt.threading import thread_worker
+
+        try:
+            model, _ = self.checkpoint.load()
+            dataset = self._dataset(model.config.patch_size)
+        except Exception as exc:
+            self.status.value = report_error(exc, "embedding")
+            return None
+
+        @thread_worker
+        def work():  # compute_embeddings runs in a thread of its own; this generator relays its progress
+            done, result = queue.Queue(), {}
+
+            def run():
+                try:
+                    result["set"] = compute_embeddings(model, dataset, progress=False,
+                                                       on_batch=lambda d, t: done.put((d, t)))
+                except Exception as exc:  # re-raised in the worker, so napari reports it
+                    result["error"] = exc
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            while thread.is_alive() or not done.empty():
+                try:
+                    yield done.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            if "error" in result:
+                raise result["error"]
+            return result["set"]
+
+        worker = work()
+        worker.yielded.connect(lambda step: (setattr(self.progress, "max", step[1]), setattr(self.progress, "value", step[0])))
+        worker.returned.connect(lambda embeddings: self.show_embeddings(embeddings, dataset))
+        worker.errored.connect(lambda exc: setattr(self.status, "value", report_error(exc, "embedding")))
+        self.status.value = f"embedding {len(dataset)} images..."
+        self.workers.append(worker)
+        worker.start()
+        return worker
+
+    def show_embeddings(self, embeddings, samples=None):
+        """Draw PCA now and start UMAP in a worker (returned, so tests can wait on it)."""
+        from napari.qt.threading import thread_worker
+
+        self.embeddings, self.samples = embeddings, samples
+        self.projections = {"pca": project(embeddings.pooled, "pca").coords}
+        self.method.choices = ["pca"]
+        columns = [c for c in embeddings.metadata.columns if embeddings.metadata[c].nunique(dropna=True) > 1]
+        self.color_by.choices = columns
+        preferred = [c for c in ("modality", "dataset", "dimensionality") if c in columns]
+        self.color_by.value = preferred[0] if preferred else None
+        self.selected = np.zeros(0, dtype=int)
+        self.redraw()
+        self.status.value = f"{len(embeddings.pooled)} points: PCA shown, UMAP computing..."
+
+        @thread_worker
+        def fit_umap():
+            return project(embeddings.pooled, "umap").coords
+
+        worker = fit_umap()
+        worker.returned.connect(self._on_umap)
+        worker.errored.connect(lambda exc: setattr(self.status, "value", report_error(exc, "UMAP")))
+        self.workers.append(worker)
+        worker.start()
+        return worker
+
+    def _on_umap(self, coords) -> None:
+        self.projections["umap"] = coords
+        self.method.choices = ["pca", "umap"]
+        self.method.value = "umap"
+        self.status.value = f"{len(coords)} points: UMAP ready"
+
+    # ------------------------------------------------------------------ drawing and linking
+    @property
+    def coords(self) -> np.ndarray:
+        return self.projections[self.method.value]
+
+    def redraw(self, _value=None) -> None:
+        if self.embeddings is None:
+            return
+        ax = self.plot.ax
+        ax.clear()
+        method = self.method.value
+        scatter(self.coords, self.embeddings.metadata, self.color_by.value, ax=ax, title=method.upper(),
+                axis_labels=(f"{method} 1", f"{method} 2"))
+        (self.plot.highlight,) = ax.plot([], [], "o", ms=12, mfc="none", mec="black", mew=1.5)
+        self.plot.lasso = LassoSelector(ax, self._on_lasso)
+        self._show_highlight()
+        self.plot.draw()
+
+    def _show_highlight(self, index: int | None = None) -> None:
+        if self.plot.highlight is None:
+            return
+        points = self.coords[[index]] if index is not None else np.zeros((0, 2))
+        self.plot.highlight.set_data(points[:, 0], points[:, 1])
+        self.plot.draw()
+
+    def _pick(self, event) -> int | None:
+        if self.embeddings is None or event.inaxes is not self.plot.ax or event.xdata is None:
+            return None
+        span = np.ptp(self.coords[:, :2], axis=0).max() or 1.0
+        return nearest_point(self.coords, (event.xdata, event.ydata), max_distance=0.02 * span)
+
+    def sample_image(self, index: int) -> np.ndarray | None:
+        if self.samples is None:
+            return None
+        image = self.samples[index].image.numpy()
+        return image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
+
+    def show_point(self, index: int) -> None:
+        """Show point ``index``'s image in the hover layer and its metadata in the status line."""
+        row = self.embeddings.metadata.iloc[index]
+        self.status.value = ", ".join(f"{k}={row[k]}" for k in list(row.index)[:6])
+        image = self.sample_image(index)
+        if image is None:
+            return
+        rgb = image.ndim == 3 and image.shape[-1] == 3 and row.get("dimensionality") == "2d"
+        if HOVER_LAYER in self.viewer.layers and self.viewer.layers[HOVER_LAYER].data.shape == image.shape:
+            layer = self.viewer.layers[HOVER_LAYER]
+            layer.data = image
+            layer.reset_contrast_limits()
+        else:
+            if HOVER_LAYER in self.viewer.layers:
+                self.viewer.layers.remove(HOVER_LAYER)
+            self.viewer.add_image(image, name=HOVER_LAYER, rgb=rgb)
+        self._show_highlight(index)
+
+    def _on_hover(self, event) -> None:
+        index = self._pick(event)
+        if index is not None:
+            self.show_point(index)
+
+    def _on_click(self, event) -> None:
+        index = self._pick(event)
+        if index is not None and event.button == 3:  # right click keeps the point's image as its own layer
+            self.open_stack(np.array([index]))
+
+    def _on_lasso(self, vertices) -> None:
+        self.select(np.flatnonzero(points_in_polygon(self.coords, vertices)))
+
+    def select(self, indices: np.ndarray) -> None:
+        self.selected = np.asarray(indices, dtype=int)
+        if len(self.selected):
+            self.open_stack(self.selected)
+
+    def open_stack(self, indices: np.ndarray):
+        """The images of ``indices`` (those sharing the first one's shape) as one stack layer."""
+        images = [self.sample_image(int(i)) for i in indices] if self.samples is not None else []
+        if not images:
+            self.status.value = f"{len(indices)} selected (no images: embeddings loaded without their dataset)"
+            return None
+        shape = images[0].shape
+        keep = [int(i) for i, image in zip(indices, images) if image.shape == shape]
+        stack = np.stack([image for image in images if image.shape == shape])
+        rgb = stack.ndim == 4 and shape[-1] == 3
+        meta = {STACK_KEY: keep, "features": self.embeddings.metadata.iloc[keep].reset_index(drop=True)}
+        layer = self.viewer.add_image(stack, name=f"selection ({len(keep)})", rgb=rgb, metadata=meta)
+        self.status.value = f"{len(indices)} selected; {len(keep)} of shape {shape} opened as a stack"
+        return layer
+
+    def _on_step(self, _event=None) -> None:
+        layer = self.viewer.layers.selection.active
+        if layer is None or STACK_KEY not in layer.metadata or self.embeddings is None:
+            return
+        position = int(self.viewer.dims.current_step[0])
+        indices = layer.metadata[STACK_KEY]
+        if 0 <= position < len(indices):
+            self._show_highlight(indices[position])

@@ -1,0 +1,59 @@
+"""Matplotlib canvases docked in napari (Qt agg backend through qtpy); figures come from ``medexplore.viz``."""
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+
+from medexplore.viz.figures import HEADLINE
+
+
+class MplCanvas:
+    """A figure with a Qt canvas; ``native`` is the QWidget to add to a layout."""
+
+    def __init__(self, size=(4.5, 3.2)):
+        self.figure = Figure(figsize=size, layout="constrained")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(int(size[1] * 80))
+
+    @property
+    def native(self):
+        return self.canvas
+
+    def draw(self) -> None:
+        self.canvas.draw_idle()
+
+
+class CurvesCanvas(MplCanvas):
+    """Live training loss per step and the headline validation metric per task per epoch."""
+
+    def __init__(self):
+        super().__init__((4.5, 3.6))
+        self.ax_loss, self.ax_val = self.figure.subplots(2, 1)
+        self.clear()
+
+    def clear(self) -> None:
+        for ax in (self.ax_loss, self.ax_val):
+            ax.clear()
+        self.ax_loss.set(xlabel="step", ylabel="training loss", yscale="log")
+        self.ax_val.set(xlabel="epoch", ylabel="validation")
+        self.draw()
+
+    def update(self, events) -> None:
+        steps = [(e.step, e.losses["loss"]) for e in events if e.kind == "step" and "loss" in e.losses]
+        evals = [e for e in events if e.kind == "eval" and e.metrics]
+        self.ax_loss.clear()
+        if steps:
+            x, y = np.array(steps).T
+            self.ax_loss.plot(x, y, lw=0.8, color="#0072B2")
+        self.ax_loss.set(xlabel="step", ylabel="training loss", yscale="log" if steps and min(y) > 0 else "linear")
+        self.ax_val.clear()
+        for task in sorted({t for e in evals for t in e.metrics}):
+            metric = next((m for m in HEADLINE if any(m in e.metrics.get(task, {}) for e in evals)), None)
+            if metric:
+                self.ax_val.plot([e.epoch for e in evals], [e.metrics.get(task, {}).get(metric, np.nan) for e in evals],
+                                 marker="o", ms=3, label=f"{task} ({metric})")
+        if evals:
+            self.ax_val.legend(fontsize=6, frameon=False)
+        self.ax_val.set(xlabel="epoch", ylabel="validation")
+        self.draw()

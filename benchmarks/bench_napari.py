@@ -1,0 +1,222 @@
+"""The napari plugin's responsiveness and speed, in a real viewer (run under Xvfb: ``xvfb-run -a``).
+
+- ``latency``: event-loop latency while the training widget trains medformer_tiny on the embedded
+  default (a QTimer probe every 10 ms; p50/p99 of the lateness), and the widget's training throughput
+  as a ratio to the CLI's path (``run_training`` on the main thread, no GUI) for the same steps,
+  measured in the same process, CLI first.
+- ``overlays``: from Run to every overlay (segmentation, attention rollout, LayerGradCam) on a
+  128 x 128 x 128 volume with medformer_tiny on CPU: patch 16 (the whole volume is 512 tokens, one
+  window) and patch 8 (4,096 tokens); the reference is one plain forward pass of the same model.
+- ``explorer``: 20,000 embedding points: time from embeddings to the PCA view, UMAP time (first fit in
+  this fresh process), hover (motion event to image shown) and lasso selection (to the stack layer);
+  and the time to compute embeddings of the embedded dataset with medformer_tiny, per 1,000 images.
+
+Usage: xvfb-run -a python benchmarks/bench_napari.py [--only latency,overlays,explorer] [--seconds 60]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PLUGIN = "napari-medexplore"
+
+
+def _app():
+    import napari
+
+    return napari.qt.get_qapp()
+
+
+def _process_until(app, condition, timeout_s: float = 1800) -> None:
+    start = time.time()
+    while not condition():
+        app.processEvents()
+        time.sleep(0.002)
+        if time.time() - start > timeout_s:
+            raise TimeoutError("timed out")
+
+
+def bench_latency(seconds: float) -> dict:
+    import napari
+    from qtpy.QtCore import QTimer
+
+    from medexplore.train.workflow import run_training
+
+    app = _app()
+    viewer = napari.Viewer(show=True)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    widget.size.value = "tiny"
+    widget.batch_size.value = 16
+    widget.epochs.value, widget.steps.value = 1, 10_000
+    with tempfile.TemporaryDirectory() as tmp:
+        config = widget.config()
+        steps = {"n": 0}
+        # the CLI's path first: the same config on the main thread, timed over a fixed number of steps
+        cli_times = []
+
+        def count(event):
+            if event.kind == "step":
+                cli_times.append(time.perf_counter())
+                if len(cli_times) >= 40:
+                    control.stop()
+
+        from medexplore.train.engine import RunControl
+
+        control = RunControl()
+        run_training(config, Path(tmp) / "cli", callbacks=[count], control=control, test=False)
+        cli_rate = (len(cli_times) - 11) / (cli_times[-1] - cli_times[10])
+
+        import os
+
+        os.environ["MEDEXPLORE_RUNS"] = tmp
+        widget.run_name.value = "widget"
+        lateness, last = [], [time.perf_counter()]
+
+        def probe():
+            now = time.perf_counter()
+            lateness.append(now - last[0] - 0.010)
+            last[0] = now
+
+        timer = QTimer()
+        timer.setInterval(10)
+        timer.timeout.connect(probe)
+        widget.start()
+        _process_until(app, lambda: sum(e.kind == "step" for e in widget.history) >= 10)
+        lateness.clear()
+        last[0] = time.perf_counter()
+        timer.start()
+        start = time.time()
+        _process_until(app, lambda: time.time() - start > seconds)
+        timer.stop()
+        step_times = [e for e in widget.history if e.kind == "step"]
+        widget.stop()
+        _process_until(app, lambda: widget.start_button.enabled)
+        steps["n"] = len(step_times)
+    rates = [e.samples_per_s for e in step_times[10:]]
+    widget_rate = np.median(rates) / config["train"]["batch_size"]
+    viewer.close()
+    late_ms = np.array(lateness) * 1000
+    return {"probe_p50_ms": float(np.percentile(late_ms, 50)), "probe_p99_ms": float(np.percentile(late_ms, 99)),
+            "probes": len(late_ms), "cli_steps_per_s": cli_rate, "widget_steps_per_s": float(widget_rate),
+            "throughput_ratio": float(widget_rate / cli_rate), "steps_seen": steps["n"]}
+
+
+def bench_overlays() -> dict:
+    import napari
+    import torch
+
+    from medexplore.data.embedded import EMBEDDED_TASKS
+    from medexplore.models import Batch, Domain, create_model
+    from medexplore.train.checkpoint import save_checkpoint
+
+    app = _app()
+    results = {}
+    volume = np.random.default_rng(0).normal(size=(128, 128, 128)).astype(np.float32)
+    for patch in (16, 8):
+        torch.manual_seed(0)
+        model = create_model("medformer_tiny", tasks=list(EMBEDDED_TASKS), patch_size=patch).eval()
+        with torch.no_grad():
+            model(Batch.from_images([torch.from_numpy(volume)[None]], [Domain("3d", "mri", "brain")]), tasks=[])
+            start = time.perf_counter()
+            model(Batch.from_images([torch.from_numpy(volume)[None]], [Domain("3d", "mri", "brain")]), tasks=[])
+            forward = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_checkpoint(Path(tmp) / "ckpt", model, {"step": 0})
+            viewer = napari.Viewer(show=False)
+            layer = viewer.add_image(volume, name="volume", metadata={"medexplore_domain": {
+                "dimensionality": "3d", "modality": "mri", "body_part": "brain"}})
+            _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Run a checkpoint")
+            widget.checkpoint.folder.value = folder
+            widget.select_layer(layer)
+            widget.explain_boxes["rollout"].value = True
+            widget.explain_boxes["grad_cam"].value = True
+            widget.explain_task.value = "lesion"
+            start = time.perf_counter()
+            widget.run()
+            _process_until(app, lambda: widget.run_button.enabled)
+            elapsed = time.perf_counter() - start
+            assert "done" in widget.status.value, widget.status.value
+            viewer.close()
+        results[f"patch{patch}"] = {"run_to_overlays_s": elapsed, "forward_s": forward,
+                                    "ratio_to_forward": elapsed / forward, "windows": widget.status.value}
+    return results
+
+
+def bench_explorer(points: int) -> dict:
+    import napari
+    import pandas as pd
+    import torch
+    from matplotlib.backend_bases import MouseEvent
+
+    from medexplore.analysis.embeddings import EmbeddingSet, compute_embeddings
+    from medexplore.data.embedded import EMBEDDED_TASKS, EmbeddedDataset
+    from medexplore.models import create_model
+
+    app = _app()
+    torch.manual_seed(0)
+    model = create_model("medformer_tiny", tasks=list(EMBEDDED_TASKS), patch_size=4).eval()
+    dataset = EmbeddedDataset("train")
+    start = time.perf_counter()
+    compute_embeddings(model, dataset, progress=False)
+    embed_per_1000 = (time.perf_counter() - start) / len(dataset) * 1000
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 4, (12, 192))
+    groups = rng.integers(0, 12, points)
+    pooled = (centres[groups] + rng.normal(0, 1, (points, 192))).astype(np.float32)
+    sources = [dataset[i] for i in range(len(dataset))]
+    samples = [sources[i % len(sources)] for i in range(points)]
+    metadata = pd.DataFrame({"modality": [s.domain.modality for s in samples], "cluster": groups.astype(str)})
+    embeddings = EmbeddingSet(pooled, metadata)
+    viewer = napari.Viewer(show=True)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Embedding explorer")
+    start = time.perf_counter()
+    worker = widget.show_embeddings(embeddings, samples)
+    app.processEvents()
+    widget.plot.canvas.draw()
+    pca_view = time.perf_counter() - start
+    start = time.perf_counter()
+    _process_until(app, lambda: "umap" in widget.projections)
+    umap_time = time.perf_counter() - start
+    widget.plot.canvas.draw()
+    hovers = []
+    for index in rng.integers(0, points, 30):
+        x, y = widget.plot.ax.transData.transform(widget.coords[index])
+        start = time.perf_counter()
+        widget.plot.canvas.callbacks.process("motion_notify_event",
+                                             MouseEvent("motion_notify_event", widget.plot.canvas, x, y))
+        app.processEvents()
+        hovers.append(time.perf_counter() - start)
+    pts = widget.coords
+    lo, mid = pts.min(0), np.median(pts, 0)
+    box = [(lo[0] - 1, lo[1] - 1), (mid[0], lo[1] - 1), (mid[0], mid[1]), (lo[0] - 1, mid[1])]
+    start = time.perf_counter()
+    widget._on_lasso(box)
+    app.processEvents()
+    selection = time.perf_counter() - start
+    del worker
+    viewer.close()
+    return {"points": points, "pca_view_s": pca_view, "umap_first_fit_s": umap_time,
+            "hover_p50_ms": float(np.median(hovers) * 1000), "hover_max_ms": float(np.max(hovers) * 1000),
+            "lasso_to_stack_ms": selection * 1000, "selected": int(len(widget.selected)),
+            "embed_s_per_1000_images": embed_per_1000}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="latency,overlays,explorer")
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--points", type=int, default=20000)
+    args = parser.parse_args()
+    for case in args.only.split(","):
+        result = {"latency": lambda: bench_latency(args.seconds), "overlays": bench_overlays,
+                  "explorer": lambda: bench_explorer(args.points)}[case]()
+        print(case, json.dumps(result, indent=1, default=float), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -329,13 +329,16 @@ def test_embedding_explorer_links_points_and_images(make_napari_viewer, qtbot, t
     x, y = widget.plot.ax.transData.transform(widget.coords[index])
     widget.plot.canvas.callbacks.process("motion_notify_event",
                                          MouseEvent("motion_notify_event", widget.plot.canvas, x, y))
-    shown = viewer.layers["medexplore: hovered sample"].data
+    (shown,) = [layer.data for layer in viewer.layers if layer.name.startswith("medexplore: hovered") and layer.visible]
     np.testing.assert_array_equal(shown, widget.sample_image(index))
     # a lasso around some points opens their images; moving through the stack highlights each point
     pts = widget.coords
     box = [(pts[:, 0].min() - 1, pts[:, 1].min() - 1), (np.median(pts[:, 0]), pts[:, 1].min() - 1),
            (np.median(pts[:, 0]), pts[:, 1].max() + 1), (pts[:, 0].min() - 1, pts[:, 1].max() + 1)]
+    count = len(viewer.layers)
     widget._on_lasso(box)
+    assert len(widget.plot.selection.get_xdata()) == len(widget.selected) > 0  # marked at once...
+    qtbot.waitUntil(lambda: len(viewer.layers) == count + 1, timeout=WAIT_MS)  # ...and the stack follows
     stack = viewer.layers[-1]
     indices = stack.metadata["medexplore_explorer_indices"]
     assert len(indices) >= 1 and set(indices) <= set(widget.selected.tolist())

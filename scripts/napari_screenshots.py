@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from qtpy.QtWidgets import QApplication
 
 PLUGIN = "napari-medexplore"
 
@@ -29,8 +30,16 @@ def wait_idle(app, condition, timeout_s: float = 600) -> None:
 def save(viewer, path: Path) -> None:
     from imageio.v3 import imwrite
 
+    for _ in range(20):  # let deferred layer additions and redraws land
+        QApplication.processEvents()
     imwrite(path, viewer.screenshot(canvas_only=False, flash=False))
     print("wrote", path)
+
+
+def open_widget(viewer, name: str):
+    """The named widget as the only dock on the right."""
+    viewer.window.remove_dock_widget("all")
+    return viewer.window.add_plugin_dock_widget(PLUGIN, name)[1]
 
 
 def main() -> None:
@@ -42,7 +51,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     import napari
-    from qtpy.QtWidgets import QApplication
 
     from medexplore.train.workflow import example_run
 
@@ -54,7 +62,7 @@ def main() -> None:
     # 1. inference on the full-size MNI152 volume: tissue segmentation and attention rollout, 3D view
     t1, tissue = viewer.open_sample(PLUGIN, "mni152_t1")
     tissue.visible = False
-    _, infer = viewer.window.add_plugin_dock_widget(PLUGIN, "Run a checkpoint")
+    infer = open_widget(viewer, "Run a checkpoint")
     infer.checkpoint.folder.value = checkpoint
     infer.select_layer(t1)
     infer.window.value = 16  # the example model was trained on 16^3 patches
@@ -62,10 +70,13 @@ def main() -> None:
     infer.run()
     wait_idle(app, lambda: infer.run_button.enabled and "done" in infer.status.value)
     viewer.layers["MNI152 T1 lesion_mask"].visible = False
+    viewer.layers["MNI152 T1 lesion_boxes"].visible = False  # the example model's boxes are weak (see issue notes)
     viewer.dims.set_current_step(0, 47)
     save(viewer, out / "inference.png")
     viewer.dims.ndisplay = 3
-    viewer.layers["MNI152 T1 rollout"].visible = False
+    for name in ("MNI152 T1 rollout", "MNI152 T1"):
+        viewer.layers[name].visible = False
+    viewer.layers["MNI152 T1 tissue"].opacity = 1.0
     viewer.camera.angles = (15, 30, 110)
     save(viewer, out / "inference_3d.png")
     viewer.dims.ndisplay = 2
@@ -73,18 +84,18 @@ def main() -> None:
     # 2. domain latents on the retina
     viewer.layers.clear()
     retina, _ = viewer.open_sample(PLUGIN, "retina_with_lesions")
-    _, domain = viewer.window.add_plugin_dock_widget(PLUGIN, "Domain latents")
+    domain = open_widget(viewer, "Domain latents")
     domain.checkpoint.folder.value = checkpoint
     domain.layer.value = retina
     domain.run()
+    viewer.layers["retina with lesions labels"].visible = False
     for layer in list(viewer.layers)[2:]:
-        layer.visible = layer.metadata.get("group") == "modality"
+        layer.visible = layer.metadata.get("group") == "body_part"
     save(viewer, out / "domain_latents.png")
-    viewer.window.remove_dock_widget(domain.native)
 
     # 3. embedding explorer: PCA, then UMAP, coloured by modality; a lasso selection opened as a stack
     viewer.layers.clear()
-    _, explorer = viewer.window.add_plugin_dock_widget(PLUGIN, "Embedding explorer")
+    explorer = open_widget(viewer, "Embedding explorer")
     explorer.checkpoint.folder.value = checkpoint
     explorer.compute()
     wait_idle(app, lambda: "umap" in explorer.projections)
@@ -92,12 +103,14 @@ def main() -> None:
     centre = np.median(pts, 0)
     box = [tuple(centre + d) for d in ([-1.5, -1.5], [1.5, -1.5], [1.5, 1.5], [-1.5, 1.5])]
     explorer._on_lasso(box)
+    wait_idle(app, lambda: len(viewer.layers) > 0)
+    viewer.layers.selection.active = viewer.layers[-1]
+    viewer.dims.set_current_step(0, 0)
     save(viewer, out / "explorer.png")
-    viewer.window.remove_dock_widget(explorer.native)
 
     # 4. training panel with its live plot
     viewer.layers.clear()
-    _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    train = open_widget(viewer, "Train")
     train.epochs.value, train.steps.value = 2, 15
     train.start()
     wait_idle(app, lambda: train.start_button.enabled and train.history)

@@ -287,6 +287,8 @@ def test_training_widget_pause_stop_leave_a_checkpoint_and_an_idle_ui(make_napar
     widget.toggle_pause()
     qtbot.waitUntil(lambda: any(e.kind == "paused" for e in widget.history), timeout=WAIT_MS)
     step = widget.history[-1].step
+    meta = json.loads((tmp_path / "runs" / "from-widget" / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["step"] == step  # pausing saved a checkpoint
     qtbot.wait(600)
     assert max(e.step for e in widget.history) <= step + 1  # paused: no progress
     widget.toggle_pause()
@@ -340,6 +342,7 @@ def test_embedding_explorer_links_points_and_images(make_napari_viewer, qtbot, t
     assert len(widget.plot.selection.get_xdata()) == len(widget.selected) > 0  # marked at once...
     qtbot.waitUntil(lambda: len(viewer.layers) == count + 1, timeout=WAIT_MS)  # ...and the stack follows
     stack = viewer.layers[-1]
+    assert widget.color_by.value == "modality"  # napari re-reads widget choices on layer changes: kept
     indices = stack.metadata["medexplore_explorer_indices"]
     assert len(indices) >= 1 and set(indices) <= set(widget.selected.tolist())
     viewer.layers.selection.active = stack

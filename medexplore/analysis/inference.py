@@ -192,15 +192,18 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
     for name in vector_tasks:
         result.scores[name] = (vector_sums[name] / blender.num_windows).numpy()
     for name in det_tasks:
-        result.boxes[name] = _merge_boxes(found_boxes[name], len(spatial))
+        result.boxes[name] = _merge_boxes(found_boxes[name], spatial)
     return result
 
 
-def _merge_boxes(found: list[tuple[Tensor, Tensor]], dims: int, iou: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy non-maximum suppression over the boxes of every window."""
+def _merge_boxes(found: list[tuple[Tensor, Tensor]], spatial: Sequence[int], iou: float = 0.3
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes of every window clipped to the image, then greedy non-maximum suppression."""
+    dims = len(spatial)
     if not found or not sum(len(s) for _, s in found):
         return np.zeros((0, 2 * dims), np.float32), np.zeros(0, np.float32)
-    boxes = torch.cat([b for b, _ in found])
+    size = torch.tensor(list(spatial) * 2, dtype=torch.float32)
+    boxes = torch.minimum(torch.cat([b for b, _ in found]).clamp_min(0), size)
     scores = torch.cat([s for _, s in found])
     order = scores.argsort(descending=True)
     boxes, scores = boxes[order], scores[order]

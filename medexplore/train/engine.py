@@ -547,8 +547,10 @@ class Trainer:
                     self.save("last")
                 if self.config.keep_every and self.step % self.config.keep_every == 0:
                     self.save(snapshot_name(self.step), with_state=False)
-                if self.control.paused:
-                    self.emit(Event("paused", self.step, self.total_steps, self.epoch))
+                if self.control.paused:  # a paused run is resumable even if the process ends while paused
+                    if self.last_saved_step != self.step:
+                        self.save("last")
+                    self.emit(Event("paused", self.step, self.total_steps, self.epoch, message="checkpoint saved"))
                     self.control.wait_while_paused()
                     self.emit(Event("resumed", self.step, self.total_steps, self.epoch))
                 if self.control.stop_requested:

@@ -91,11 +91,14 @@ class ScatterCanvas(MplCanvas):
 class ExplorerWidget(Container):
     def __init__(self, napari_viewer):
         self.viewer = napari_viewer
+        self.projections: dict[str, np.ndarray] = {}
+        self._columns: list[str] = []
         self.checkpoint = CheckpointPicker()
         self.source = ComboBox(label="embed", choices=SOURCES, value=SOURCES[0])
         self.compute_button = PushButton(text="Compute embeddings")
-        self.method = ComboBox(label="projection", choices=["pca"], value="pca")
-        self.color_by = ComboBox(label="colour by", choices=[], nullable=True)
+        # choices are read from the widget's state: napari re-reads them whenever layers change
+        self.method = ComboBox(label="projection", choices=lambda _w: list(self.projections) or ["pca"])
+        self.color_by = ComboBox(label="colour by", choices=lambda _w: self._columns, nullable=True)
         self.progress = ProgressBar(label="progress", value=0, max=1)
         self.status = Label(value="")
         self.plot = ScatterCanvas()
@@ -105,7 +108,6 @@ class ExplorerWidget(Container):
         self.embeddings = None
         self._updating = False
         self.samples = None  # what the points are images of
-        self.projections: dict[str, np.ndarray] = {}
         self.selected = np.zeros(0, dtype=int)
         self.workers = []
         self.compute_button.changed.connect(self.compute)
@@ -170,9 +172,10 @@ class ExplorerWidget(Container):
         self.embeddings, self.samples = embeddings, samples
         self.projections = {"pca": project(embeddings.pooled, "pca").coords}
         self._updating = True  # one redraw at the end, not one per field set
-        self.method.choices = ["pca"]
+        self.method.reset_choices()
         columns = [c for c in embeddings.metadata.columns if embeddings.metadata[c].nunique(dropna=True) > 1]
-        self.color_by.choices = columns
+        self._columns = columns
+        self.color_by.reset_choices()
         preferred = [c for c in ("modality", "dataset", "dimensionality") if c in columns]
         self.color_by.value = preferred[0] if preferred else None
         self.selected = np.zeros(0, dtype=int)
@@ -194,7 +197,7 @@ class ExplorerWidget(Container):
     def _on_umap(self, coords) -> None:
         self.projections["umap"] = coords
         self._updating = True
-        self.method.choices = ["pca", "umap"]
+        self.method.reset_choices()
         self.method.value = "umap"
         self._updating = False
         self.redraw()

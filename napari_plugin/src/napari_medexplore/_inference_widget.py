@@ -6,7 +6,8 @@ only gathers the choices, shows progress and places the results (``_layers.resul
 from __future__ import annotations
 
 import psutil
-from magicgui.widgets import (CheckBox, ComboBox, Container, Label, ProgressBar, PushButton, SpinBox, Table)
+from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox,
+                              Table)
 
 from medexplore.analysis.inference import estimate_inference_memory, iter_infer_image, window_for
 
@@ -20,22 +21,24 @@ EXPLANATIONS = (("rollout", "attention rollout"), ("attention", "attention of on
 class InferenceWidget(Container):
     def __init__(self, napari_viewer):
         self.viewer = napari_viewer
+        self._tasks: list[str] = []  # the checkpoint's tasks (choices are re-read when layers change)
         self.checkpoint = CheckpointPicker()
         self.layer = ComboBox(label="image layer", choices=lambda _w: [(layer.name, layer) for layer in
                                                                        image_layers(self.viewer)], nullable=True)
         self.domain = DomainFields()
         self.device = ComboBox(label="device", choices=DEVICES, value="auto")
         self.window = SpinBox(label="window (0 = auto)", value=0, min=0, max=4096, step=4)
+        self.box_threshold = FloatSpinBox(label="box score threshold", value=0.5, min=0.0, max=1.0, step=0.05)
         self.explain_boxes = {key: CheckBox(text=text, value=key == "rollout") for key, text in EXPLANATIONS}
         self.block = SpinBox(label="block", value=-1, min=-64, max=63)
         self.head = SpinBox(label="head (-1 = mean)", value=-1, min=-1, max=63)
-        self.explain_task = ComboBox(label="explain task", choices=[], nullable=True)
+        self.explain_task = ComboBox(label="explain task", choices=lambda _w: self._tasks, nullable=True)
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", value=0, max=1)
         self.status = Label(value="")
         self.table = Table(value={"task": [], "output": [], "value": []})
-        super().__init__(widgets=[self.checkpoint, self.layer, self.domain, self.device, self.window,
+        super().__init__(widgets=[self.checkpoint, self.layer, self.domain, self.device, self.window, self.box_threshold,
                                   *self.explain_boxes.values(), self.block, self.head, self.explain_task,
                                   Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                                             labels=False),
@@ -59,10 +62,12 @@ class InferenceWidget(Container):
         try:
             model, _ = self.checkpoint.load()
         except Exception as exc:
-            self.explain_task.choices = []
+            self._tasks = []
+            self.explain_task.reset_choices()
             self.status.value = report_error(exc, "loading the checkpoint")
             return
-        self.explain_task.choices = list(model.tasks)
+        self._tasks = list(model.tasks)
+        self.explain_task.reset_choices()
         if self.explain_task.value is None and model.tasks:
             self.explain_task.value = next(iter(model.tasks))
         self.status.value = f"model: {len(model.tasks)} tasks, patch {model.config.patch_size}"
@@ -99,7 +104,8 @@ class InferenceWidget(Container):
         from medexplore.train.engine import resolve_device
 
         steps = iter_infer_image(model, image, domain, explain_methods=methods, explain_task=task,
-                                 explain_options=options, window=window, device=resolve_device(self.device.value))
+                                 explain_options=options, window=window, box_threshold=self.box_threshold.value,
+                                 device=resolve_device(self.device.value))
         return source, model, steps
 
     def run(self, _value=None):

@@ -179,6 +179,7 @@ class TrainingWidget(Container):
 
     def _on_finished(self) -> None:
         self._drain_events()
+        self.curves.update(self.history, force=True)
         self.timer.stop()
         self._set_state(False)
         self.control = None

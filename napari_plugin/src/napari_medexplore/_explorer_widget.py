@@ -187,11 +187,13 @@ class ExplorerWidget(Container):
         def fit_umap():
             return project(embeddings.pooled, "umap").coords
 
+        from qtpy.QtCore import QTimer
+
         worker = fit_umap()
         worker.returned.connect(self._on_umap)
         worker.errored.connect(lambda exc: setattr(self.status, "value", report_error(exc, "UMAP")))
         self.workers.append(worker)
-        worker.start()
+        QTimer.singleShot(0, worker.start)  # after the PCA view is on screen, not competing with its paint
         return worker
 
     def _on_umap(self, coords) -> None:

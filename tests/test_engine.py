@@ -243,6 +243,7 @@ def test_crash_between_the_renames_of_a_save_is_recovered(tmp_path):
     (last.parent / "last.tmp-123-abc").mkdir()  # ...before moving the new one in
     assert load_checkpoint(last)[0]["step"] == 3  # the old one serves
     ckpt.save_checkpoint(last, toy_model(seed=5), {"step": 4})
+    ckpt.recover_checkpoints(last.parent)  # what a resumed run does under its lock
     assert sorted(p.name for p in last.parent.iterdir()) == ["last"]  # and leftovers are cleared
     assert load_checkpoint(last)[0]["step"] == 4
 

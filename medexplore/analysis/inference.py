@@ -31,6 +31,7 @@ __all__ = ["ImageInference", "infer_image", "iter_infer_image", "window_for", "e
            "DEFAULT_MAX_TOKENS"]
 
 DEFAULT_MAX_TOKENS = 4096  # tokens per window when no window size is given
+DEFAULT_BATCH_WINDOWS = 4  # windows per forward pass
 _BYTES = 4
 
 
@@ -63,7 +64,7 @@ def window_for(model: Medformer, spatial: Sequence[int], window: int | Sequence[
 
 
 def estimate_inference_memory(model: Medformer, image_shape: Sequence[int], window: Sequence[int],
-                              explain_methods: Sequence[str] = (), batch_windows: int = 1) -> int:
+                              explain_methods: Sequence[str] = (), batch_windows: int = DEFAULT_BATCH_WINDOWS) -> int:
     """Rough peak bytes: the blended outputs at image size plus one batch of windows' activations."""
     spatial = tuple(image_shape[1:])
     voxels = math.prod(spatial)
@@ -110,7 +111,7 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
                      explain_methods: Sequence[str] = (), explain_task: str | None = None,
                      explain_options: Mapping[str, dict] | None = None,
                      window: int | Sequence[int] | None = None, overlap: float = 0.25,
-                     max_tokens: int = DEFAULT_MAX_TOKENS, batch_windows: int = 4, normalize: bool = True,
+                     max_tokens: int = DEFAULT_MAX_TOKENS, batch_windows: int = DEFAULT_BATCH_WINDOWS, normalize: bool = True,
                      box_threshold: float = 0.5, device="cpu") -> Iterator[tuple[int, int]]:
     """Checks the arguments, then returns a generator that yields ``(windows done, total)`` and returns
     the :class:`ImageInference`.

@@ -101,9 +101,7 @@ def save_checkpoint(folder: Path, model: Medformer, meta: dict, train_state: dic
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
-    for stale in folder.parent.glob(f"{folder.name}.*"):  # ours, and any a killed writer left behind
-        if stale.name.startswith((f"{folder.name}.tmp-", f"{folder.name}.old")):
-            shutil.rmtree(stale, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # a killed writer's leftovers are cleared by recover_checkpoints
     return folder
 
 

@@ -89,9 +89,10 @@ def find_runs(root: str | Path, max_depth: int = 2) -> list[Path]:
     if not root.is_dir():
         return []
     candidates = [root] + [p for depth in range(1, max_depth + 1) for p in root.glob("/".join(["*"] * depth))]
-    runs = [p for p in candidates if p.is_dir() and checkpoint_exists(final_checkpoint(p))]
-    return sorted(runs, key=lambda p: (final_checkpoint(p) / "meta.json").stat().st_mtime
-                  if (final_checkpoint(p) / "meta.json").exists() else 0.0, reverse=True)
+    runs = {p: final_checkpoint(p) for p in candidates if p.is_dir()}
+    runs = {p: c for p, c in runs.items() if checkpoint_exists(c)}
+    saved = {p: (c / "meta.json").stat().st_mtime if (c / "meta.json").exists() else 0.0 for p, c in runs.items()}
+    return sorted(runs, key=saved.get, reverse=True)
 
 
 def _absolute_paths(data: dict) -> dict:

@@ -106,14 +106,14 @@ class InferenceWidget(Container):
         steps = iter_infer_image(model, image, domain, explain_methods=methods, explain_task=task,
                                  explain_options=options, window=window, box_threshold=self.box_threshold.value,
                                  device=resolve_device(self.device.value))
-        return source, model, steps
+        return source, model, steps, image.ndim - 1
 
     def run(self, _value=None):
         """Start the job; returns the worker (None when the input was refused)."""
         from napari.qt.threading import thread_worker
 
         try:
-            source, model, steps = self._job()
+            source, model, steps, spatial_ndim = self._job()
         except Exception as exc:
             self.status.value = report_error(exc, "inference")
             return None
@@ -124,7 +124,7 @@ class InferenceWidget(Container):
 
         worker = work()
         worker.yielded.connect(self._on_progress)
-        worker.returned.connect(lambda result: self._on_result(source, model, result))
+        worker.returned.connect(lambda result: self._on_result(source, model, result, spatial_ndim))
         worker.errored.connect(lambda exc: setattr(self.status, "value", report_error(exc, "inference")))
         worker.aborted.connect(lambda: setattr(self.status, "value", "cancelled: nothing was added"))
         worker.finished.connect(lambda: self._set_busy(False))
@@ -144,14 +144,13 @@ class InferenceWidget(Container):
         self.progress.max = max(total, 1)
         self.progress.value = done
 
-    def _on_result(self, source, model, result) -> None:
+    def _on_result(self, source, model, result, spatial_ndim: int) -> None:
         from napari.layers import Layer
 
         if source not in self.viewer.layers:
             self.status.value = report_error(ValueError(f"layer {source.name!r} was removed while running"),
                                              "inference")
             return
-        spatial_ndim = 2 if self.domain.domain.dimensionality == "2d" else 3
         new_layers = [Layer.create(data, kwargs, kind) for data, kwargs, kind in
                       result_layers(source, result, model, spatial_ndim)]  # all built before any is added
         for layer in new_layers:

@@ -72,7 +72,9 @@ class ProgressPrinter:
     def __call__(self, event) -> None:
         from tqdm.auto import tqdm
 
-        if event.kind == "start" and not self.quiet:
+        if event.kind == "adapted":
+            print(event.message, file=sys.stderr)
+        elif event.kind == "start" and not self.quiet:
             self.bar = tqdm(total=event.total_steps, initial=event.step, unit="step", dynamic_ncols=True, file=sys.stderr)
         elif event.kind == "step" and self.bar is not None:
             self.bar.update(event.step - self.bar.n)
@@ -131,6 +133,9 @@ def _run(args, mode: str) -> int:
         config["data"]["path"] = args.data_path
     if args.dataset:
         config["data"]["datasets"] = [args.dataset]
+    for option in ("strategy", "weights", "general"):
+        if getattr(args, option, None):
+            config["adapt"][option] = getattr(args, option)
     outcome = run_training(config, args.out, mode, init=args.init, resume=args.resume,
                            callbacks=[ProgressPrinter(args.quiet)])
     if outcome.result.interrupted:
@@ -221,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
         p.add_argument("--init", help="checkpoint folder to initialise matching weights from (fine-tuning)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        if name == "train":
+            from .adapt.strategies import STRATEGIES
+
+            p.add_argument("--strategy", choices=STRATEGIES, help="adaptation strategy (sizes via --set adapt.KEY=VALUE)")
+            p.add_argument("--weights", help="backbone weights: checkpoint folder, timm weights file or timm name")
+            p.add_argument("--general", help="gmoe: the general expert's weights (same forms as --weights)")
         p.set_defaults(func=func)
 
     for name, func, text in (("evaluate", cmd_evaluate, "metrics of a checkpoint on a split"),

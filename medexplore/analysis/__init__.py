@@ -3,7 +3,8 @@
 - embeddings: :func:`compute_embeddings` -> :class:`EmbeddingSet` (save / :func:`load_embeddings`)
 - projections: :func:`pca`, :func:`umap`, :func:`project` (cached on disk)
 - subspaces: :func:`analyze_subspaces` (shared vs modality-specific), :func:`principal_angles`
-- mixing: :func:`domain_attention` (Input-Adaptformer latents), :func:`summarize_mixing` (also gates)
+- mixing: :func:`domain_attention` (Input-Adaptformer latents), :func:`gate_weights` (GMoE gates),
+  :func:`summarize_mixing` (either)
 - attribution: :func:`attention_rollout`, :func:`attention_map`, :func:`integrated_gradients`,
   :func:`grad_cam`, :func:`explain`
 - fisher: :func:`fisher_spectrum`, :func:`fisher_over_checkpoints`
@@ -14,7 +15,7 @@ from .attribution import (ATTRIBUTION_METHODS, Explanation, attention_map, atten
 from .embeddings import EmbeddingSet, compute_embeddings, load_embeddings
 from .fisher import (FisherSpectrum, fisher_over_checkpoints, fisher_spectrum, last_blocks, per_sample_gradients,
                      select_parameters, spectrum_summary)
-from .mixing import MixingWeights, domain_attention, domain_attention_maps, summarize_mixing
+from .mixing import MixingWeights, domain_attention, domain_attention_maps, gate_weights, summarize_mixing
 from .predictions import predict_samples
 from .projections import Projection, pca, project, umap
 from .selection import nearest_neighbours, nearest_point, points_in_box, points_in_polygon
@@ -22,7 +23,7 @@ from .subspaces import SubspaceAnalysis, analyze_subspaces, linear_decodability,
 
 __all__ = ["ATTRIBUTION_METHODS", "EmbeddingSet", "Explanation", "FisherSpectrum", "MixingWeights", "Projection",
            "SubspaceAnalysis", "analyze_subspaces", "attention_map", "attention_rollout", "compute_embeddings",
-           "domain_attention", "domain_attention_maps", "explain", "fisher_over_checkpoints", "fisher_spectrum",
+           "domain_attention", "domain_attention_maps", "explain", "gate_weights", "fisher_over_checkpoints", "fisher_spectrum",
            "grad_cam", "integrated_gradients", "last_blocks", "linear_decodability", "load_embeddings",
            "nearest_neighbours", "nearest_point", "pca", "per_sample_gradients", "points_in_box",
            "points_in_polygon", "predict_samples", "principal_angles", "principal_subspace", "project",

@@ -116,7 +116,7 @@ def attention_rollout(model: Medformer, sample: Sample, head_fusion: str = "mean
     if not 0 <= discard_ratio < 1:
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     attentions, grid = _segment_attention(model, sample, device)
-    p = model.config.num_prefix_tokens
+    p = model.num_prefix_tokens
     rollout = None
     for attn in attentions:
         a = getattr(attn, head_fusion)(0)
@@ -127,7 +127,7 @@ def attention_rollout(model: Medformer, sample: Sample, head_fusion: str = "mean
         a = a + torch.eye(a.shape[0], device=a.device)
         a = a / a.sum(-1, keepdim=True)
         rollout = a if rollout is None else a @ rollout
-    reader = rollout[:1] if p else rollout[p:]
+    reader = rollout[:1] if model.cls_token is not None else rollout[p:]
     relevance = reader.mean(0)[p:]
     return token_map_to_image(relevance.reshape(grid).cpu(), tuple(sample.image.shape[1:])).numpy()
 
@@ -142,7 +142,7 @@ def attention_map(model: Medformer, sample: Sample, block: int = -1, head: int |
     if head is not None and not 0 <= head < attn.shape[0]:
         raise ValueError(f"head must be in 0..{attn.shape[0] - 1}, got {head}")
     a = attn.mean(0) if head is None else attn[head]
-    p = model.config.num_prefix_tokens
+    p = model.num_prefix_tokens
     received = a[p:, p:].mean(0)
     return token_map_to_image(received.reshape(grid).cpu(), tuple(sample.image.shape[1:])).numpy()
 
@@ -190,7 +190,7 @@ def grad_cam(model: Medformer, sample: Sample, task: str, target: int | None = N
         raise ValueError(f"block must be in {-len(model.blocks)}..{len(model.blocks) - 1}, got {block}")
     forward = _TaskForward(model, task, sample.domain)
     probe = _TokenGridProbe()
-    p, n = model.config.num_prefix_tokens, int(np.prod(grid))
+    p, n = model.num_prefix_tokens, int(np.prod(grid))
 
     def as_grid(module, args, output):
         x, weights = output

@@ -34,7 +34,8 @@ class EmbeddingSet:
     Attributes:
         pooled: (N, D) the model's pooled embedding.
         metadata: one row per sample (dataset, split, index, modality, body_part, dimensionality,
-            patient_id, ``label:<task>``, ``pred:<task>``, ``correct:<task>`` / ``error:<task>``).
+            patient_id, ``label:<task>``, ``pred:<task>``, ``correct:<task>`` / ``error:<task>``, and
+            for a GMoE-adapted model ``gate:<expert>``, the expert's gate weight averaged over blocks).
         tasks: per task name, (N, D) the mean of its Output-Adaptformer queries.
         blocks: (N, depth, D) each block's pooled tokens, when asked for.
         info: free description (checkpoint, model) kept in the file.
@@ -250,6 +251,11 @@ def sample_rows(batch) -> list[dict]:
 
 def _metadata_rows(model: Medformer, batch, out, split: str) -> list[dict]:
     rows = [{**row, "split": split} for row in sample_rows(batch)]
+    if out.gates:  # GMoE: each expert's weight, averaged over the blocks
+        mean_gate = torch.stack(list(out.gates.values())).float().mean(0).cpu()
+        for e, name in enumerate(model.adaptation["expert_names"]):
+            for row, value in zip(rows, mean_gate[:, e].tolist()):
+                row[f"gate:{name}"] = value
     for name, spec in model.tasks.items():
         items = per_sample_predictions(spec.kind, out.predictions[name], batch.num_samples)
         labels = batch.targets.get(name, [None] * batch.num_samples)

@@ -20,7 +20,8 @@ from ..models.medformer import Medformer
 from .attribution import token_map_to_image
 from .embeddings import sample_rows
 
-__all__ = ["MixingWeights", "domain_attention", "domain_attention_maps", "summarize_mixing"]
+__all__ = ["MixingWeights", "domain_attention", "domain_attention_maps", "gate_weights", "expert_names",
+           "summarize_mixing"]
 
 DOMAIN_GROUPS = ("dimensionality", "modality", "body_part")
 
@@ -98,6 +99,37 @@ def domain_attention(model: Medformer, dataset: Dataset | Sequence[Sample], batc
     if not rows:
         raise ValueError("domain_attention: the dataset is empty")
     return MixingWeights(torch.cat(weights).numpy(), names, groups, pd.DataFrame(rows))
+
+
+def expert_names(model: Medformer) -> list[str]:
+    """Names of a GMoE-adapted model's experts; a ValueError for any other model."""
+    adaptation = model.adaptation or {}
+    if adaptation.get("strategy") != "gmoe":
+        raise ValueError("this model has no gated experts (adapt it with strategy gmoe to get gate weights)")
+    return list(adaptation["expert_names"])
+
+
+@torch.no_grad()
+def gate_weights(model: Medformer, dataset: Dataset | Sequence[Sample], batch_size: int = 128,
+                 device="cpu") -> MixingWeights:
+    """Each sample's GMoE gate weights: one component per (block, expert), grouped by expert.
+
+    Every block's weights sum to 1, and they are divided by the depth, so a row sums to 1 and
+    ``by_group()`` gives each expert's share averaged over the blocks.
+    """
+    experts = expert_names(model)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    model.eval().to(device)
+    weights, rows, blocks = [], [], []
+    for batch in loader:
+        out = model(batch.to(device), tasks=[])
+        blocks = list(out.gates)
+        weights.append(torch.cat([out.gates[b].float() for b in blocks], 1).cpu() / len(blocks))
+        rows.extend(sample_rows(batch))
+    if not rows:
+        raise ValueError("gate_weights: the dataset is empty")
+    names = [f"{b}:{e}" for b in blocks for e in experts]
+    return MixingWeights(torch.cat(weights).numpy(), names, experts * len(blocks), pd.DataFrame(rows))
 
 
 @torch.no_grad()

@@ -285,6 +285,11 @@ class EmbeddedDataset(Dataset):
             return Domain("3d", "mri", "brain")
         return Domain("2d", str(self.arrays["modality2d"][i]), str(self.arrays["body2d"][i]))
 
+    @property
+    def patient_ids(self) -> list[str]:
+        """Each sample's patient: the real subject its crop comes from (cheap, no image read)."""
+        return [self.source_of(k) for k in range(len(self))]
+
     def source_of(self, k: int) -> str:
         dims, i = self.index[k]
         return "mni152_3d" if dims == "3d" else str(self.arrays["source2d"][i])
@@ -298,5 +303,6 @@ class EmbeddedDataset(Dataset):
             image = torch.from_numpy(self.arrays["images3d"][i].copy())
             spacing = (2.0, 2.0, 2.0)
         source = self.source_of(k)
-        return Sample(image, self.domain_of(k), self.labels_of(k), spacing, patient_id=f"{source}-{i}",
+        # every crop of one source comes from one real subject (one template, photograph or scan)
+        return Sample(image, self.domain_of(k), self.labels_of(k), spacing, patient_id=source,
                       meta={"source": source, "index": k})

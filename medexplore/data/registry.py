@@ -11,6 +11,7 @@ from .embedded import EmbeddedConfig, EmbeddedDataset
 from .folder import FolderDataset
 from ..typed import coerce_fields
 from .medmnist import MEDMNIST, MedMNIST
+from .natural import NaturalImages
 from .sampling import MixedDataset
 
 __all__ = ["DataSection", "check_data_config", "build_dataset", "dataset_parts", "dataset_tasks", "dataset_domains",
@@ -37,7 +38,7 @@ def check_data_config(data: dict) -> dict:
 
 
 def available_datasets() -> list[str]:
-    return ["embedded", "folder", *MEDMNIST]
+    return ["embedded", "folder", "natural", *MEDMNIST]
 
 
 def _one(name: str, data: dict, split: str) -> Dataset:
@@ -48,6 +49,9 @@ def _one(name: str, data: dict, split: str) -> Dataset:
             raise ValueError("the 'folder' dataset needs data.csv (the label table) and data.tasks (task specs)")
         tasks = [t if isinstance(t, TaskSpec) else TaskSpec.from_dict(t) for t in data["tasks"]]
         return FolderDataset(data["csv"], tasks, split=split, multiple=int(data.get("multiple", 16)))
+    if name == "natural":  # unlabelled photographs for pretraining a general expert
+        return NaturalImages({"train": 4096, "val": 256, "test": 256}[split], int(data.get("size", 28)),
+                             seed=int(data.get("seed", 0)) + ("train", "val", "test").index(split))
     if name in MEDMNIST:
         return MedMNIST(name, split, size=int(data.get("size", 28)), root=data.get("root"), path=data.get("path"))
     raise ValueError(f"unknown dataset {name!r}; available: {available_datasets()}")
@@ -56,7 +60,8 @@ def _one(name: str, data: dict, split: str) -> Dataset:
 def build_dataset(data: dict, split: str) -> Dataset:
     """The dataset a data section describes: ``{"datasets": [...], "size": 28, "root": ..., "path": ...}``.
 
-    ``embedded`` is the built-in data; ``folder`` reads ``data.csv`` with ``data.tasks`` (a list of
+    ``embedded`` is the built-in data; ``natural`` unlabelled crops of scikit-image's photographs
+    (for a general expert's VICReg pretraining); ``folder`` reads ``data.csv`` with ``data.tasks`` (a list of
     TaskSpec dicts), the CSV's ``split`` column selecting train/val/test; other names are MedMNIST flags.
 
     Several names give a :class:`MixedDataset` (sample weights per source come from the trainer).

@@ -31,6 +31,8 @@ class MedformerOutput:
         input_attention: on request, (T, L) each token's attention over its domain latents.
         attentions: on request, per block one list of (B, H, n, n) weights per segment.
         query_attention: on request, per task a list of per-sample (H, Q, n_i) weights.
+        gates: for gated mixtures of experts (GMoE-Adapter), per block name the (S, E) weights of
+            each sample over the experts (softmax, rows sum to 1).
     """
 
     predictions: dict[str, object]
@@ -40,6 +42,7 @@ class MedformerOutput:
     input_attention: Tensor | None = None
     attentions: list[list[Tensor]] = field(default_factory=list)
     query_attention: dict[str, list[Tensor]] = field(default_factory=dict)
+    gates: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Medformer(nn.Module):
@@ -74,6 +77,9 @@ class Medformer(nn.Module):
         self.feature_depths = feature_depths(config.depth, config.patch_size)
         self.output_adaptformer = OutputAdaptformer(d, config.num_heads, [], config.mlp_ratio) if config.output_adaptformer else None
         self.heads = nn.ModuleDict()
+        self.prompts: nn.Module | None = None  # visual prompt tokens (medexplore.adapt)
+        self.adaptation: dict | None = None  # how medexplore.adapt changed this model, for checkpoints
+        self.frozen_modules: list[str] = []  # kept in eval mode by train()
         for task in tasks:
             self.add_task(task)
         if self.cls_token is not None:
@@ -105,6 +111,18 @@ class Medformer(nn.Module):
         self.config = self.config.replace(vocab=new)
         return new
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches in each sample's row: the class token, then any prompt tokens."""
+        return self.config.num_prefix_tokens + (self.prompts.num_tokens if self.prompts is not None else 0)
+
+    def train(self, mode: bool = True) -> "Medformer":
+        """Like ``nn.Module.train``, but modules listed in ``frozen_modules`` stay in eval mode."""
+        super().train(mode)
+        for name in self.frozen_modules:
+            self.get_submodule(name).eval()
+        return self
+
     # ------------------------------------------------------------------ forward
     def layout(self, batch: Batch, packing: str = "grouped") -> TokenLayout:
         """Packing of ``batch``; raises ValueError for images the model cannot take."""
@@ -113,13 +131,20 @@ class Medformer(nn.Module):
             grids.append(self.patch_embed.grid(tuple(images.shape[1:]), where=f"image {int(ids[0])}"))
         shapes = [tuple(g.shape[2:]) for g in batch.groups]
         return TokenLayout.build(grids, batch.group_samples, shapes, batch.num_samples,
-                                 self.config.num_prefix_tokens, packing, device=self.norm.weight.device)
+                                 self.num_prefix_tokens, packing, device=self.norm.weight.device)
 
     def embed(self, batch: Batch, layout: TokenLayout) -> Tensor:
-        """(T, D) packed tokens with class tokens and learned positions."""
+        """(T, D) packed tokens with class tokens and learned positions.
+
+        Prompt slots (after the class token) hold zeros here; the prompts themselves are written
+        just before the body, so they carry no position.
+        """
         groups = []
+        num_prompts = self.num_prefix_tokens - self.config.num_prefix_tokens
         for images in batch.groups:
             tokens = self.patch_embed(images.to(self.norm.weight.dtype))
+            if num_prompts:
+                tokens = torch.cat([tokens.new_zeros(tokens.shape[0], num_prompts, tokens.shape[2]), tokens], 1)
             if self.cls_token is not None:
                 tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], 1)
             groups.append(tokens)
@@ -142,6 +167,8 @@ class Medformer(nn.Module):
         rope = self.rope(layout.coords, layout.is_prefix) if self.rope is not None else None
         features, attentions = [], []
         for i, block in enumerate(self.blocks):
+            if self.prompts is not None:
+                x = self.prompts(x, layout, i)
             x, weights = block(x, layout, rope, need_weights)
             if need_weights:
                 attentions.append(weights)
@@ -168,7 +195,9 @@ class Medformer(nn.Module):
         ctx = HeadContext(layout, batch, features)
         predictions = {name: head(task_queries[name], ctx) for name, head in self.heads.items()
                        if tasks is None or name in tasks}
-        return MedformerOutput(predictions, embedding, x, layout, input_attention, attentions, query_attention)
+        gates = {f"blocks.{i}": block.gate_weights for i, block in enumerate(self.blocks)
+                 if getattr(block, "gate_weights", None) is not None}
+        return MedformerOutput(predictions, embedding, x, layout, input_attention, attentions, query_attention, gates)
 
     # ------------------------------------------------------------------ losses
     def compute_loss(self, output: MedformerOutput, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
@@ -197,14 +226,22 @@ class Medformer(nn.Module):
 
     # ------------------------------------------------------------------ serialisation helpers
     def spec_dict(self) -> dict:
-        """JSON-ready description sufficient to rebuild this model (weights aside)."""
-        return {"config": self.config.to_dict(), "tasks": [t.to_dict() for t in self.tasks.values()]}
+        """JSON-ready description sufficient to rebuild this model (weights aside), adaptation included."""
+        spec = {"config": self.config.to_dict(), "tasks": [t.to_dict() for t in self.tasks.values()]}
+        if self.adaptation is not None:
+            spec["adaptation"] = dict(self.adaptation)
+        return spec
 
     @classmethod
     def from_spec_dict(cls, spec: dict) -> "Medformer":
         if not isinstance(spec, dict) or "config" not in spec:
             raise ValueError("model description must be a dict with 'config' and 'tasks'")
-        return cls(MedformerConfig.from_dict(spec["config"]), [TaskSpec.from_dict(t) for t in spec.get("tasks", [])])
+        model = cls(MedformerConfig.from_dict(spec["config"]), [TaskSpec.from_dict(t) for t in spec.get("tasks", [])])
+        if spec.get("adaptation"):
+            from ..adapt import rebuild_adaptation  # the adapted structure; the weights come from the checkpoint
+
+            rebuild_adaptation(model, spec["adaptation"])
+        return model
 
     def num_params(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -8,6 +8,7 @@ call per segment rather than per shape, and never lets a token see another sampl
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -140,6 +141,12 @@ class TokenLayout:
     @property
     def num_tokens(self) -> int:
         return self.sample_idx.numel()
+
+    @functools.cached_property
+    def positions_in_row(self) -> Tensor:
+        """(T,) position of each token within its sample's row (0 = first prefix token)."""
+        return torch.cat([torch.arange(seg.length, device=self.sample_idx.device).repeat(seg.batch)
+                          for seg in self.segments])
 
     # ------------------------------------------------------------------ construction
     @classmethod

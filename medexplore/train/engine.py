@@ -153,7 +153,7 @@ class TrainConfig:
 
 @dataclass
 class Event:
-    """Progress of a run: ``kind`` is start, step, epoch, eval, checkpoint, paused, resumed, stopped or done."""
+    """Progress of a run: ``kind`` is adapted, start, step, epoch, eval, checkpoint, paused, resumed, stopped or done."""
 
     kind: str
     step: int = 0

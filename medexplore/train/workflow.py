@@ -32,6 +32,7 @@ DEFAULT_CONFIG = {
     "model": {"name": "medformer_tiny", "patch_size": 4},
     "data": {"datasets": ["embedded"], "size": 28, "root": None, "path": None},
     "train": {},
+    "adapt": {},
 }
 
 
@@ -118,6 +119,17 @@ def _check_images(model: Medformer, *datasets) -> None:
                 model.layout(collate([part[0]]))
 
 
+def _adapt_config(section: dict | None):
+    """The ``adapt`` section as an AdaptConfig, or None when no strategy is asked for."""
+    if not section or not section.get("strategy"):
+        if section:
+            raise ValueError(f"adapt section {sorted(section)} without adapt.strategy; name one (e.g. lora)")
+        return None
+    from ..adapt import AdaptConfig
+
+    return AdaptConfig.from_dict(section)
+
+
 def _prepare_run_dir(out: Path, resume: bool, data: dict) -> bool:
     """Whether to resume; refuses a folder holding another run, takes over one that never saved a checkpoint."""
     stored = out / "config.json"
@@ -166,6 +178,7 @@ def run_training(config: dict, out: str | Path, mode: str = "supervised", init: 
     if config.get("train", {}).get("mode", mode) != mode:
         raise ValueError(f"train.mode is set by the command ({mode}); remove train.mode={config['train']['mode']!r}")
     train_cfg = TrainConfig.from_dict({**config.get("train", {}), "mode": mode})
+    adapt_cfg = _adapt_config(config.get("adapt"))
     resolve_device(train_cfg.device)  # an unknown or absent device fails before the folder is touched
     train_set = build_dataset(config["data"], "train")
     val_set = build_dataset(config["data"], "val") if mode == "supervised" else None
@@ -178,6 +191,12 @@ def run_training(config: dict, out: str | Path, mode: str = "supervised", init: 
     _check_images(model, train_set, val_set, test_set)
     if init:
         init_from_checkpoint(model, init)
+    if adapt_cfg is not None:
+        from ..adapt import adapt_model
+
+        report = adapt_model(model, adapt_cfg)
+        for callback in callbacks:
+            callback(Event("adapted", message=str(report)))
     with RunLock(out) if is_main else contextlib.nullcontext():
         resume = _prepare_run_dir(out, resume, config["data"]) if is_main else resume
         if dist.is_available() and dist.is_initialized():

@@ -1,0 +1,95 @@
+"""Pretrained backbone weights by path or name: medexplore checkpoints, timm files, timm names."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+
+from ..models.medformer import Medformer
+from ..models.timm_weights import load_timm_weights
+
+__all__ = ["load_backbone_weights", "read_weights_file", "WeightsError"]
+
+TIMM_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be found, read or fitted; the message names the source."""
+
+
+def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a torch file read with ``weights_only`` (never unpickled).
+
+    A ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper is unwrapped.
+    """
+    path = Path(path)
+    if path.suffix not in TIMM_SUFFIXES:
+        raise WeightsError(f"{path}: weights files must end in {', '.join(TIMM_SUFFIXES)}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated or pickled objects
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"{path}: unreadable weights ({reason})") from exc
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: expected a mapping of parameter names to tensors")
+    return state
+
+
+def _online(host: str = "huggingface.co") -> bool:
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _timm_by_name(name: str) -> dict[str, torch.Tensor]:
+    import timm
+
+    if name not in timm.list_models(pretrained=True) and name.split(".")[0] not in timm.list_models():
+        raise WeightsError(f"{name!r} is neither a file nor a timm model name with pretrained weights "
+                           "(see timm.list_models(pretrained=True))")
+    if not _online():
+        raise WeightsError(f"cannot download timm weights {name!r}: no network. Download them elsewhere "
+                           "(e.g. timm.create_model(name, pretrained=True) then save its state_dict) "
+                           "and pass the file: --weights PATH")
+    return timm.create_model(name, pretrained=True).state_dict()
+
+
+def load_backbone_weights(model: Medformer, source: str | Path) -> str:
+    """Load pretrained backbone weights into ``model``; returns what was loaded, in words.
+
+    ``source`` is a medexplore checkpoint folder (tensors whose names and shapes match are copied),
+    a timm weights file, or a timm model name (downloaded when online; offline, a clear error asks
+    for a file). timm weights are remapped and their positions resampled to the model's grid.
+    """
+    from ..train.checkpoint import CheckpointError
+    from ..train.workflow import init_from_checkpoint
+
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        try:
+            count = init_from_checkpoint(model, path)
+        except CheckpointError as exc:
+            raise WeightsError(str(exc)) from exc
+        return f"{count} tensors from medexplore checkpoint {path}"
+    if path.suffix in TIMM_SUFFIXES or path.exists():
+        if not path.exists():
+            raise WeightsError(f"{path}: no such weights file")
+        state, what = read_weights_file(path), f"timm weights file {path}"
+    else:
+        state, what = _timm_by_name(str(source)), f"timm weights {source!r}"
+    try:
+        load_timm_weights(model, state)
+    except ValueError as exc:
+        raise WeightsError(f"{what}: {exc}") from exc
+    return what

@@ -199,6 +199,20 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_adapt_bench(args) -> int:
+    from .adapt.bench import DEFAULT_RECIPE, BenchSpec, run_adapt_bench
+
+    config = load_config(args.config, args.set)
+    spec = BenchSpec(medical=args.medical, general=args.general, datasets=tuple(args.datasets),
+                     data={k: v for k, v in config["data"].items() if k != "datasets" and v is not None},
+                     strategies=tuple(args.strategies), prompts=args.prompts, prompt_counts=tuple(args.prompt_counts),
+                     sweep=tuple(args.sweep), ood=not args.no_ood, train=config["train"] or dict(DEFAULT_RECIPE))
+    table = run_adapt_bench(spec, args.out, callbacks=[ProgressPrinter(args.quiet)])
+    print(f"{len(table)} cells; results in {Path(args.out) / 'results.csv'}, {Path(args.out) / 'results.md'}, "
+          f"{Path(args.out) / 'adapt_bench.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medexplore", description="Multitask multimodal medical-image learning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--weights", help="backbone weights: checkpoint folder, timm weights file or timm name")
             p.add_argument("--general", help="gmoe: the general expert's weights (same forms as --weights)")
         p.set_defaults(func=func)
+
+    from .adapt.protocol import PROMPT_COUNTS
+    from .adapt.strategies import STRATEGIES
+
+    text = "adaptation benchmark: strategies x datasets -> results.csv/.md and a plot (resumable)"
+    p = sub.add_parser("adapt-bench", help=text, description=text)
+    p.add_argument("--medical", required=True, help="the medical expert: a checkpoint folder (e.g. VICReg pretraining)")
+    p.add_argument("--general", help="the general expert for gmoe: checkpoint folder, timm weights file or timm name")
+    p.add_argument("--datasets", nargs="+", default=["embedded"], help="dataset names (embedded, MedMNIST flags)")
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    p.add_argument("--prompts", type=int, default=10, help="prompt tokens of the vpt strategies")
+    p.add_argument("--prompt-counts", type=int, nargs="+", default=list(PROMPT_COUNTS), help="the prompt sweep")
+    p.add_argument("--sweep", nargs="*", default=[], help="datasets on which to run the prompt sweep")
+    p.add_argument("--no-ood", action="store_true", help="skip the patient-level out-of-distribution cells")
+    p.add_argument("--config", help="YAML with data (root, size) and train (the recipe every cell uses) sections")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--out", required=True, help="bench folder; run again to continue an interrupted bench")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_adapt_bench)
 
     for name, func, text in (("evaluate", cmd_evaluate, "metrics of a checkpoint on a split"),
                              ("embed", cmd_embed, "embeddings (pooled, per task, per block) and metadata of a split, to one npz file "

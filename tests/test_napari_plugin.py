@@ -368,3 +368,46 @@ def test_domain_latent_overlays_sum_to_one(make_napari_viewer, tiny_checkpoint):
     assert widget.plot.figure.axes and "share per group" in widget.status.value
     widget.layer.value = None
     assert widget.run() is None and "no image layer" in widget.status.value
+
+
+def test_training_widget_adapts_with_a_strategy(make_napari_viewer, qtbot, tmp_path, monkeypatch, tiny_checkpoint):
+    from medexplore.train.checkpoint import load_model
+
+    monkeypatch.setenv("MEDEXPLORE_RUNS", str(tmp_path / "runs"))
+    viewer = make_napari_viewer()
+    widget = dock(viewer, "Train")
+    assert widget.general.native.isHidden()  # shown only for gmoe
+    widget.strategy.value = "gmoe"
+    assert not widget.general.native.isHidden()
+    assert widget.start() is None and "adapt.general" in widget.status.value  # gmoe without its general expert
+    widget.strategy.value = "lora"
+    assert widget.start() is None and "--init" in widget.status.value  # nothing pretrained to adapt
+    widget.init.value = tiny_checkpoint
+    widget.size.value = "micro (CPU minutes)"
+    widget.epochs.value, widget.steps.value, widget.batch_size.value = 1, 2, 8
+    widget.run_name.value = "lora-run"
+    monkeypatch.setattr("napari_medexplore._training_widget.MODEL_SIZES", {  # the checkpoint's architecture
+        "micro (CPU minutes)": {"name": "medformer_tiny", "patch_size": 8, "depth": 2, "embed_dim": 32,
+                                "num_heads": 2, "seg_channels": 8}})
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: widget.start_button.enabled, timeout=WAIT_MS)
+    assert any(e.kind == "adapted" and e.message.startswith("lora:") for e in widget.history)
+    model, _ = load_model(tmp_path / "runs" / "lora-run" / "checkpoints" / "last")
+    assert model.adaptation["strategy"] == "lora"
+
+
+def test_domain_view_shows_gmoe_gate_weights(make_napari_viewer, tiny_checkpoint, tmp_path):
+    from medexplore.adapt import apply_strategy
+    from medexplore.train.checkpoint import load_model
+
+    model, _ = load_model(tiny_checkpoint)
+    apply_strategy(model, "gmoe", [load_model(tiny_checkpoint)[0]])
+    gmoe = checkpoint_of(model, tmp_path / "gmoe")
+    viewer = make_napari_viewer()
+    (ct,) = viewer.open_sample(PLUGIN, "ct_slice")
+    widget = dock(viewer, "Domain latents")
+    widget.checkpoint.folder.value = gmoe
+    widget.layer.value = ct
+    assert widget.run() is not None
+    assert "gate: medical 0.50, general 0.50" in widget.status.value  # a fresh gate weighs both equally
+    assert len(widget.plot.figure.axes) == 2

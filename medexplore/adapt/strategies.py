@@ -39,6 +39,7 @@ STRATEGIES = ("full", "linear", "partial", "adapter", "vpt_shallow", "vpt_deep",
 EXPERT_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "patch_size", "in_chans", "pos_embed",
                  "class_token")
 LORA_TARGETS = ("qkv", "proj")
+TASK_SIDE = ("output_adaptformer.", "heads.")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ class AdaptConfig:
         if self.alpha is not None and not self.alpha > 0:
             raise ValueError(f"adapt.alpha must be > 0, got {self.alpha}")
 
+    def check_sources(self) -> None:
+        """The weights a run needs are named (``gmoe`` needs its general expert)."""
+        if self.strategy == "gmoe" and not self.general:
+            raise ValueError("adapt.strategy gmoe needs adapt.general: the general expert's weights (a checkpoint "
+                             "folder, a timm weights file or a timm name)")
+
     @classmethod
     def from_dict(cls, d: dict) -> "AdaptConfig":
         return cls(**coerce_fields(cls, dict(d), "adapt"))
@@ -93,23 +100,28 @@ class AdaptConfig:
 
 @dataclass(frozen=True)
 class AdaptReport:
-    """What learns after adapting: counts of trainable and of all parameters."""
+    """What learns after adapting: trainable parameters (of which in the backbone, i.e. outside the task
+    side) and all parameters."""
 
     strategy: str
     trainable: int
     total: int
+    backbone_trainable: int = 0
 
     @property
     def fraction(self) -> float:
         return self.trainable / max(self.total, 1)
 
     def __str__(self) -> str:
-        return f"{self.strategy}: {self.trainable:,} of {self.total:,} parameters learn ({100 * self.fraction:.2f}%)"
+        return (f"{self.strategy}: {self.trainable:,} of {self.total:,} parameters learn ({100 * self.fraction:.2f}%), "
+                f"{self.backbone_trainable:,} of them in the backbone")
 
 
 def trainable_report(model: nn.Module, strategy: str = "") -> AdaptReport:
-    total = sum(p.numel() for p in model.parameters())
-    return AdaptReport(strategy, sum(p.numel() for p in model.parameters() if p.requires_grad), total)
+    params = dict(model.named_parameters())
+    trainable = {n: p.numel() for n, p in params.items() if p.requires_grad}
+    backbone = sum(v for n, v in trainable.items() if not n.startswith(TASK_SIDE))
+    return AdaptReport(strategy, sum(trainable.values()), sum(p.numel() for p in params.values()), backbone)
 
 
 # ---------------------------------------------------------------------------- structure
@@ -164,7 +176,7 @@ def _build_structure(model: Medformer, cfg: AdaptConfig, experts) -> None:
 
 def _trainable_names(model: Medformer, cfg: AdaptConfig) -> tuple[set[str], list[str]]:
     """Parameter-name prefixes that learn, and the names of modules kept in eval mode."""
-    task_side = {"output_adaptformer.", "heads."}
+    task_side = set(TASK_SIDE)
     backbone = ["patch_embed", "input_adaptformer", "blocks", "norm"]
     backbone = [m for m in backbone if getattr(model, m, None) is not None]
     if cfg.strategy == "full":
@@ -247,9 +259,7 @@ def adapt_model(model: Medformer, cfg: AdaptConfig | dict) -> AdaptReport:
     from .weights import load_backbone_weights
 
     cfg = AdaptConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    if cfg.strategy == "gmoe" and not cfg.general:
-        raise ValueError("adapt.strategy gmoe needs adapt.general: the general expert's weights (a checkpoint "
-                         "folder, a timm weights file or a timm name)")
+    cfg.check_sources()
     if cfg.weights:
         load_backbone_weights(model, cfg.weights)
     experts = []

@@ -56,8 +56,8 @@ class DomainVocab:
     def extended(self, modalities=(), body_parts=()) -> "DomainVocab":
         """A vocabulary with new names appended; existing indices do not move."""
         return DomainVocab(
-            self.modalities + tuple(m for m in modalities if m not in self.modalities and m != UNKNOWN),
-            self.body_parts + tuple(b for b in body_parts if b not in self.body_parts and b != UNKNOWN),
+            self.modalities + tuple(m for m in dict.fromkeys(modalities) if m not in self.modalities and m != UNKNOWN),
+            self.body_parts + tuple(b for b in dict.fromkeys(body_parts) if b not in self.body_parts and b != UNKNOWN),
         )
 
 

@@ -25,7 +25,7 @@ from .engine import Event, RunControl, RunResult, TrainConfig, Trainer, metrics_
 from .evaluate import evaluate
 from .runlock import LOCK_NAME, RunLock
 
-__all__ = ["DEFAULT_CONFIG", "EXAMPLE_SIZES", "find_runs", "build_model", "init_from_checkpoint", "run_training", "write_figures",
+__all__ = ["DEFAULT_CONFIG", "EXAMPLE_SIZES", "check_adapt_config", "find_runs", "build_model", "init_from_checkpoint", "run_training", "write_figures",
            "demo", "example_run", "final_checkpoint", "RunOutcome"]
 
 DEFAULT_CONFIG = {
@@ -119,15 +119,20 @@ def _check_images(model: Medformer, *datasets) -> None:
                 model.layout(collate([part[0]]))
 
 
-def _adapt_config(section: dict | None):
-    """The ``adapt`` section as an AdaptConfig, or None when no strategy is asked for."""
+def check_adapt_config(section: dict | None, init: str | Path | None = None):
+    """The ``adapt`` section as an AdaptConfig (None when no strategy is asked for), checked against ``init``."""
     if not section or not section.get("strategy"):
         if section:
             raise ValueError(f"adapt section {sorted(section)} without adapt.strategy; name one (e.g. lora)")
         return None
     from ..adapt import AdaptConfig
 
-    return AdaptConfig.from_dict(section)
+    cfg = AdaptConfig.from_dict(section)
+    cfg.check_sources()
+    if not (init or cfg.weights):
+        raise ValueError(f"adapt.strategy {cfg.strategy} adapts a pretrained model: give --init CHECKPOINT "
+                         "or adapt.weights (--weights)")
+    return cfg
 
 
 def _prepare_run_dir(out: Path, resume: bool, data: dict) -> bool:
@@ -178,7 +183,7 @@ def run_training(config: dict, out: str | Path, mode: str = "supervised", init: 
     if config.get("train", {}).get("mode", mode) != mode:
         raise ValueError(f"train.mode is set by the command ({mode}); remove train.mode={config['train']['mode']!r}")
     train_cfg = TrainConfig.from_dict({**config.get("train", {}), "mode": mode})
-    adapt_cfg = _adapt_config(config.get("adapt"))
+    adapt_cfg = check_adapt_config(config.get("adapt"), init)
     resolve_device(train_cfg.device)  # an unknown or absent device fails before the folder is touched
     train_set = build_dataset(config["data"], "train")
     val_set = build_dataset(config["data"], "val") if mode == "supervised" else None

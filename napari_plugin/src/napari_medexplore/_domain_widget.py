@@ -1,13 +1,15 @@
 """Domain latents: each token's attention over the Input Adaptformer's dimensionality / modality / body-part
 latents as overlays on the image, and each latent's mean weight as bars
-(``medexplore.analysis.domain_attention_maps`` / ``domain_attention``; ``medexplore.viz.mixing_bars``)."""
+(``medexplore.analysis.domain_attention_maps`` / ``domain_attention``; ``medexplore.viz.mixing_bars``).
+For a GMoE-adapted checkpoint the gate's weight on each expert, per block, is drawn beside them
+(``medexplore.analysis.gate_weights``)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from magicgui.widgets import ComboBox, Container, Label, PushButton
 
-from medexplore.analysis.mixing import domain_attention, domain_attention_maps, summarize_mixing
+from medexplore.analysis.mixing import domain_attention, domain_attention_maps, gate_weights, summarize_mixing
 from medexplore.data.sample import Sample
 from medexplore.data.transforms import fit_to_multiple, normalize_intensity
 from medexplore.viz.analysis import mixing_bars
@@ -51,6 +53,7 @@ class DomainLatentWidget(Container):
             sample = Sample(tensor, domain, meta={"source": source.name})
             maps = domain_attention_maps(model, sample)
             mixing = domain_attention(model, [sample])
+            gates = gate_weights(model, [sample]) if (model.adaptation or {}).get("strategy") == "gmoe" else None
         except Exception as exc:
             self.status.value = report_error(exc, "domain latents")
             return None
@@ -66,9 +69,15 @@ class DomainLatentWidget(Container):
                                                opacity=0.6, metadata={"group": group, "source_layer": source.name},
                                                **where))
         self.plot.figure.clear()
-        mixing_bars(summarize_mixing(mixing, by="dimensionality", per="component"), ax=self.plot.figure.subplots(),
+        axes = self.plot.figure.subplots(1, 2 if gates is not None else 1, squeeze=False)[0]
+        mixing_bars(summarize_mixing(mixing, by="dimensionality", per="component"), ax=axes[0],
                     title=f"attention per domain latent ({domain.modality}, {domain.body_part})")
+        if gates is not None:
+            mixing_bars(summarize_mixing(gates, by="dimensionality", per="component"), ax=axes[1],
+                        title="GMoE gate weight per block and expert")
         self.plot.draw()
         totals = mixing.by_group().iloc[0]
         self.status.value = "share per group: " + ", ".join(f"{g} {v:.2f}" for g, v in totals.items())
+        if gates is not None:
+            self.status.value += "; gate: " + ", ".join(f"{e} {v:.2f}" for e, v in gates.by_group().iloc[0].items())
         return added

@@ -14,13 +14,15 @@ from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label
                               SpinBox)
 from qtpy.QtCore import QTimer
 
+from medexplore.adapt.strategies import STRATEGIES
 from medexplore.data.registry import available_datasets
 from medexplore.train.engine import RunControl
-from medexplore.train.workflow import final_checkpoint, run_training
+from medexplore.train.workflow import check_adapt_config, final_checkpoint, run_training
 
 from ._common import DEVICES, RUNS, report_error, runs_root
 from ._plots import CurvesCanvas
 
+NO_STRATEGY = "none (every weight learns)"
 MODEL_SIZES = {  # name: model section of the config
     "micro (CPU minutes)": {"name": "medformer_tiny", "patch_size": 4, "depth": 3, "embed_dim": 64, "num_heads": 2},
     "tiny": {"name": "medformer_tiny", "patch_size": 4},
@@ -41,6 +43,10 @@ class TrainingWidget(Container):
         self.lr = FloatSpinBox(label="learning rate", value=1e-3, min=1e-6, max=1.0, step=1e-4)
         self.device = ComboBox(label="device", choices=DEVICES, value="auto")
         self.init = FileEdit(label="start from checkpoint (optional)", mode="d", value="")
+        self.strategy = ComboBox(label="adaptation", choices=(NO_STRATEGY, *STRATEGIES), value=NO_STRATEGY,
+                                 tooltip="what learns when starting from a checkpoint (medexplore.adapt)")
+        self.general = FileEdit(label="general expert (gmoe)", mode="d", value="", visible=False)
+        self.strategy.changed.connect(lambda value: setattr(self.general, "visible", value == "gmoe"))
         self.run_name = LineEdit(label="run name", value=time.strftime("run-%Y%m%d-%H%M%S"))
         self.start_button = PushButton(text="Start")
         self.pause_button = PushButton(text="Pause", enabled=False)
@@ -49,7 +55,8 @@ class TrainingWidget(Container):
         self.status = Label(value="")
         self.curves = CurvesCanvas()
         super().__init__(widgets=[self.dataset, self.data_path, self.tasks, self.size, self.epochs, self.steps,
-                                  self.batch_size, self.lr, self.device, self.init, self.run_name,
+                                  self.batch_size, self.lr, self.device, self.init, self.strategy, self.general,
+                                  self.run_name,
                                   Container(widgets=[self.start_button, self.pause_button, self.stop_button],
                                             layout="horizontal", labels=False),
                                   self.progress, self.status])
@@ -85,7 +92,13 @@ class TrainingWidget(Container):
                  "device": self.device.value}
         if self.steps.value:
             train["steps_per_epoch"] = self.steps.value
-        return {"model": dict(MODEL_SIZES[self.size.value]), "data": data, "train": train}
+        adapt = {}
+        if self.strategy.value != NO_STRATEGY:
+            adapt["strategy"] = self.strategy.value
+            general = str(self.general.value or "").strip()
+            if self.strategy.value == "gmoe" and general not in ("", "."):
+                adapt["general"] = general
+        return {"model": dict(MODEL_SIZES[self.size.value]), "data": data, "train": train, "adapt": adapt}
 
     def out_dir(self) -> Path:
         name = self.run_name.value.strip()
@@ -108,6 +121,7 @@ class TrainingWidget(Container):
             config, out = self.config(), self.out_dir()
             init = str(self.init.value or "").strip()
             init = init if init not in ("", ".") else None
+            check_adapt_config(config["adapt"], init)
         except Exception as exc:
             self.status.value = report_error(exc, "training")
             return None
@@ -163,6 +177,8 @@ class TrainingWidget(Container):
             if event.kind == "step":
                 self.status.value = (f"step {event.step}/{event.total_steps}  loss "
                                      f"{event.losses.get('loss', float('nan')):.4f}  {event.samples_per_s:.0f} samples/s")
+            elif event.kind == "adapted":
+                self.status.value = event.message
             elif event.kind in ("paused", "resumed", "stopped", "checkpoint", "eval"):
                 self.status.value = f"{event.kind} at step {event.step}" + (f": {event.message}" if event.message else "")
         if changed:

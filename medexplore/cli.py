@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         out = getattr(args, "out", None)
         saved = out is not None and checkpoint_exists(Path(out) / "checkpoints" / "last")
         advice = "continue with --resume" if saved and args.command in ("train", "pretrain") else "nothing was saved"
+        if args.command == "adapt-bench":
+            advice = "finished cells are in results.csv; run the same command again to continue"
         print(f"medexplore {args.command}: interrupted; {advice}", file=sys.stderr)
         return 130
 

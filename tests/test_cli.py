@@ -47,7 +47,7 @@ def test_pretrain_then_finetune(tmp_path, npz):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dataset", "mnist"], "unknown dataset 'mnist'; available: \\['embedded', 'folder', 'pathmnist'"),
+    (["--dataset", "mnist"], "unknown dataset 'mnist'; available: \\['embedded', 'folder', 'natural', 'pathmnist'"),
     (["--dataset", "pneumoniamnist", "--data-path", "{bad}"], "not a readable npz file"),
     (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--set", "train.lr=-1"], "lr must be a finite number > 0"),
     (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--set", "model.widht=3"], r"unknown option\(s\) \['widht'\]"),

@@ -30,7 +30,7 @@ def plot_adapt_bench(table: pd.DataFrame) -> Figure:
     bars.set_ylim(0.4, 1.0)
     bars.axhline(0.5, color="#999999", lw=0.8, ls=":")
     bars.set_title("strategy")
-    bars.legend(loc="lower left", fontsize=8)
+    bars.legend(loc="upper left", fontsize=8, ncol=len(datasets))
     for name in datasets:
         rows = standard[(standard["dataset"] == name) & (standard["strategy"] == "vpt_deep")].sort_values("prompts")
         if len(rows) > 1:
@@ -45,11 +45,12 @@ def plot_adapt_bench(table: pd.DataFrame) -> Figure:
         sweep.text(0.5, 0.5, "no prompt sweep in this run", ha="center", va="center", transform=sweep.transAxes)
     for name in datasets:
         rows = main[main["dataset"] == name]
-        cost.scatter(rows["trainable"], rows["auc"], color=colors[name], label=name)
+        cost.scatter(rows["backbone_trainable"], rows["auc"], color=colors[name], label=name)
         for _, r in rows.iterrows():
-            cost.annotate(r["strategy"], (r["trainable"], r["auc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    cost.set_xscale("log")
-    cost.set_xlabel("trainable parameters")
+            cost.annotate(r["strategy"], (r["backbone_trainable"], r["auc"]), fontsize=7, xytext=(3, 3),
+                          textcoords="offset points")
+    cost.set_xscale("symlog", linthresh=100)
+    cost.set_xlabel("trainable backbone parameters (task side excluded)")
     cost.set_ylabel("test AUC")
     cost.set_title("accuracy against cost")
     return fig

@@ -139,7 +139,7 @@ def _run_cell(spec: BenchSpec, cell: dict, splits: dict[str, Dataset], cell_dir:
     for task in dataset_tasks(splits["train"]):
         if task.name not in model.tasks:
             model.add_task(task)
-    report = adapt_model(model, AdaptConfig(strategy=cell["strategy"], prompts=cell["prompts"] or 10,
+    report = adapt_model(model, AdaptConfig(strategy=cell["strategy"], prompts=cell["prompts"],
                                             general=spec.general if cell["strategy"] == "gmoe" else None))
     memory = step_memory(model, collate([train[i] for i in range(min(len(train), int(spec.train.get("batch_size", 32))))]))
     config = TrainConfig.from_dict({**spec.train, "monitor": "auc", "mode": "supervised"})

@@ -62,6 +62,34 @@ def test_reads_shared_file_with_unofficial_split_sizes():
     assert len(MedMNIST("pneumoniamnist", "test", path=SHARED)) == 624
 
 
+OFFICIAL = SHARED.parent / "medmnist"
+
+
+@pytest.mark.parametrize("counts, warns", [((1335, 192, 382), False), ((1335, 191, 382), False),
+                                           ((1335, 190, 382), True)])
+def test_both_official_count_sets_are_accepted_without_warning(tmp_path, caplog, counts, warns):
+    assert MEDMNIST["vesselmnist3d"].count_sets == ((1335, 192, 382), (1335, 191, 382))
+    assert MEDMNIST["organamnist"].count_sets == ((34581, 6491, 17778), (34561, 6491, 17778))
+    assert MEDMNIST["pneumoniamnist"].count_sets == ((4708, 524, 624),)
+    info = MEDMNIST["vesselmnist3d"]
+    with np.load(write_npz(tmp_path / "v.npz", "vesselmnist3d", n=(1, 1, 1))) as small:
+        arrays = {f"{split}_{kind}": np.repeat(small[f"{split}_{kind}"], n, axis=0)
+                  for split, n in zip(("train", "val", "test"), counts) for kind in ("images", "labels")}
+    np.savez(tmp_path / "vesselmnist3d.npz", **arrays)
+    with caplog.at_level("WARNING", logger="medexplore.data.medmnist"):
+        ds = MedMNIST("vesselmnist3d", "val", root=tmp_path)
+    assert len(ds) == counts[1] and ds.domain == info.domain
+    assert ("official: 191 or 192" in caplog.text) is warns
+
+
+@pytest.mark.skipif(not OFFICIAL.exists(), reason="../shared/data/medmnist (official MedMNIST v2 files) is absent")
+@pytest.mark.parametrize("flag", ["pneumoniamnist", "breastmnist", "retinamnist", "adrenalmnist3d", "vesselmnist3d"])
+def test_reads_the_official_files_at_their_published_sizes(flag, caplog):
+    with caplog.at_level("WARNING", logger="medexplore.data.medmnist"):
+        sizes = tuple(len(MedMNIST(flag, split, root=OFFICIAL, download=False)) for split in ("train", "val", "test"))
+    assert sizes in MEDMNIST[flag].count_sets and caplog.text == ""
+
+
 def test_missing_file_offline_says_what_to_put_where(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"Put the medmnist npz file 'breastmnist_64.npz'.* at {tmp_path}"):
         MedMNIST("breastmnist", size=64, root=tmp_path)

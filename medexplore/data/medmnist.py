@@ -30,8 +30,14 @@ class MedMNISTInfo:
     modality: str
     body_part: str
     dims: int
-    counts: tuple[int, int, int]  # official train / val / test sizes
+    counts: tuple[int, int, int]  # official train / val / test sizes (original v2 release)
     licence: str = "CC BY 4.0"
+    current_counts: tuple[int, int, int] | None = None  # sizes in the current release, where they changed
+
+    @property
+    def count_sets(self) -> tuple[tuple[int, int, int], ...]:
+        """Every official (train, val, test) size set: the v2 paper's and, where it differs, the current release's."""
+        return (self.counts,) if self.current_counts is None else (self.counts, self.current_counts)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -72,15 +78,20 @@ MEDMNIST: dict[str, MedMNISTInfo] = {info.flag: info for info in [
     MedMNISTInfo("bloodmnist", "multiclass", ("basophil", "eosinophil", "erythroblast", "immature granulocytes",
                  "lymphocyte", "monocyte", "neutrophil", "platelet"), 3, "microscopy", "blood", 2, (11959, 1712, 3421)),
     MedMNISTInfo("tissuemnist", "multiclass", _TISSUE, 1, "microscopy", "kidney", 2, (165466, 23640, 47280)),
-    MedMNISTInfo("organamnist", "multiclass", _ORGANS, 1, "ct", "abdomen", 2, (34561, 6491, 17778)),
-    MedMNISTInfo("organcmnist", "multiclass", _ORGANS, 1, "ct", "abdomen", 2, (12975, 2392, 8216)),
-    MedMNISTInfo("organsmnist", "multiclass", _ORGANS, 1, "ct", "abdomen", 2, (13932, 2452, 8827)),
-    MedMNISTInfo("organmnist3d", "multiclass", _ORGANS, 1, "ct", "abdomen", 3, (972, 161, 610)),
+    MedMNISTInfo("organamnist", "multiclass", _ORGANS, 1, "ct", "abdomen", 2, (34581, 6491, 17778),
+                 current_counts=(34561, 6491, 17778)),
+    MedMNISTInfo("organcmnist", "multiclass", _ORGANS, 1, "ct", "abdomen", 2, (13000, 2392, 8268),
+                 current_counts=(12975, 2392, 8216)),
+    MedMNISTInfo("organsmnist", "multiclass", _ORGANS, 1, "ct", "abdomen", 2, (13940, 2452, 8829),
+                 current_counts=(13932, 2452, 8827)),
+    MedMNISTInfo("organmnist3d", "multiclass", _ORGANS, 1, "ct", "abdomen", 3, (972, 161, 610),
+                 current_counts=(971, 161, 610)),
     MedMNISTInfo("nodulemnist3d", "binary", ("benign", "malignant"), 1, "ct", "chest", 3, (1158, 165, 310)),
     MedMNISTInfo("adrenalmnist3d", "binary", ("normal", "hyperplasia"), 1, "ct", "adrenal", 3, (1188, 98, 298)),
     MedMNISTInfo("fracturemnist3d", "multiclass", ("buckle rib fracture", "nondisplaced rib fracture",
                  "displaced rib fracture"), 1, "ct", "chest", 3, (1027, 103, 240)),
-    MedMNISTInfo("vesselmnist3d", "binary", ("vessel", "aneurysm"), 1, "mra", "brain", 3, (1335, 192, 382)),
+    MedMNISTInfo("vesselmnist3d", "binary", ("vessel", "aneurysm"), 1, "mra", "brain", 3, (1335, 192, 382),
+                 current_counts=(1335, 191, 382)),
     MedMNISTInfo("synapsemnist3d", "binary", ("inhibitory synapse", "excitatory synapse"), 1, "microscopy", "brain", 3,
                  (1230, 177, 352)),
 ]}
@@ -197,9 +208,10 @@ class MedMNIST(torch.utils.data.Dataset):
         if not self.path.exists():
             raise FileNotFoundError(f"MedMNIST file {self.path} not found")
         images, labels = load_medmnist_npz(self.path, self.info, split)
-        official = self.info.counts[SPLITS.index(split)]
-        if len(images) != official:
-            log.warning("%s %s split has %d images (official %d)", self.path, split, len(images), official)
+        official = sorted({counts[SPLITS.index(split)] for counts in self.info.count_sets})
+        if len(images) not in official:
+            log.warning("%s %s split has %d images (official: %s)", self.path, split, len(images),
+                        " or ".join(map(str, official)))
         x = torch.from_numpy(images)
         if self.info.dims == 2 and self.info.channels == 3:
             x = x.movedim(-1, 1)

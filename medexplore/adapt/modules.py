@@ -148,8 +148,8 @@ class GatedExperts(nn.Module):
 class StaticMixture(nn.Module):
     """``sum_e softmax(logits)_e * expert_e(x)`` with learned, input-independent logits (zero at start).
 
-    Used for the GMoE-Adapter's patch embedding; ``grid`` is forwarded so a mixture of patch
-    embeddings stands in for one.
+    Used for the GMoE-Adapter's patch embedding; ``grid``, ``patches`` and ``project`` are forwarded
+    so a mixture of patch embeddings stands in for one.
     """
 
     def __init__(self, experts: list[nn.Module]):
@@ -161,6 +161,13 @@ class StaticMixture(nn.Module):
 
     def grid(self, *args, **kwargs):
         return self.experts[0].grid(*args, **kwargs)
+
+    def patches(self, images: Tensor) -> Tensor:
+        return self.experts[0].patches(images)
+
+    def project(self, patches: Tensor, *args) -> Tensor:
+        w = self.weights
+        return sum(w[e].to(patches.dtype) * expert.project(patches, *args) for e, expert in enumerate(self.experts))
 
     @property
     def weights(self) -> Tensor:

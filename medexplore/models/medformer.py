@@ -136,19 +136,23 @@ class Medformer(nn.Module):
     def embed(self, batch: Batch, layout: TokenLayout) -> Tensor:
         """(T, D) packed tokens with class tokens and learned positions.
 
-        Prompt slots (after the class token) hold zeros here; the prompts themselves are written
-        just before the body, so they carry no position.
+        Patch tokens of every image with the same dimensionality and channel count are embedded by
+        one matmul and written to their packed positions, so a batch of many shapes costs no more
+        calls than a batch of one. Prompt slots (after the class token) and padding hold zeros here;
+        the prompts themselves are written just before the body, so they carry no position.
         """
-        groups = []
-        num_prompts = self.num_prefix_tokens - self.config.num_prefix_tokens
-        for images in batch.groups:
-            tokens = self.patch_embed(images.to(self.norm.weight.dtype))
-            if num_prompts:
-                tokens = torch.cat([tokens.new_zeros(tokens.shape[0], num_prompts, tokens.shape[2]), tokens], 1)
-            if self.cls_token is not None:
-                tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], 1)
-            groups.append(tokens)
-        x = layout.pack(groups)
+        dtype = self.norm.weight.dtype
+        by_kind: dict[tuple[int, int], list[int]] = {}  # (spatial dims, channels) -> groups, in packed order
+        for g in layout.packed_group_order():
+            images = batch.groups[g]
+            by_kind.setdefault((images.dim() - 2, images.shape[1]), []).append(g)
+        x = self.norm.weight.new_zeros(layout.num_tokens, self.config.embed_dim)
+        for (dims, channels), groups in by_kind.items():
+            patches = torch.cat([self.patch_embed.patches(batch.groups[g].to(dtype)).flatten(0, 1) for g in groups])
+            x = x.index_copy(0, layout.patch_positions(groups), self.patch_embed.project(patches, channels, dims))
+        if self.cls_token is not None:
+            first = layout.first_positions
+            x = x.index_copy(0, first, self.cls_token[0].expand(len(first), -1))
         if self.pos is not None:
             x = x + self.pos(layout.coords, layout.is_prefix)
         return x

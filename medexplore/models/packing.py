@@ -21,7 +21,7 @@ from .tasks import Domain
 __all__ = ["Batch", "TokenLayout", "Segment", "Group", "PACKING_MODES"]
 
 PACKING_MODES = ("grouped", "padded")
-MAX_PADDING = 0.15  # padded tokens allowed per real token when nearby token counts share a segment
+MAX_PADDING = 0.5  # padded attention slots allowed per real token when nearby token counts share a segment
 
 
 @dataclass
@@ -98,25 +98,45 @@ class Segment:
     length: int
     sample_ids: Tensor  # (batch,) sample index of each row
     key_mask: Tensor | None = None  # (batch, length) True where a real token sits
+    gather: Tensor | None = None  # compact rows: (batch, length) index of each slot within the segment
+    num_real: int = 0  # compact rows: real tokens, all the segment holds
+
+    @property
+    def size(self) -> int:
+        """Tokens the segment holds in the packed sequence."""
+        return self.batch * self.length if self.gather is None else self.num_real
 
     @property
     def stop(self) -> int:
-        return self.start + self.batch * self.length
+        return self.start + self.size
 
     def rows(self, x: Tensor) -> Tensor:
-        """View ``x`` (T, ...) of the packed sequence as (batch, length, ...)."""
-        return x[self.start:self.stop].unflatten(0, (self.batch, self.length))
+        """The segment's tokens of ``x`` (T, ...) as (batch, length, ...) rows (a view unless compact)."""
+        return self.as_rows(x[self.start:self.stop])
+
+    def as_rows(self, piece: Tensor) -> Tensor:
+        """The segment's own ``piece`` (size, ...) of the sequence as (batch, length, ...) rows.
+
+        Compact rows are gathered (padding slots repeat a real token; attention masks them as keys).
+        """
+        return piece.unflatten(0, (self.batch, self.length)) if self.gather is None else piece[self.gather]
+
+    def from_rows(self, rows: Tensor) -> Tensor:
+        """(batch, length, ...) rows back to the segment's (size, ...) tokens."""
+        return rows.flatten(0, 1) if self.gather is None else rows[self.key_mask]
 
 
 @dataclass
 class Group:
-    """Where one same-shape image group lives: its segment, first row and token grid."""
+    """Where one same-shape image group lives: its segment, first row, token grid and packed stretch."""
 
     segment: int
     row0: int
     sample_ids: Tensor
     grid: tuple[int, ...]  # (gh, gw) or (gd, gh, gw)
     image_shape: tuple[int, ...]  # spatial shape of the images
+    start: int = 0  # packed position of the group's first token
+    row_length: int = 0  # packed tokens per row (prefix, patches and, in padded mode, padding)
 
     @property
     def num_tokens(self) -> int:
@@ -132,7 +152,7 @@ class TokenLayout:
 
     segments: list[Segment]
     groups: list[Group]
-    sample_idx: Tensor  # (T,) sample of each token, -1 for padding
+    sample_idx: Tensor  # (T,) sample of each token, -1 for padding (``padded`` mode)
     coords: Tensor  # (T, 3) integer (z, y, x) grid coordinates
     is_prefix: Tensor  # (T,) class tokens
     num_samples: int
@@ -142,10 +162,33 @@ class TokenLayout:
     def num_tokens(self) -> int:
         return self.sample_idx.numel()
 
+    def packed_group_order(self) -> list[int]:
+        """Group indices in the order their rows sit in the packed sequence."""
+        return sorted(range(len(self.groups)), key=lambda g: (self.groups[g].segment, self.groups[g].row0))
+
+    def patch_positions(self, groups: Sequence[int]) -> Tensor:
+        """Packed positions of the patch tokens of ``groups``, in packed order (row by row)."""
+        selected = torch.zeros(self.num_samples + 1, dtype=torch.bool, device=self.sample_idx.device)
+        selected[torch.cat([self.groups[g].sample_ids for g in groups])] = True
+        return torch.nonzero(self.is_patch & selected[self.sample_idx]).flatten()  # padding reads [-1]: False
+
+    @functools.cached_property
+    def first_positions(self) -> Tensor:
+        """(S,) packed position of each sample's first token (its class token, if any), in batch order."""
+        out = torch.empty(self.num_samples, dtype=torch.long, device=self.sample_idx.device)
+        for group in self.groups:
+            out[group.sample_ids] = group.start + torch.arange(len(group.sample_ids), device=out.device) * group.row_length
+        return out
+
+    @functools.cached_property
+    def is_patch(self) -> Tensor:
+        """(T,) True where a sample's patch token sits (not prefix, not padding)."""
+        return (self.sample_idx >= 0) & ~self.is_prefix
+
     @functools.cached_property
     def positions_in_row(self) -> Tensor:
         """(T,) position of each token within its sample's row (0 = first prefix token)."""
-        return torch.cat([torch.arange(seg.length, device=self.sample_idx.device).repeat(seg.batch)
+        return torch.cat([seg.from_rows(torch.arange(seg.length, device=self.sample_idx.device).expand(seg.batch, -1))
                           for seg in self.segments])
 
     # ------------------------------------------------------------------ construction
@@ -156,9 +199,11 @@ class TokenLayout:
         """Lay out groups of ``len(group_samples[g])`` samples with token grid ``grids[g]``.
 
         ``grouped``: groups of equal token count share one attention segment; groups of nearby counts
-        share one too, padded with masked keys, while the padding stays within ``max_padding`` of the
-        real tokens (so a batch of all-different small images does not pay one call per image).
-        ``padded``: one segment for the whole batch (the reference path).
+        share one too, while the padding stays within ``max_padding`` of the real tokens (so a batch of
+        all-different small images does not pay one call per image). Such a segment is *compact*: the
+        packed sequence holds only real tokens, which attention gathers into padded rows with masked
+        keys, so the per-token layers never see padding.
+        ``padded``: one segment for the whole batch, padding stored in the sequence (the reference path).
         """
         if mode not in PACKING_MODES:
             raise ValueError(f"packing mode must be one of {PACKING_MODES}, got {mode!r}")
@@ -171,44 +216,57 @@ class TokenLayout:
         start = 0
         for bucket in buckets:
             n = max(lengths[g] for g in bucket)
-            ids_all = torch.cat([group_samples[g].to(device) for g in bucket])
             padded = any(lengths[g] != n for g in bucket)
-            key_mask = torch.zeros(len(ids_all), n, dtype=torch.bool, device=device) if padded else None
-            row = 0
+            compact = padded and mode == "grouped"
+            row, offset = 0, start
             for g in bucket:
-                ids, length = group_samples[g].to(device), lengths[g]
-                groups[g] = Group(len(segments), row, ids, tuple(grids[g]), tuple(image_shapes[g]))
-                idx = ids[:, None].expand(-1, n).clone()
-                idx[:, length:] = -1
-                sample_idx.append(idx.flatten())
-                grid_coords = torch.zeros(n, 3, dtype=torch.long, device=device)
-                grid_coords[:length] = _grid_coords(grids[g], num_prefix, device)
-                coords.append(grid_coords.repeat(len(ids), 1))
-                prefix.append(_prefix_mask(n, num_prefix, device).repeat(len(ids)))
-                if key_mask is not None:
-                    key_mask[row:row + len(ids), :length] = True
-                row += len(ids)
-            segments.append(Segment(start, len(ids_all), n, ids_all, key_mask))
-            start += len(ids_all) * n
+                row_length = lengths[g] if compact else n
+                groups[g] = Group(len(segments), row, group_samples[g].to(device), tuple(grids[g]),
+                                  tuple(image_shapes[g]), offset, row_length)
+                row, offset = row + sizes[g], offset + sizes[g] * row_length
+            ids_all = torch.cat([groups[g].sample_ids for g in bucket])
+            rows_grid = torch.tensor([(1,) * (3 - len(grids[g])) + tuple(grids[g]) for g in bucket], device=device)
+            rows_grid = rows_grid.repeat_interleave(torch.tensor([sizes[g] for g in bucket], device=device), 0)
+            seg_idx, seg_coords, seg_prefix, valid = _segment_tokens(rows_grid, ids_all, n, num_prefix)
+            gather = None
+            if compact:  # slot -> index among the segment's real tokens (padding slots repeat the row's last)
+                gather = (valid.flatten().cumsum(0) - 1).view_as(valid)
+                seg_idx, seg_coords, seg_prefix = seg_idx[valid], seg_coords[valid], seg_prefix[valid]
+            segments.append(Segment(start, len(ids_all), n, ids_all, valid if padded else None, gather, offset - start))
+            sample_idx.append(seg_idx.flatten())
+            coords.append(seg_coords.reshape(-1, 3))
+            prefix.append(seg_prefix.flatten())
+            start = offset
         return cls(segments, groups, torch.cat(sample_idx), torch.cat(coords), torch.cat(prefix),
                    num_samples, num_prefix)
 
     # ------------------------------------------------------------------ packing token features
     def pack(self, group_tokens: Sequence[Tensor]) -> Tensor:
         """(T, D) sequence from per-group ``(B_g, n_g, D)`` tokens (prefix tokens included)."""
-        order = sorted(range(len(self.groups)), key=lambda g: (self.groups[g].segment, self.groups[g].row0))
         pieces = []
-        for g in order:
-            tokens, length = group_tokens[g], self.segments[self.groups[g].segment].length
+        for g in self.packed_group_order():
+            tokens, length = group_tokens[g], self.groups[g].row_length
             if tokens.shape[1] < length:
                 tokens = F.pad(tokens, (0, 0, 0, length - tokens.shape[1]))
             pieces.append(tokens.flatten(0, 1))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
+    def segment_rows(self, x: Tensor) -> list[Tensor]:
+        """``x`` (T, ...) cut into each segment's ``(batch, length, ...)`` rows.
+
+        One ``split`` rather than a slice per segment: its backward is one concatenation, where
+        each slice's backward would fill a zero tensor of the whole sequence.
+        """
+        if len(self.segments) == 1:
+            return [self.segments[0].rows(x)]
+        pieces = x.split([seg.size for seg in self.segments])
+        return [seg.as_rows(piece) for piece, seg in zip(pieces, self.segments)]
+
     def group_tokens(self, x: Tensor, g: int, with_prefix: bool = False) -> Tensor:
         """Group ``g``'s tokens from the packed ``x``: ``(B_g, n_g, D)``."""
         group = self.groups[g]
-        rows = self.segments[group.segment].rows(x)[group.row0:group.row0 + len(group.sample_ids)]
+        rows = x[group.start:group.start + len(group.sample_ids) * group.row_length]
+        rows = rows.unflatten(0, (len(group.sample_ids), group.row_length))
         first = 0 if with_prefix else self.num_prefix
         return rows[:, first:self.num_prefix + group.num_tokens]
 
@@ -235,11 +293,11 @@ class TokenLayout:
         per segment (the output is computed the same way either way).
         """
         outs, weights = [], []
-        for seg in self.segments:
-            qs, ks, vs = (seg.rows(t).transpose(1, 2) for t in (q, k, v))
+        for seg, *qkv in zip(self.segments, *(self.segment_rows(t) for t in (q, k, v))):
+            qs, ks, vs = (t.transpose(1, 2) for t in qkv)
             mask = None if seg.key_mask is None else seg.key_mask[:, None, None, :]
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
-            outs.append(out.transpose(1, 2).flatten(0, 1))
+            outs.append(seg.from_rows(out.transpose(1, 2)))
             if need_weights:
                 weights.append(_attention_weights(qs, ks, mask))
         return (outs[0] if len(outs) == 1 else torch.cat(outs)), weights
@@ -251,12 +309,12 @@ class TokenLayout:
         Returns the (T, H, hd) output and the (T, H, L) attention weights.
         """
         outs, weights = [], []
-        for seg in self.segments:
-            qs = seg.rows(q).transpose(1, 2)  # (B, H, n, hd)
+        for seg, rows in zip(self.segments, self.segment_rows(q)):
+            qs = rows.transpose(1, 2)  # (B, H, n, hd)
             attn = (qs * qs.shape[-1] ** -0.5) @ k[seg.sample_ids].transpose(-1, -2)
             attn = attn.softmax(-1)
-            outs.append((attn @ v[seg.sample_ids]).transpose(1, 2).flatten(0, 1))
-            weights.append(attn.transpose(1, 2).flatten(0, 1))
+            outs.append(seg.from_rows((attn @ v[seg.sample_ids]).transpose(1, 2)))
+            weights.append(seg.from_rows(attn.transpose(1, 2)))
         cat = (lambda t: t[0]) if len(outs) == 1 else torch.cat
         return cat(outs), cat(weights)
 
@@ -268,8 +326,8 @@ class TokenLayout:
         """
         out = q.new_zeros(self.num_samples, q.shape[0], q.shape[1], q.shape[2])
         weights: list[Tensor | None] = [None] * self.num_samples
-        for seg in self.segments:
-            ks, vs = (seg.rows(t).transpose(1, 2) for t in (k, v))
+        for seg, k_rows, v_rows in zip(self.segments, self.segment_rows(k), self.segment_rows(v)):
+            ks, vs = k_rows.transpose(1, 2), v_rows.transpose(1, 2)
             qs = q.transpose(0, 1).unsqueeze(0).expand(seg.batch, -1, -1, -1)
             mask = None if seg.key_mask is None else seg.key_mask[:, None, None, :]
             res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
@@ -283,17 +341,14 @@ class TokenLayout:
 
     def mean_pool(self, x: Tensor) -> Tensor:
         """(S, D) mean of each sample's patch tokens (prefix and padding excluded)."""
-        out = x.new_zeros(self.num_samples, x.shape[-1])
-        for g, group in enumerate(self.groups):
-            out = out.index_copy(0, group.sample_ids, self.group_tokens(x, g).mean(1))
-        return out
+        keep = self.is_patch
+        sums = x.new_zeros(self.num_samples, x.shape[-1]).index_add(0, self.sample_idx[keep], x[keep])
+        counts = torch.bincount(self.sample_idx[keep], minlength=self.num_samples)
+        return sums / counts[:, None].to(x.dtype)
 
     def prefix_pool(self, x: Tensor) -> Tensor:
         """(S, D) class token of each sample."""
-        out = x.new_zeros(self.num_samples, x.shape[-1])
-        for g, group in enumerate(self.groups):
-            out = out.index_copy(0, group.sample_ids, self.group_tokens(x, g, with_prefix=True)[:, 0])
-        return out
+        return x[self.first_positions]
 
 
 def _attention_weights(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
@@ -326,16 +381,17 @@ def _prod(shape) -> int:
     return n
 
 
-def _grid_coords(grid: tuple[int, ...], num_prefix: int, device) -> Tensor:
-    """(prefix + prod(grid), 3) integer (z, y, x) coordinates; z is 0 for 2D, prefix rows are 0."""
-    axes = [torch.arange(g, device=device) for g in grid]
-    mesh = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(grid))
-    if len(grid) == 2:
-        mesh = torch.cat([torch.zeros_like(mesh[:, :1]), mesh], 1)
-    return torch.cat([torch.zeros(num_prefix, 3, dtype=torch.long, device=device), mesh])
+def _segment_tokens(rows_grid: Tensor, sample_ids: Tensor, length: int, num_prefix: int):
+    """Per-token tables of one segment whose rows have (z, y, x) token grids ``rows_grid`` (rows, 3).
 
-
-def _prefix_mask(n: int, num_prefix: int, device) -> Tensor:
-    m = torch.zeros(n, dtype=torch.bool, device=device)
-    m[:num_prefix] = True
-    return m
+    Returns ``(rows, length)`` sample index (-1 on padding), ``(rows, length, 3)`` integer grid
+    coordinates (0 on prefix and padding), the prefix mask and the real-token mask.
+    """
+    j = torch.arange(length, device=rows_grid.device)
+    valid = j < (num_prefix + rows_grid.prod(1))[:, None]
+    is_prefix = (j < num_prefix).expand_as(valid)
+    q = (j - num_prefix).clamp(min=0)
+    gy, gx = rows_grid[:, 1:2], rows_grid[:, 2:3]
+    coords = torch.stack([q // (gy * gx), (q // gx) % gy, q % gx], -1)
+    coords = coords.masked_fill((~valid | is_prefix)[..., None], 0)
+    return torch.where(valid, sample_ids[:, None], -1), coords, is_prefix, valid

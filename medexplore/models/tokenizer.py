@@ -36,21 +36,28 @@ class PatchEmbed(nn.Module):
                              f"{self.patch_size}; crop or resize to a multiple of {self.patch_size}")
         return tuple(s // self.patch_size for s in spatial)
 
-    def forward(self, images: Tensor) -> Tensor:
-        """(B, n, D) tokens in row-major (z, y, x) order."""
+    def patches(self, images: Tensor) -> Tensor:
+        """(B, n, C * p^dims) flattened patches in row-major (z, y, x) order."""
         dims = images.dim() - 2
-        conv = self.proj if dims == 2 else self.proj_3d
-        weight = conv.weight
-        if images.shape[1] == 1 and self.in_chans != 1:
-            weight = weight.sum(1, keepdim=True)
         p = self.patch_size
         b, c = images.shape[:2]
         grid = [s // p for s in images.shape[2:]]
         # (B, C, g0, p, g1, p[, g2, p]) -> (B, g0, g1[, g2], C, p, p[, p])
         x = images.reshape(b, c, *[v for g in grid for v in (g, p)])
         perm = [0] + [2 + 2 * i for i in range(dims)] + [1] + [3 + 2 * i for i in range(dims)]
-        x = x.permute(perm).reshape(b, -1, c * p ** dims)
-        return F.linear(x, weight.reshape(weight.shape[0], -1), conv.bias)
+        return x.permute(perm).reshape(b, -1, c * p ** dims)
+
+    def project(self, patches: Tensor, channels: int, dims: int) -> Tensor:
+        """Embed ``patches`` (..., C * p^dims) of ``channels``-channel, ``dims``-D images."""
+        conv = self.proj if dims == 2 else self.proj_3d
+        weight = conv.weight
+        if channels == 1 and self.in_chans != 1:
+            weight = weight.sum(1, keepdim=True)
+        return F.linear(patches, weight.reshape(weight.shape[0], -1), conv.bias)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, n, D) tokens in row-major (z, y, x) order."""
+        return self.project(self.patches(images), images.shape[1], images.dim() - 2)
 
 
 class LearnedPositions(nn.Module):

@@ -4,6 +4,8 @@
    and heads (2D 28x28, patch 4, fp32), the two alternated.
 2. Packed (grouped) vs padded forward+backward on a mixed batch (half 2D 28x28, half 3D 28^3),
    plus 2D-only and 3D-only batches; the ceiling is padded tokens / real tokens.
+4. A batch whose every sample has its own shape vs one shape with about the same tokens (time per
+   token); on CUDA also varlen attention vs one dense call per segment.
 3. Achieved GFLOP/s of the training step (torch.utils.flop_counter) vs the fp32 matmul peak.
 
 Usage: python benchmarks/bench_model.py [--batch 128] [--mixed-batch 32] [--reps 5] [--device cpu]
@@ -11,14 +13,17 @@ Usage: python benchmarks/bench_model.py [--batch 128] [--mixed-batch 32] [--reps
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
+from unittest import mock
 
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from medexplore.models import Batch, Domain, TaskSpec, create_model
+from medexplore.models.packing import TokenLayout
 
 
 def sync(device):
@@ -157,9 +162,18 @@ def bench_shapes(args, device, depth: int = 2) -> dict:
             model.compute_loss(model(batch), batch)[0].backward()
         return fn
 
-    t = alternate({name: run(b) for name, b in batches.items()}, args.reps, device)
+    contenders = {name: run(b) for name, b in batches.items()}
+    if device.type == "cuda":  # the same batch with one dense attention call per segment instead of varlen
+        per_segment = functools.partialmethod(TokenLayout.self_attention, varlen=False)
+        def dense_segments():
+            with mock.patch.object(TokenLayout, "self_attention", per_segment):
+                contenders["all-different"]()
+        contenders["all-different, per-segment attention"] = dense_segments
+    t = alternate(contenders, args.reps, device)
     tokens = {name: sum(_grid_tokens(img.shape[2:]) * img.shape[0] for img in b.groups) for name, b in batches.items()}
     calls = {name: len(model.layout(b).segments) for name, b in batches.items()}
+    for extra in set(t) - set(batches):
+        tokens[extra], calls[extra] = tokens["all-different"], calls["all-different"]
     return {"times": t, "tokens": tokens, "segments": calls}
 
 
@@ -187,6 +201,8 @@ def main():
         per_token = (t["all-different"] / shapes["tokens"]["all-different"]) / (t["same-shape"] / shapes["tokens"]["same-shape"])
         print({k: round(v, 4) for k, v in t.items()}, shapes["tokens"], shapes["segments"],
               f"time per token all-different / same-shape {per_token:.2f}")
+        if "all-different, per-segment attention" in t:
+            print(f"varlen vs per-segment attention: {t['all-different, per-segment attention'] / t['all-different']:.2f}x")
         return
     peak = matmul_peak(device)
     t, flops = bench_vs_timm(args, device)
@@ -211,6 +227,9 @@ def main():
               f"{shapes['segments'][name]:3d} attention segment(s)")
     per_token = (t["all-different"] / shapes["tokens"]["all-different"]) / (t["same-shape"] / shapes["tokens"]["same-shape"])
     print(f"    time per token, all-different / same-shape = {per_token:.2f}   (target <= 1.2)")
+    if "all-different, per-segment attention" in t:
+        print(f"    varlen attention speed-up over one call per segment: "
+              f"{t['all-different, per-segment attention'] / t['all-different']:.2f}x")
 
 
 if __name__ == "__main__":

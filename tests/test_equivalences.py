@@ -165,3 +165,40 @@ def test_all_different_shapes_packed_equal_each_alone(model):
         alone = model(Batch.from_images([img], [dom]))
         _assert_close(packed.embedding[i], alone.embedding[0])
         _assert_close(packed.predictions["organ"][i], alone.predictions["organ"][0])
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_attention_equals_per_segment_attention(device):
+    """The CUDA path (one nested-jagged SDPA call for the batch), checked on CPU too (SDPA's math kernel)."""
+    torch.manual_seed(0)
+    grids = [(2, 3), (3, 3), (2, 2, 2), (4, 5), (3, 2), (2, 3, 3)]
+    layout = TokenLayout.build(grids, [torch.tensor([i]) for i in range(len(grids))],
+                               [tuple(4 * s for s in g) for g in grids], num_samples=len(grids), num_prefix=1,
+                               device=device)
+    assert len(layout.segments) > 1 and any(seg.gather is not None for seg in layout.segments)
+    q, k, v = (torch.randn(layout.num_tokens, 3, 16, device=device, requires_grad=True) for _ in range(3))
+    dense, _ = layout.self_attention(q, k, v, varlen=False)
+    jagged, _ = layout.self_attention(q, k, v, varlen=True)
+    torch.testing.assert_close(jagged, dense, atol=2e-5, rtol=1e-4)
+    grads = torch.autograd.grad(dense.square().sum(), (q, k, v))
+    for g_jagged, g_dense in zip(torch.autograd.grad(jagged.square().sum(), (q, k, v)), grads):
+        torch.testing.assert_close(g_jagged, g_dense, atol=2e-5, rtol=1e-4)
+    padded = TokenLayout.build(grids, [torch.tensor([i]) for i in range(len(grids))],
+                               [tuple(4 * s for s in g) for g in grids], num_samples=len(grids), mode="padded")
+    with pytest.raises(ValueError, match="compact layout"):
+        padded.self_attention(*(torch.randn(padded.num_tokens, 3, 16) for _ in range(3)), varlen=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen attention is the default on CUDA only")
+def test_cuda_default_varlen_model_equals_each_sample_alone():
+    grids = [(2, 3), (3, 3), (2, 2, 2), (4, 5), (3, 2), (2, 3, 3)]
+    model = small_model([]).cuda().eval()
+    images = [torch.rand(1, *(4 * s for s in g), device="cuda") for g in grids]
+    domains = [Domain(f"{len(g)}d") for g in grids]
+    with torch.no_grad():
+        packed = model(Batch.from_images(images, domains)).embedding
+        alone = torch.cat([model(Batch.from_images([img], [dom])).embedding for img, dom in zip(images, domains)])
+    torch.testing.assert_close(packed, alone, atol=2e-5, rtol=1e-4)

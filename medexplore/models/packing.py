@@ -286,12 +286,46 @@ class TokenLayout:
         return out
 
     # ------------------------------------------------------------------ attention
-    def self_attention(self, q: Tensor, k: Tensor, v: Tensor, need_weights: bool = False):
+    @functools.cached_property
+    def row_offsets(self) -> tuple[Tensor, int] | None:
+        """(rows + 1,) start of every sample's row in the packed sequence and the longest row, or
+        None when the sequence stores padding (``padded`` mode)."""
+        if any(seg.key_mask is not None and seg.gather is None for seg in self.segments):
+            return None
+        lengths = [seg.key_mask.sum(1) if seg.gather is not None
+                   else torch.full((seg.batch,), seg.length, device=self.sample_idx.device) for seg in self.segments]
+        offsets = torch.cat([lengths[0].new_zeros(1), torch.cat(lengths).cumsum(0)])
+        return offsets, max(seg.length for seg in self.segments)
+
+    def varlen_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Attention within each sample as one variable-length call (SDPA on nested jagged tensors).
+
+        The CUDA path: one kernel launch for the whole batch, whatever the shapes.
+        """
+        offsets, max_len = self.row_offsets
+
+        def jagged(t: Tensor) -> Tensor:
+            return torch.nested.nested_tensor_from_jagged(t, offsets, max_seqlen=max_len).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v))
+        return out.transpose(1, 2).values()
+
+    def self_attention(self, q: Tensor, k: Tensor, v: Tensor, need_weights: bool = False,
+                       varlen: bool | None = None):
         """Attention of (T, H, hd) queries/keys/values within each sample.
 
         Returns the (T, H, hd) output and, when ``need_weights``, one ``(B, H, n, n)`` weight tensor
-        per segment (the output is computed the same way either way).
+        per segment (the output is computed the same way either way). ``varlen`` (default: on CUDA,
+        when the batch has more than one segment or a padded one, and no weights are asked for) runs
+        :meth:`varlen_attention` instead of one dense call per segment.
         """
+        if varlen is None:
+            varlen = (q.is_cuda and not need_weights and self.row_offsets is not None
+                      and (len(self.segments) > 1 or self.segments[0].key_mask is not None))
+        if varlen:
+            if need_weights or self.row_offsets is None:
+                raise ValueError("varlen attention needs a compact layout (packing='grouped') and no weights")
+            return self.varlen_attention(q, k, v), []
         outs, weights = [], []
         for seg, *qkv in zip(self.segments, *(self.segment_rows(t) for t in (q, k, v))):
             qs, ks, vs = (t.transpose(1, 2) for t in qkv)

@@ -99,7 +99,8 @@ def cmd_demo(args) -> int:
             raise CLIError(f"--model expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         model[key] = _parse_value(value)
-    summary = demo(args.out, args.pretrain_epochs, args.epochs, model=model, callbacks=[ProgressPrinter(args.quiet)])
+    epochs = {k: v for k, v in (("pretrain_epochs", args.pretrain_epochs), ("epochs", args.epochs)) if v is not None}
+    summary = demo(args.out, model=model, callbacks=[ProgressPrinter(args.quiet)], **epochs)
     print(json.dumps(summary["test_metrics"], indent=1, default=float))
     print(f"figures: {', '.join(summary['figures'])}\nrun directory: {args.out}")
     return 0
@@ -219,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the embedded data: VICReg, multitask training, test, figures")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    p.add_argument("--pretrain-epochs", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--pretrain-epochs", type=int, help="VICReg epochs (default: the demo recipe's)")
+    p.add_argument("--epochs", type=int, help="multitask epochs (default: the demo recipe's)")
     p.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="model overrides, e.g. depth=6")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)

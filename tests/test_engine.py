@@ -1,5 +1,6 @@
 """Training loop: exact resume, events, pause/stop, non-finite losses, checkpoints, VICReg mode."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -259,3 +260,12 @@ def test_recover_checkpoints_restores_an_interrupted_rename_and_clears_temporari
     recover_checkpoints(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["last"]
     assert load_checkpoint(folder / "last")[0]["step"] == 3
+
+
+def test_headline_monitor_averages_each_tasks_headline_metric():
+    metrics = {"lesion": {"auc": 0.9, "acc": 0.1}, "mask": {"dice": 0.6}, "boxes": {"mean_iou": 0.2, "map@0.5": 0.3},
+               "count": {"mae": 0.5}, "empty": {"auc": float("nan")}}
+    judge = SimpleNamespace(config=TrainConfig(monitor="headline"))
+    assert Trainer._monitor_value(judge, metrics) == pytest.approx((0.9 + 0.6 + 0.3) / 3)
+    assert Trainer._monitor_value(SimpleNamespace(config=TrainConfig(monitor="auc")), metrics) == pytest.approx(0.9)
+    assert Trainer._monitor_value(judge, {"count": {"mae": 0.5}}) is None

@@ -192,6 +192,29 @@ def test_varlen_attention_equals_per_segment_attention(device):
         padded.self_attention(*(torch.randn(padded.num_tokens, 3, 16) for _ in range(3)), varlen=True)
 
 
+def test_timm_positions_extend_along_z_so_loaded_weights_take_volumes():
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=16, patch_size=4, embed_dim=48, depth=1, num_heads=3,
+                                                           num_classes=0).eval()
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    flat = small_model([], depth=1, patch_size=4, pos_embed="learned", pos_grid=(1, 4, 4), class_token=True,
+                       input_adaptformer=False, output_adaptformer=False).eval()
+    deep = small_model([], depth=1, patch_size=4, pos_embed="learned", pos_grid=(3, 4, 4), class_token=True,
+                       input_adaptformer=False, output_adaptformer=False).eval()
+    for model in (flat, deep):
+        load_timm_weights(model, vit.state_dict())
+    table = deep.pos.pos_embed[0, 1:].reshape(3, 16, -1)
+    assert all(torch.equal(table[z], vit.pos_embed[0, 1:]) for z in range(3))  # every slice: timm's 2D positions
+    images = torch.randn(2, 3, 16, 16)
+    _assert_close(deep(Batch.from_images(images, Domain("2d"))).tokens, flat(Batch.from_images(images, Domain("2d"))).tokens)
+    volume = model(Batch.from_images([torch.randn(1, 12, 16, 16)], Domain("3d")))  # 3 tokens deep: runs
+    assert volume.tokens.shape[0] == 1 + 3 * 16
+    with pytest.raises(ValueError, match="exceeds the learned position grid"):
+        flat(Batch.from_images([torch.randn(1, 8, 16, 16)], Domain("3d")))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen attention is the default on CUDA only")
 def test_cuda_default_varlen_model_equals_each_sample_alone():
     grids = [(2, 3), (3, 3), (2, 2, 2), (4, 5), (3, 2), (2, 3, 3)]

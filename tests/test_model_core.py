@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from medexplore.models import Batch, Domain, LabelError, MedformerConfig, TaskSpec, create_model, list_models
+from medexplore.models.adaptformer import OutputAdaptformer
 from medexplore.models.heads import OrdinalHead
+from medexplore.models.packing import TokenLayout
 
 from conftest import ALL_KIND_TASKS, full_labels, image, small_model
 
@@ -268,3 +270,28 @@ def test_input_attention_is_returned_on_request_only(mixed_batch):
     with torch.no_grad():
         assert model(mixed_batch).input_attention is None
         assert model(mixed_batch, return_attention=True).input_attention is not None
+
+
+def test_unit_coords_are_token_centres_as_fractions_of_the_image():
+    layout = TokenLayout.build([(2, 4), (2, 2, 2)], [torch.tensor([0]), torch.tensor([1])], [(8, 16), (8, 8, 8)],
+                               num_samples=2, num_prefix=1)
+    unit = layout.unit_coords
+    first = layout.first_positions.tolist()
+    assert unit[first].abs().sum() == 0  # class tokens
+    two_d = unit[first[0] + 1:first[0] + 9]
+    assert torch.allclose(two_d[:4], torch.tensor([[0.5, 0.25, x] for x in (0.125, 0.375, 0.625, 0.875)]))
+    three_d = unit[first[1] + 1:first[1] + 9]
+    assert torch.allclose(three_d[-1], torch.tensor([0.75, 0.75, 0.75]))
+
+
+def test_task_queries_read_where_tokens_are_not_only_what_they_hold():
+    torch.manual_seed(0)
+    reader = OutputAdaptformer(16, 2, [TaskSpec("boxes", "detection", 2)])
+    layout = TokenLayout.build([(3, 3)], [torch.tensor([0])], [(12, 12)], num_samples=1)
+    x = torch.randn(9, 16)
+    moved = x[torch.randperm(9)]  # the same contents at other positions
+    same = lambda a, b: torch.allclose(reader(a, layout)[0]["boxes"], reader(b, layout)[0]["boxes"], atol=1e-6)  # noqa: E731
+    assert same(x, moved)  # at start (position values zero) attention is blind to positions
+    with torch.no_grad():
+        reader.position_values.weight.normal_()
+    assert not same(x, moved)

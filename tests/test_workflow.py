@@ -9,7 +9,7 @@ from medexplore.data import DecentralizedView
 from medexplore.data.embedded import EMBEDDED_TASKS, EmbeddedConfig, EmbeddedDataset, build_embedded
 from medexplore.data.registry import dataset_tasks, vocab_for
 from medexplore.models import create_model
-from medexplore.train.workflow import demo
+from medexplore.train.workflow import demo, gallery_samples
 from medexplore.viz import prediction_gallery, training_curves
 
 TINY = {"depth": 1, "embed_dim": 24, "num_heads": 2}
@@ -64,6 +64,20 @@ def test_predictions_and_figures(train_set, tmp_path):
     curves = training_curves(records)
     assert len(curves.axes[0].lines) == 2 and len(curves.axes[1].lines) == 1
     assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_gallery_shows_2d_and_3d_samples_with_lesions_at_the_lesion_slice(train_set, tmp_path):
+    samples = gallery_samples(train_set, "lesion_mask", 8)
+    assert len(samples) == 8 and [s.image.dim() - 1 for s in samples] == [2] * 4 + [3] * 4
+    assert all(s.labels["lesion_mask"].any() for s in samples)
+    volume = next(s for s in samples if s.image.dim() == 4)
+    mask = volume.labels["lesion_mask"].numpy()
+    fig = prediction_gallery([{"image": volume.image.numpy(), "domain": volume.domain, "labels": volume.labels,
+                               "predictions": {"lesion_mask": mask}}], "lesion_mask")
+    depth = int((mask > 0).sum(axis=(1, 2)).argmax())
+    assert f"z={depth}" in fig.axes[0].get_title()
+    shown = fig.axes[1].get_images()[0].get_array()  # the true mask, at the slice with the most lesion
+    assert np.array_equal(np.asarray(shown), mask[depth]) and np.asarray(shown).any()
 
 
 def test_demo_runs_end_to_end(tmp_path):

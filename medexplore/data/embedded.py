@@ -30,7 +30,7 @@ from .transforms import normalize_intensity
 __all__ = ["EmbeddedConfig", "EmbeddedDataset", "EMBEDDED_TASKS", "TISSUE_LABELS", "build_embedded", "cache_dir", "mni152",
            "add_lesions"]
 
-VERSION = 1
+VERSION = 2  # 2: lesion radii from lesion_radii (larger)
 TISSUE_LABELS = ("background", "csf and other", "grey matter", "white matter")
 MAX_LESIONS = 3
 EMBEDDED_TASKS = (
@@ -127,17 +127,29 @@ def _crop(rng, volume: np.ndarray, size: int, dims: int, inside: np.ndarray | No
     return volume[(slice(None), *slices)], slices
 
 
+def lesion_radii(spatial: tuple[int, ...]) -> tuple[float, float]:
+    """Radius range of the synthetic lesions: 1/10 to 1/5 of the shortest side, at least 2 to 2.5.
+
+    At the demo's 32^2 (2D) and 16^3 (3D) crops with patch size 4, a lesion spans one to three patches,
+    so the patch grid can see it and a box around it is a few tokens wide (radii of 1.5-2, i.e.
+    3-voxel boxes inside one patch, were what kept lesion boxes at mAP 0).
+    """
+    side = min(spatial)
+    return max(2.0, side / 10), max(2.5, side / 5)
+
+
 def add_lesions(rng, image: np.ndarray, count: int, allowed: np.ndarray | None):
     """Blend ``count`` smooth blobs into ``image``; returns (image, mask, boxes (count, 2d))."""
     spatial = image.shape[1:]
     dims = len(spatial)
+    low, high = lesion_radii(spatial)
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in spatial], indexing="ij"), -1).astype(np.float32)
     mask = np.zeros(spatial, np.uint8)
     boxes, centres = [], []
     scale = float(image.std()) or 1.0
     for _ in range(count):
         for _attempt in range(50):
-            r = float(rng.uniform(1.5, max(2.0, spatial[0] / 8)))
+            r = float(rng.uniform(low, high))
             c = np.array([rng.uniform(r + 0.5, s - r - 0.5) for s in spatial])
             if allowed is not None and not allowed[tuple(c.astype(int))]:
                 continue

@@ -1,6 +1,8 @@
 """Input and Output Adaptformers: cross-attention between tokens and learnable latents."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from timm.layers import Mlp
@@ -69,15 +71,25 @@ class InputAdaptformer(nn.Module):
 
 
 class OutputAdaptformer(nn.Module):
-    """Each task owns latent queries that read its sample's tokens; one attention call serves all tasks."""
+    """Each task owns latent queries that read its sample's tokens; one attention call serves all tasks.
 
-    def __init__(self, dim: int, num_heads: int, tasks: list[TaskSpec], mlp_ratio: float = 4.0):
+    The values also carry Fourier features of each token's position within its image
+    (``position_values``, zero at start): with rotary positions the tokens themselves hold no
+    absolute position, and a query must be able to read *where* it attended to place a box.
+    """
+
+    def __init__(self, dim: int, num_heads: int, tasks: list[TaskSpec], mlp_ratio: float = 4.0,
+                 position_frequencies: int = 4):
         super().__init__()
         self.num_heads = num_heads
         self.queries = nn.ParameterDict({t.name: nn.Parameter(torch.randn(t.queries, dim) * 0.02) for t in tasks})
         self.norm_q = nn.LayerNorm(dim, eps=1e-6)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, dim * 2)
+        self.register_buffer("frequencies", math.pi * 2.0 ** torch.arange(position_frequencies).float(), persistent=False)
+        self.position_values = nn.Linear(3 * 2 * position_frequencies, dim)
+        nn.init.zeros_(self.position_values.weight)
+        nn.init.zeros_(self.position_values.bias)
         self.proj = nn.Linear(dim, dim)
         self.norm_mlp = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -97,6 +109,8 @@ class OutputAdaptformer(nn.Module):
         h, hd = self.num_heads, x.shape[-1] // self.num_heads
         q = self.q(self.norm_q(queries)).unflatten(-1, (h, hd))
         k, v = self.kv(x).unflatten(-1, (2, h, hd)).unbind(1)
+        angles = (layout.unit_coords[:, :, None] * self.frequencies).flatten(1).to(x.dtype)
+        v = v + self.position_values(torch.cat([angles.sin(), angles.cos()], -1)).unflatten(-1, (h, hd))
         read, weights = layout.read_tokens(q, k, v, need_weights)
         out = queries + self.proj(read.flatten(2))
         out = out + self.mlp(self.norm_mlp(out))

@@ -181,6 +181,18 @@ class TokenLayout:
         return out
 
     @functools.cached_property
+    def unit_coords(self) -> Tensor:
+        """(T, 3) each token's centre as a fraction of its image's (z, y, x) extent, in (0, 1); prefix
+        tokens 0. Rotary positions leave tokens without absolute positions; heads that must say
+        *where* (boxes) read these."""
+        extents = torch.ones(self.num_samples, 3, device=self.sample_idx.device)
+        for group in self.groups:
+            grid = (1,) * (3 - len(group.grid)) + tuple(group.grid)
+            extents[group.sample_ids] = torch.tensor(grid, dtype=extents.dtype, device=extents.device)
+        unit = (self.coords + 0.5) / extents[self.sample_idx.clamp(min=0)]
+        return unit.masked_fill(self.is_prefix[:, None], 0.0)
+
+    @functools.cached_property
     def is_patch(self) -> Tensor:
         """(T,) True where a sample's patch token sits (not prefix, not padding)."""
         return (self.sample_idx >= 0) & ~self.is_prefix

@@ -58,17 +58,19 @@ def inflate_patch_embed(weight: Tensor, bias: Tensor | None) -> dict[str, Tensor
 
 
 def _resample_pos(pos: Tensor, model: Medformer) -> Tensor:
+    """timm's (1, prefix + H*W, D) table on the model's (z, y, x) grid: resampled in-plane, then
+    repeated along z (every slice of a volume gets the 2D positions; z = 0 is exactly timm's)."""
     grid = model.pos.grid
     prefix = model.config.num_prefix_tokens
-    if grid[0] != 1:
-        raise ValueError(f"timm position embeddings are 2D; the model's pos_grid {grid} must have z = 1")
     side = round((pos.shape[1]) ** 0.5)
     if prefix and side * side == pos.shape[1]:  # no_embed_class: no position for the class token, i.e. zero
         pos = torch.cat([pos.new_zeros(1, prefix, pos.shape[2]), pos], 1)
-    if pos.shape[1] - prefix == grid[1] * grid[2]:
-        return pos
-    from timm.layers import resample_abs_pos_embed
-    return resample_abs_pos_embed(pos, list(grid[1:]), num_prefix_tokens=prefix)
+    if pos.shape[1] - prefix != grid[1] * grid[2]:
+        from timm.layers import resample_abs_pos_embed
+        pos = resample_abs_pos_embed(pos, list(grid[1:]), num_prefix_tokens=prefix)
+    if grid[0] > 1:
+        pos = torch.cat([pos[:, :prefix], pos[:, prefix:].repeat(1, grid[0], 1)], 1)
+    return pos
 
 
 def load_timm_weights(model: Medformer, state_dict: dict[str, Tensor], strict_body: bool = True):

@@ -56,7 +56,8 @@ def metrics_of_kind(kind: TaskKind) -> tuple[str, ...]:
     return ()
 
 
-MONITOR_METRICS = tuple(dict.fromkeys(m for kind in TaskKind for m in metrics_of_kind(kind)))
+HEADLINE = ("auc", "dice", "map@0.5")  # a task's headline metric: the first of these it reports
+MONITOR_METRICS = ("headline",) + tuple(dict.fromkeys(m for kind in TaskKind for m in metrics_of_kind(kind)))
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,9 @@ class TrainConfig:
         tensorboard: also log losses and metrics for TensorBoard into ``<run>/tensorboard``.
         keep_every: also keep a weights-only snapshot ``checkpoints/step_NNNNNNN`` every N steps
             (0: none), e.g. to follow the Fisher spectrum over training.
-        monitor: validation metric (averaged over tasks) that selects the ``best`` checkpoint.
+        monitor: validation metric (averaged over tasks) that selects the ``best`` checkpoint;
+            ``headline`` averages each task's headline metric (AUC, Dice or mAP@0.5), so a multitask
+            run is not judged by its classification tasks alone.
         expander: VICReg expander sizes.
         augment: label-consistent augmentation of supervised batches (:class:`~medexplore.data.transforms.Augment`).
 
@@ -477,8 +480,11 @@ class Trainer:
         return metrics
 
     def _monitor_value(self, metrics: dict) -> float | None:
-        values = [m[self.config.monitor] for m in metrics.values() if self.config.monitor in m]
-        values = [v for v in values if v == v]
+        if self.config.monitor == "headline":
+            values = [next((m[k] for k in HEADLINE if k in m), None) for m in metrics.values()]
+        else:
+            values = [m.get(self.config.monitor) for m in metrics.values()]
+        values = [v for v in values if v is not None and v == v]
         return sum(values) / len(values) if values else None
 
     # ------------------------------------------------------------------ the loop

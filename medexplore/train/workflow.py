@@ -25,7 +25,7 @@ from .engine import Event, RunControl, RunResult, TrainConfig, Trainer, metrics_
 from .evaluate import evaluate
 from .runlock import LOCK_NAME, RunLock
 
-__all__ = ["DEFAULT_CONFIG", "EXAMPLE_SIZES", "check_adapt_config", "find_runs", "build_model", "init_from_checkpoint", "run_training", "write_figures",
+__all__ = ["DEFAULT_CONFIG", "EXAMPLE_SIZES", "check_adapt_config", "find_runs", "build_model", "init_from_checkpoint", "run_training", "write_figures", "gallery_samples", "DEMO_RECIPE",
            "demo", "example_run", "final_checkpoint", "RunOutcome"]
 
 DEFAULT_CONFIG = {
@@ -103,7 +103,7 @@ def _absolute_paths(data: dict) -> dict:
 
 
 def _check_monitor(monitor: str, tasks) -> None:
-    produced = {m for t in tasks for m in metrics_of_kind(t.kind)}
+    produced = {m for t in tasks for m in metrics_of_kind(t.kind)} | ({"headline"} if tasks else set())
     if tasks and monitor not in produced:
         raise ValueError(f"train.monitor {monitor!r} is not a validation metric of any task here "
                          f"({', '.join(f'{t.name}: {t.kind.value}' for t in tasks)}); choose one of {sorted(produced)}")
@@ -219,10 +219,25 @@ def run_training(config: dict, out: str | Path, mode: str = "supervised", init: 
     return RunOutcome(out, result, test_metrics)
 
 
+def gallery_samples(dataset, mask_task: str, n: int = 8) -> list:
+    """``n`` samples to show: as many 2D as 3D ones, each with foreground in ``mask_task`` where
+    possible (spread over the dataset), topped up with others."""
+    samples = [dataset[i] for i in range(len(dataset))]
+    marked = lambda s: s.labels.get(mask_task) is not None and bool((s.labels[mask_task] > 0).any())  # noqa: E731
+    chosen: list = []
+    kinds = sorted({s.image.dim() for s in samples})
+    for k, dims in enumerate(kinds):
+        pool = [s for s in samples if s.image.dim() == dims and marked(s)]
+        want = (n - len(chosen)) // (len(kinds) - k)
+        step = max(1, len(pool) // max(want, 1))
+        chosen += pool[::step][:want]
+    chosen += [s for s in samples if all(s is not c for c in chosen)][:n - len(chosen)]
+    return chosen
+
+
 def write_figures(run_dir: str | Path, n_examples: int = 8) -> list[Path]:
     """Training curves and a prediction gallery (test split) into ``run_dir/figures``."""
     from ..analysis.predictions import predict_samples
-    from ..data.sample import Sample
     from ..models.tasks import TaskKind
     from ..viz.figures import prediction_gallery, read_metrics, training_curves
 
@@ -238,29 +253,34 @@ def write_figures(run_dir: str | Path, n_examples: int = 8) -> list[Path]:
     box = next((n for n, t in model.tasks.items() if t.kind == TaskKind.DETECTION), None)
     if seg:
         test = build_dataset(meta["data"], "test")
-        step = max(1, len(test) // n_examples)
-        samples: list[Sample] = [test[i] for i in range(0, len(test), step)][:n_examples]
-        gallery = prediction_gallery(predict_samples(model, samples), seg, box)
+        gallery = prediction_gallery(predict_samples(model, gallery_samples(test, seg, n_examples)), seg, box)
         gallery.savefig(folder / "predictions.png", dpi=100)
         written.append(folder / "predictions.png")
     return written
 
 
-def demo(out: str | Path, pretrain_epochs: int = 3, epochs: int = 12, model: dict | None = None,
-         seed: int = 0, callbacks=()) -> dict:
+DEMO_RECIPE = {  # set-up plus demo within 10 minutes on 2 CPU cores (README); every task visibly learned
+    "model": {"name": "medformer_tiny", "patch_size": 4, "depth": 6, "embed_dim": 128, "num_heads": 4},
+    "pretrain": {"batch_size": 64, "lr": 1e-3, "expander": [512, 512]},
+    "train": {"batch_size": 32, "lr": 1e-3, "monitor": "headline"},
+}
+DEMO_EPOCHS = (3, 40)  # VICReg, multitask
+
+
+def demo(out: str | Path, pretrain_epochs: int = DEMO_EPOCHS[0], epochs: int = DEMO_EPOCHS[1],
+         model: dict | None = None, seed: int = 0, callbacks=()) -> dict:
     """The main job: VICReg on the embedded images, multitask fine-tuning, test metrics and figures.
 
-    ``model`` overrides model options (e.g. ``{"depth": 2}`` for a quick run).
+    ``model`` overrides the demo model's options (e.g. ``{"depth": 2}`` for a quick run). The best
+    checkpoint is chosen by the mean of every task's headline validation metric.
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output directory {out} is not empty; choose another directory")
-    model_cfg = {**DEFAULT_CONFIG["model"], **(model or {})}
+    model_cfg = {**DEMO_RECIPE["model"], **(model or {})}
     data = {"datasets": ["embedded"], "seed": seed}
-    pre = {"model": model_cfg, "data": data,
-           "train": {"epochs": pretrain_epochs, "batch_size": 64, "lr": 1e-3, "expander": [512, 512], "seed": seed}}
-    sup = {"model": model_cfg, "data": data,
-           "train": {"epochs": epochs, "batch_size": 32, "lr": 5e-4, "monitor": "auc", "seed": seed}}
+    pre = {"model": model_cfg, "data": data, "train": {**DEMO_RECIPE["pretrain"], "epochs": pretrain_epochs, "seed": seed}}
+    sup = {"model": model_cfg, "data": data, "train": {**DEMO_RECIPE["train"], "epochs": epochs, "seed": seed}}
     pretrain = run_training(pre, out / "pretrain", mode="vicreg", callbacks=callbacks)
     finetune = run_training(sup, out / "multitask", init=pretrain.run_dir / "checkpoints" / "last", callbacks=callbacks)
     figures = write_figures(finetune.run_dir)

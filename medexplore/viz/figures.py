@@ -39,8 +39,19 @@ def training_curves(records: list[dict]) -> Figure:
     return fig
 
 
-def _middle_slice(array: np.ndarray, spatial_dims: int) -> np.ndarray:
-    return array[..., array.shape[-3] // 2, :, :] if spatial_dims == 3 else array
+def _middle_slice(array: np.ndarray, spatial_dims: int, depth: int | None = None) -> np.ndarray:
+    """A 3D array's slice ``depth`` along z (default: the middle one); 2D arrays unchanged."""
+    if spatial_dims != 3:
+        return array
+    return array[..., array.shape[-3] // 2 if depth is None else depth, :, :]
+
+
+def _most_marked_slice(mask) -> int | None:
+    """The z slice with the most foreground voxels of a 3D mask (None without foreground)."""
+    if mask is None:
+        return None
+    counts = (np.asarray(mask) > 0).sum(axis=(-2, -1))
+    return int(counts.argmax()) if counts.max() > 0 else None
 
 
 def display_image(image: np.ndarray) -> np.ndarray:
@@ -52,8 +63,8 @@ def display_image(image: np.ndarray) -> np.ndarray:
     return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
 
 
-def _show_image(ax, image: np.ndarray) -> None:
-    ax.imshow(display_image(_middle_slice(image, image.ndim - 1)), cmap="gray")
+def _show_image(ax, image: np.ndarray, depth: int | None = None) -> None:
+    ax.imshow(display_image(_middle_slice(image, image.ndim - 1, depth)), cmap="gray")
 
 
 def _draw_boxes(ax, boxes: np.ndarray, dims: int, depth: int | None, color: str) -> None:
@@ -69,15 +80,21 @@ def _draw_boxes(ax, boxes: np.ndarray, dims: int, depth: int | None, color: str)
 
 def prediction_gallery(results: list[dict], mask_task: str, box_task: str | None = None,
                        score_threshold: float = 0.5) -> Figure:
-    """Rows: image with true (green) and predicted (red) boxes; true mask; predicted mask (3D: middle slice)."""
+    """Rows: image with true (green) and predicted (red) boxes; true mask; predicted mask.
+
+    A volume is shown at the z slice where its true mask has the most foreground (else the middle).
+    """
     n = len(results)
     fig = Figure(figsize=(2 * n, 6), layout="constrained")
     axes = fig.subplots(3, n, squeeze=False)
     for col, r in enumerate(results):
         dims = r["image"].ndim - 1
-        depth = r["image"].shape[1] // 2 if dims == 3 else None
-        _show_image(axes[0, col], r["image"])
-        title = f"{r['domain'].modality}/{r['domain'].body_part} {dims}D"
+        depth = None
+        if dims == 3:
+            depth = _most_marked_slice(r["labels"].get(mask_task))
+            depth = r["image"].shape[1] // 2 if depth is None else depth
+        _show_image(axes[0, col], r["image"], depth)
+        title = f"{r['domain'].modality}/{r['domain'].body_part} {dims}D" + (f", z={depth}" if dims == 3 else "")
         if box_task and box_task in r["predictions"]:
             true_boxes = np.asarray(r["labels"].get(box_task, np.zeros((0, 2 * dims))))
             _draw_boxes(axes[0, col], true_boxes, dims, depth, "lime")
@@ -86,7 +103,7 @@ def prediction_gallery(results: list[dict], mask_task: str, box_task: str | None
         axes[0, col].set_title(title, fontsize=7)
         for row, mask in ((1, r["labels"].get(mask_task)), (2, r["predictions"].get(mask_task))):
             if mask is not None:
-                axes[row, col].imshow(_middle_slice(np.asarray(mask), dims), vmin=0, interpolation="nearest")
+                axes[row, col].imshow(_middle_slice(np.asarray(mask), dims, depth), vmin=0, interpolation="nearest")
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
     axes[0, 0].set_ylabel("image, boxes")

@@ -84,7 +84,7 @@ def main():
             for d in datasets:
                 m, seconds = train(Path(args.config), Path(args.out) / f"single-{d}-seed{seed}",
                                    base + [f"train.seed={seed}", f"data.datasets=[{d}]",
-                                           f"train.steps_per_epoch={share}"])
+                                           f"train.steps_per_epoch={share}", "train.balance=none"])
                 single[d].append(m[d])
                 print(f"single {d} seed {seed}: {seconds / 60:.1f} min", flush=True)
     print(f"\nTest AUC / ACC on the official files, {len(args.seeds)} seed(s) (mean +- sd):\n")

@@ -243,11 +243,11 @@ def test_coral_predictions_are_monotone_whatever_the_parameters():
 
 def test_detected_boxes_stay_inside_the_image():
     model = small_model(tasks=[TaskSpec("lesions", "detection", 3)])
-    with torch.no_grad():  # centres at the image's corner, sizes of the whole image: half of each box outside
+    with torch.no_grad():  # centres a patch up-left of every token, sizes of the whole image: boxes reach outside
         for layer in model.heads["lesions"].box.values():
             d = layer[-1].out_features // 2
             layer[-1].weight.zero_()
-            layer[-1].bias.copy_(torch.tensor([-8.0] * d + [8.0] * d))
+            layer[-1].bias.copy_(torch.tensor([0.0] + [-8.0] * d + [8.0] * d))
     batch = Batch.from_images([image(2, 16), image(3, 8)], [Domain("2d"), Domain("3d")])
     with torch.no_grad():
         boxes = model(batch).predictions["lesions"]["boxes"]
@@ -295,3 +295,23 @@ def test_task_queries_read_where_tokens_are_not_only_what_they_hold():
     with torch.no_grad():
         reader.position_values.weight.normal_()
     assert not same(x, moved)
+
+
+def test_dense_detection_fits_the_boxes_of_an_image():
+    torch.manual_seed(0)
+    model = small_model(tasks=[TaskSpec("lesions", "detection", 3)]).train()
+    target = torch.tensor([[2.0, 3.0, 7.0, 9.0], [9.0, 8.0, 15.0, 13.0]])  # (y0, x0, y1, x1): centres in patches (1,1), (3,2)
+    batch = Batch.from_images([image(2, 16)], [Domain("2d")], {"lesions": [target]})
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        optimizer.zero_grad()
+        model.compute_loss(model(batch), batch)[0].backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        pred = model(batch).predictions["lesions"]
+    scores, boxes = pred["logits"][0].sigmoid(), pred["boxes"][0]
+    found = boxes[scores > 0.5]
+    assert len(found) == 2  # two boxes, the third candidate is rejected
+    from medexplore.models.boxes import box_iou
+    assert (box_iou(target, found).max(1).values > 0.7).all()

@@ -138,8 +138,8 @@ def per_sample_gradients(model: Medformer, samples: Sequence[Sample], params: di
 
     ``vmap`` uses ``torch.func`` over the images of samples that share shape, domain and labels;
     ``loop`` one backward pass per sample; ``auto`` takes vmap when every label is a class index
-    (then samples share labels and vmap batches them) and no task is detection (its Hungarian matching
-    runs in SciPy). Dropout and stochastic depth are off (eval mode).
+    (then samples share labels and vmap batches them) and no task is detection (its box targets are
+    built per sample in Python). Dropout and stochastic depth are off (eval mode).
     """
     if method not in GRADIENT_METHODS:
         raise ValueError(f"method must be one of {GRADIENT_METHODS}, got {method!r}")

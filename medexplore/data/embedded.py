@@ -30,9 +30,10 @@ from .transforms import normalize_intensity
 __all__ = ["EmbeddedConfig", "EmbeddedDataset", "EMBEDDED_TASKS", "TISSUE_LABELS", "build_embedded", "cache_dir", "mni152",
            "add_lesions"]
 
-VERSION = 2  # 2: lesion radii from lesion_radii (larger)
+VERSION = 3  # 2: lesion radii from lesion_radii (larger); 3: contrast 3-4 image SDs (was 1.2-2)
 TISSUE_LABELS = ("background", "csf and other", "grey matter", "white matter")
 MAX_LESIONS = 3
+LESION_CONTRAST = (3.0, 4.0)  # lesion amplitude in units of the image's standard deviation (either sign)
 EMBEDDED_TASKS = (
     TaskSpec("lesion", "binary", 1),
     TaskSpec("lesion_count", "regression", 1),
@@ -160,7 +161,7 @@ def add_lesions(rng, image: np.ndarray, count: int, allowed: np.ndarray | None):
         centres.append((c, r))
         dist = np.linalg.norm(grid - c, axis=-1)
         blob = expit((r - dist) * 3.0)
-        amplitude = rng.choice([-1.0, 1.0]) * rng.uniform(1.2, 2.0) * scale
+        amplitude = rng.choice([-1.0, 1.0]) * rng.uniform(*LESION_CONTRAST) * scale
         image = image + amplitude * blob[None]
         inside = dist <= r
         mask[inside] = 1

@@ -28,9 +28,12 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, layout: TokenLayout, rope=None, need_weights: bool = False):
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
-        q, k, v = qkv.unbind(1)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if rope is not None:  # queries and keys rotated together: one set of kernels
+            cos, sin = rope
+            q, k = apply_rotary(qkv[:, :2], cos[:, None], sin[:, None]).unbind(1)
+            v = qkv[:, 2]
+        else:
+            q, k, v = qkv.unbind(1)
         out, weights = layout.self_attention(q, k, v, need_weights)
         return self.proj(out.flatten(1)), weights
 

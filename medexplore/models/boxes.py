@@ -5,12 +5,10 @@ in 2D, ``(z1, y1, x1, z2, y2, x2)`` in 3D.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-__all__ = ["box_volume", "box_iou", "generalized_box_iou", "center_size_to_corners", "hungarian_match"]
+__all__ = ["box_volume", "box_iou", "generalized_box_iou", "center_size_to_corners"]
 
 
 def _split(boxes: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,17 +45,3 @@ def generalized_box_iou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
 def center_size_to_corners(center_size: Tensor) -> Tensor:
     center, size = _split(center_size)
     return torch.cat([center - size / 2, center + size / 2], -1)
-
-
-@torch.no_grad()
-def hungarian_match(pred_boxes: Tensor, pred_logits: Tensor, target_boxes: Tensor,
-                    l1_weight: float = 5.0, giou_weight: float = 2.0, score_weight: float = 1.0):
-    """Optimal one-to-one assignment of targets to predictions (DETR cost); returns index arrays."""
-    if target_boxes.shape[0] == 0:
-        empty = torch.zeros(0, dtype=torch.long)
-        return empty, empty
-    cost = (l1_weight * torch.cdist(pred_boxes, target_boxes, p=1)
-            - giou_weight * generalized_box_iou(pred_boxes, target_boxes)
-            - score_weight * pred_logits.sigmoid()[:, None])
-    rows, cols = linear_sum_assignment(cost.float().cpu().numpy())
-    return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(np.asarray(cols), dtype=torch.long)

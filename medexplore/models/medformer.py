@@ -146,10 +146,15 @@ class Medformer(nn.Module):
         for g in layout.packed_group_order():
             images = batch.groups[g]
             by_kind.setdefault((images.dim() - 2, images.shape[1]), []).append(g)
-        x = self.norm.weight.new_zeros(layout.num_tokens, self.config.embed_dim)
+        x = None
         for (dims, channels), groups in by_kind.items():
-            patches = torch.cat([self.patch_embed.patches(batch.groups[g].to(dtype)).flatten(0, 1) for g in groups])
-            x = x.index_copy(0, layout.patch_positions(groups), self.patch_embed.project(patches, channels, dims))
+            pieces = [self.patch_embed.patches(batch.groups[g].to(dtype)).flatten(0, 1) for g in groups]
+            tokens = self.patch_embed.project(pieces[0] if len(pieces) == 1 else torch.cat(pieces), channels, dims)
+            if len(tokens) == layout.num_tokens:  # patch tokens only, already in packed order
+                x = tokens
+                break
+            x = tokens.new_zeros(layout.num_tokens, tokens.shape[1]) if x is None else x
+            x = x.index_copy(0, layout.patch_positions(groups), tokens)
         if self.cls_token is not None:
             first = layout.first_positions
             x = x.index_copy(0, first, self.cls_token[0].expand(len(first), -1))

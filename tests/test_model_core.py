@@ -6,7 +6,7 @@ import torch
 
 from medexplore.models import Batch, Domain, LabelError, MedformerConfig, TaskSpec, create_model, list_models
 from medexplore.models.adaptformer import OutputAdaptformer
-from medexplore.models.heads import OrdinalHead
+from medexplore.models.heads import OrdinalHead, build_head
 from medexplore.models.packing import TokenLayout
 
 from conftest import ALL_KIND_TASKS, full_labels, image, small_model
@@ -315,3 +315,12 @@ def test_dense_detection_fits_the_boxes_of_an_image():
     assert len(found) == 2  # two boxes, the third candidate is rejected
     from medexplore.models.boxes import box_iou
     assert (box_iou(target, found).max(1).values > 0.7).all()
+
+
+@pytest.mark.parametrize("loss, expected", [("l1", 1.25), ("mse", 2.125), ("huber", 0.8125)])
+def test_regression_loss_variants_known_values(loss, expected):
+    head = build_head(TaskSpec("count", "regression", 1, loss=loss), 8, 1, 4, 8, 1)
+    prediction = torch.tensor([[0.5], [3.0]])  # errors 0.5 and 2.0
+    assert head.loss(prediction, [torch.tensor([0.0]), torch.tensor([1.0])]).item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="loss 'l2' not available"):
+        TaskSpec("count", "regression", 1, loss="l2")

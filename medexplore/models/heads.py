@@ -97,9 +97,8 @@ class VectorHead(TaskHead):
             return None
         if kind == TaskKind.MULTILABEL:
             return F.binary_cross_entropy_with_logits(pred[known], y[known])
-        if self.spec.loss == "mse":
-            return F.mse_loss(pred[known], y[known])
-        return F.smooth_l1_loss(pred[known], y[known])
+        loss = {"mse": F.mse_loss, "l1": F.l1_loss}.get(self.spec.loss, F.smooth_l1_loss)
+        return loss(pred[known], y[known])
 
 
 class OrdinalHead(VectorHead):

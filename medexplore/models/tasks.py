@@ -59,7 +59,8 @@ class TaskSpec:
         modalities, body_parts: restrict the task to these domains (empty: any).
         num_queries: latent queries the task owns in the Output Adaptformer (0: automatic).
         label_names: optional names of the classes / labels / values.
-        loss: loss variant where a kind offers several (``"huber"`` or ``"mse"`` for regression).
+        loss: loss variant where a kind offers several (regression: ``"huber"`` (default), ``"mse"``, or
+            ``"l1"``, whose minimiser is the median: counts come out near whole numbers).
         weight: the task's weight in the summed multitask loss.
 
     Example:
@@ -104,7 +105,7 @@ class TaskSpec:
             what = "class" if self.kind == TaskKind.SEGMENTATION else "box"
             raise ValueError(f"task {self.name!r}: a {self.kind.value} task needs one query per {what} "
                              f"(num_queries >= num_outputs = {self.num_outputs}), got {self.num_queries}")
-        losses = {TaskKind.REGRESSION: ("", "huber", "mse")}.get(self.kind, ("",))
+        losses = {TaskKind.REGRESSION: ("", "huber", "mse", "l1")}.get(self.kind, ("",))
         if self.loss not in losses:
             raise ValueError(f"task {self.name!r}: loss {self.loss!r} not available for {self.kind.value}; choose from {losses}")
         if not self.weight >= 0:

@@ -36,7 +36,7 @@ MAX_LESIONS = 3
 LESION_CONTRAST = (3.0, 4.0)  # lesion amplitude in units of the image's standard deviation (either sign)
 EMBEDDED_TASKS = (
     TaskSpec("lesion", "binary", 1),
-    TaskSpec("lesion_count", "regression", 1, loss="l1"),
+    TaskSpec("lesion_count", "regression", 1),
     TaskSpec("lesion_boxes", "detection", MAX_LESIONS),
     TaskSpec("lesion_mask", "segmentation", 2, label_names=("background", "lesion")),
     TaskSpec("tissue", "segmentation", 4, dimensionalities=("3d",), modalities=("mri",), body_parts=("brain",),

@@ -72,7 +72,7 @@ class ProgressPrinter:
     def __call__(self, event) -> None:
         from tqdm.auto import tqdm
 
-        if event.kind == "adapted":
+        if event.kind in ("adapted", "run"):
             print(event.message, file=sys.stderr)
         elif event.kind == "start" and not self.quiet:
             self.bar = tqdm(total=event.total_steps, initial=event.step, unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -214,6 +214,27 @@ def cmd_adapt_bench(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from .experiments import ExperimentSettings, run_experiment
+
+    data = {"datasets": args.data}
+    if args.root:
+        data["root"] = args.root
+    overrides: dict = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and name):
+            raise CLIError(f"--set expects SECTION.KEY=VALUE (model, train or pretrain), got {item!r}")
+        overrides.setdefault(section, {})[name] = _parse_value(value)
+    settings = ExperimentSettings(data=data, budget=args.budget, seeds=tuple(args.seeds), device=args.device,
+                                  overrides=overrides)
+    out = args.out or f"runs/experiments/{args.name}"
+    report = run_experiment(args.name, out, settings, callbacks=[ProgressPrinter(args.quiet)])
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medexplore", description="Multitask multimodal medical-image learning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -268,6 +289,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_adapt_bench)
 
+    from .experiments import BUDGETS, EXPERIMENTS
+
+    text = "reproduce a claim of the works medexplore builds on: runs, report.md with verdicts (resumable)"
+    p = sub.add_parser("experiment", help=text, description=text)
+    p.add_argument("name", choices=sorted(EXPERIMENTS))
+    p.add_argument("--data", nargs="+", default=["embedded"], help="dataset names (embedded, MedMNIST flags)")
+    p.add_argument("--root", help="MedMNIST folder (e.g. ../shared/data/medmnist)")
+    p.add_argument("--budget", choices=BUDGETS, default="small", help="small: minutes on a CPU; full: longer runs")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (mean and spread over them)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="change the budget's recipe, e.g. train.epochs=4 (sections model, train, pretrain)")
+    p.add_argument("--out", help="experiment folder (default runs/experiments/NAME); run again to continue")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_experiment)
+
     for name, func, text in (("evaluate", cmd_evaluate, "metrics of a checkpoint on a split"),
                              ("embed", cmd_embed, "embeddings (pooled, per task, per block) and metadata of a split, to one npz file "
                               "(read it with medexplore.analysis.load_embeddings)")):
@@ -288,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .train.checkpoint import CheckpointError, checkpoint_exists
     from .train.engine import NonFiniteLossError
+    from .experiments import ExperimentStopped
     from .train.runlock import RunLockedError
 
     try:
@@ -296,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medexplore {args.command}: stopped: {exc}", file=sys.stderr)
         return 3
     except (CLIError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            CheckpointError, RunLockedError) as exc:
+            CheckpointError, RunLockedError, ExperimentStopped) as exc:
         print(f"medexplore {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk, a read-only folder...: the path and the reason, on one line
@@ -307,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         out = getattr(args, "out", None)
         saved = out is not None and checkpoint_exists(Path(out) / "checkpoints" / "last")
         advice = "continue with --resume" if saved and args.command in ("train", "pretrain") else "nothing was saved"
-        if args.command == "adapt-bench":
-            advice = "finished cells are in results.csv; run the same command again to continue"
+        if args.command in ("adapt-bench", "experiment"):
+            advice = ("finished cells are in results.csv" if args.command == "adapt-bench" else "finished runs are kept")
+            advice += "; run the same command again to continue"
         print(f"medexplore {args.command}: interrupted; {advice}", file=sys.stderr)
         return 130
 

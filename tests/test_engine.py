@@ -269,3 +269,44 @@ def test_headline_monitor_averages_each_tasks_headline_metric():
     assert Trainer._monitor_value(judge, metrics) == pytest.approx((0.9 + 0.6 + 0.3) / 3)
     assert Trainer._monitor_value(SimpleNamespace(config=TrainConfig(monitor="auc")), metrics) == pytest.approx(0.9)
     assert Trainer._monitor_value(judge, {"count": {"mae": 0.5}}) is None
+
+
+def test_uncertainty_weighting_known_answer_and_gradnorm_equalises_gradient_norms():
+    from medexplore.train.balancing import GradNorm, UncertaintyWeighting, make_balancer
+
+    assert make_balancer("fixed", {"a": 1.0}) is None
+    with pytest.raises(ValueError, match="train.loss_balance must be one of"):
+        make_balancer("equal", {"a": 1.0})
+    uw = UncertaintyWeighting({"a": 1.0, "b": 2.0})
+    with torch.no_grad():
+        uw.log_variance.copy_(torch.tensor([0.0, 1.0]))
+    total = uw.combine({"a": torch.tensor(3.0), "b": torch.tensor(4.0)}, [])
+    assert total.item() == pytest.approx(3.0 + 2.0 * (4.0 * torch.exp(torch.tensor(-1.0)).item() + 1.0))
+    # GradNorm: two tasks through one shared weight, task b's gradient 10x task a's; the weights move to even them
+    shared = torch.nn.Parameter(torch.tensor([1.0]))
+    gn = GradNorm({"a": 1.0, "b": 1.0}, alpha=0.0)
+    opt = torch.optim.Adam(gn.parameters(), lr=0.01)  # as in training (AdamW)
+    for _ in range(150):
+        opt.zero_grad()
+        losses = {"a": 1.0 * shared.sum(), "b": 10.0 * shared.sum()}
+        total = gn.combine(losses, [shared])
+        assert not total.requires_grad or total.grad_fn is not None
+        opt.step()
+        gn.after_step()
+    w = gn.task_weight.detach()
+    # equal norms |1 * w_a| = |10 * w_b| with w_a + w_b = 2: w = (1.82, 0.18)
+    assert w.sum().item() == pytest.approx(2.0) and 7 < w[0] / w[1] < 14
+
+
+def test_loss_balance_and_padded_packing_train_and_resume(tmp_path):
+    data = toy_data()
+    for balance in ("uncertainty", "gradnorm"):
+        cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, device="cpu", monitor="acc", loss_balance=balance,
+                          packing="padded")
+        Trainer(toy_model(), data, cfg, tmp_path / balance, val_data=data[:6]).fit()
+        meta, _, state = load_checkpoint(tmp_path / balance / "checkpoints" / "last")
+        assert set(meta["loss_weights"]) == {"cls", "reg"} and "balancer" in state
+        resumed = Trainer(toy_model(), data, TrainConfig(**{**cfg.to_dict(), "epochs": 3}), tmp_path / balance)
+        assert resumed.fit(resume=True).step == 9
+    with pytest.raises(ValueError, match="train.packing must be one of"):
+        TrainConfig(packing="dense")

@@ -9,7 +9,7 @@ from ..models.packing import Batch
 __all__ = ["step_memory"]
 
 
-def step_memory(model: Medformer, batch: Batch) -> dict[str, int]:
+def step_memory(model: Medformer, batch: Batch, packing: str = "grouped") -> dict[str, int]:
     """Bytes one AdamW training step needs: weights, gradients and optimizer moments of the trainable
     parameters, and the activations autograd keeps for the backward pass.
 
@@ -32,7 +32,7 @@ def step_memory(model: Medformer, batch: Batch) -> dict[str, int]:
     model.train()
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(batch.to(device))
+            out = model(batch.to(device), packing=packing)
             loss, _ = model.compute_loss(out, batch.to(device))
         loss.backward()
     finally:

@@ -11,6 +11,7 @@ from .embedded import EmbeddedConfig, EmbeddedDataset
 from .folder import FolderDataset
 from ..typed import coerce_fields
 from .medmnist import MEDMNIST, MedMNIST
+from .annotations import keep_tasks, load_pseudo_labels, select_annotations
 from .natural import NaturalImages
 from .sampling import MixedDataset
 
@@ -30,6 +31,12 @@ class DataSection:
     csv: str | None = None
     tasks: list | None = None
     multiple: int = 16
+    annotations: str = "full"
+    label_fraction: float = 1.0
+    subset_seed: int = 0
+    pseudo_labels: str | None = None
+    keep_tasks: list | None = None
+    volume_size: int | None = None
 
 
 def check_data_config(data: dict) -> dict:
@@ -43,7 +50,8 @@ def available_datasets() -> list[str]:
 
 def _one(name: str, data: dict, split: str) -> Dataset:
     if name == "embedded":
-        return EmbeddedDataset(split, EmbeddedConfig(seed=int(data.get("seed", 0))))
+        volume = data.get("volume_size") or EmbeddedConfig.size_3d  # side of the embedded 3D volumes
+        return EmbeddedDataset(split, EmbeddedConfig(seed=int(data.get("seed", 0)), size_3d=int(volume)))
     if name == "folder":
         if not data.get("csv") or not data.get("tasks"):
             raise ValueError("the 'folder' dataset needs data.csv (the label table) and data.tasks (task specs)")
@@ -65,6 +73,10 @@ def build_dataset(data: dict, split: str) -> Dataset:
     TaskSpec dicts), the CSV's ``split`` column selecting train/val/test; other names are MedMNIST flags.
 
     Several names give a :class:`MixedDataset` (sample weights per source come from the trainer).
+    On the training split, each dataset keeps the images and annotations that ``annotations``,
+    ``label_fraction`` (drawn with ``subset_seed``) and ``pseudo_labels`` select
+    (:func:`~medexplore.data.annotations.select_annotations`). ``keep_tasks`` keeps only those tasks'
+    annotations in every split (datasets carrying none of them are left out): a single-task model.
     """
     data = check_data_config(data)
     names = list(data.get("datasets") or [])
@@ -72,7 +84,25 @@ def build_dataset(data: dict, split: str) -> Dataset:
         raise ValueError("data.datasets is empty: name at least one dataset")
     if data.get("path") and len(names) != 1:
         raise ValueError("data.path names one npz file; give exactly one dataset with it")
+    pseudo = load_pseudo_labels(data["pseudo_labels"]) if data.get("pseudo_labels") else {}
+    unknown = sorted(set(pseudo) - set(names))
+    if unknown:
+        raise ValueError(f"data.pseudo_labels {data['pseudo_labels']}: labels for dataset(s) {unknown} "
+                         f"not among data.datasets {names}")
     sets = {name: _one(name, data, split) for name in names}
+    if data.get("keep_tasks"):
+        known = {t.name for d in sets.values() for t in getattr(d, "tasks", ())}
+        unknown = sorted(set(data["keep_tasks"]) - known)
+        if unknown:
+            raise ValueError(f"data.keep_tasks: no dataset among {names} has task(s) {unknown}; tasks: {sorted(known)}")
+        kept = {name: keep_tasks(d, data["keep_tasks"]) for name, d in sets.items()}
+        sets = {name: d for name, d in kept.items() if d is not None}
+        if not sets:
+            raise ValueError(f"data.keep_tasks {list(data['keep_tasks'])}: no dataset among {names} carries these tasks")
+    if split == "train":
+        sets = {name: select_annotations(d, data.get("annotations", "full"), float(data.get("label_fraction", 1.0)),
+                                         int(data.get("subset_seed", 0)), pseudo.get(name))
+                for name, d in sets.items()}
     return next(iter(sets.values())) if len(sets) == 1 else MixedDataset(sets)
 
 

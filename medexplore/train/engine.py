@@ -24,10 +24,11 @@ from ..data.sample import collate
 from ..data.sampling import WeightedBatchSampler, balanced_weights, labels_of
 from ..data.transforms import Augment
 from ..models.medformer import Medformer
-from ..models.packing import Batch
+from ..models.packing import PACKING_MODES, Batch
 from ..models.tasks import TaskKind
 from ..ssl import Expander, TwoViews, VICRegLoss
 from ..typed import coerce_fields
+from .balancing import BALANCER_LR_SCALE, LOSS_BALANCES, make_balancer
 from .checkpoint import load_checkpoint, load_into, rng_state, save_checkpoint, set_rng_state, snapshot_name
 from .evaluate import evaluate
 
@@ -83,6 +84,10 @@ class TrainConfig:
             run is not judged by its classification tasks alone.
         expander: VICReg expander sizes.
         augment: label-consistent augmentation of supervised batches (:class:`~medexplore.data.transforms.Augment`).
+        loss_balance: how task losses combine: ``fixed`` (TaskSpec weights), ``uncertainty`` or ``gradnorm``
+            (:mod:`medexplore.train.balancing`).
+        packing: how batches are packed for attention: ``grouped`` (compact segments) or ``padded``
+            (one padded segment, the reference).
 
     With ``accum_steps > 1`` each task's loss is averaged per micro-batch, which equals the full-batch
     average when every micro-batch carries the same number of that task's labels.
@@ -110,11 +115,17 @@ class TrainConfig:
     num_workers: int = 0
     expander: tuple[int, ...] = (512, 512, 512)
     augment: bool = True
+    loss_balance: str = "fixed"
+    packing: str = "grouped"
 
     def __post_init__(self):
         object.__setattr__(self, "expander", tuple(self.expander))
         if self.mode not in MODES:
             raise ValueError(f"TrainConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.loss_balance not in LOSS_BALANCES:
+            raise ValueError(f"train.loss_balance must be one of {LOSS_BALANCES}, got {self.loss_balance!r}")
+        if self.packing not in PACKING_MODES:
+            raise ValueError(f"train.packing must be one of {PACKING_MODES}, got {self.packing!r}")
         if self.balance not in BALANCE:
             raise ValueError(f"TrainConfig.balance must be one of {BALANCE}, got {self.balance!r}")
         for name in ("epochs", "batch_size", "accum_steps", "eval_batch_size"):
@@ -304,11 +315,20 @@ class Trainer:
         self.model.to(self.device)
         if self.expander is not None:
             self.expander.to(self.device)
+        self.balancer = (make_balancer(config.loss_balance, {n: t.weight for n, t in model.tasks.items()})
+                         if config.mode == "supervised" else None)
+        if self.balancer is not None and dist.is_available() and dist.is_initialized():
+            raise ValueError(f"train.loss_balance {config.loss_balance!r} is single-process only (its weights "
+                             "would differ between processes); use fixed under DDP")
         params = list(model.parameters()) + (list(self.expander.parameters()) if self.expander else [])
         decay = [p for p in params if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.balancer is not None:
+            self.balancer.to(self.device)
+            groups.append({"params": list(self.balancer.parameters()), "weight_decay": 0.0,
+                           "lr": config.lr * BALANCER_LR_SCALE})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
         micro = config.batch_size // config.accum_steps
         if micro % self.world:
             raise ValueError(f"micro-batch {micro} is not divisible by {self.world} processes")
@@ -354,15 +374,20 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _meta(self) -> dict:
-        return {"run": self.config.to_dict(), "data": self.data_config, "step": self.step, "epoch": self.epoch,
+        meta = {"run": self.config.to_dict(), "data": self.data_config, "step": self.step, "epoch": self.epoch,
                 "best": self.best, "monitor": self.config.monitor, "metrics": self.last_metrics,
                 "epoch_loss_sums": self.epoch_losses}
+        if self.balancer is not None:
+            meta["loss_weights"] = self.balancer.weights()
+        return meta
 
     def save(self, name: str, with_state: bool = True) -> None:
         if not self.is_main:
             return
         state = ({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
                  if with_state else None)
+        if state is not None and self.balancer is not None:
+            state["balancer"] = self.balancer.state_dict()
         extra = self.expander_module.state_dict() if self.expander is not None else None
         save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self._meta(), state, extra)
         if name == "last":
@@ -387,6 +412,8 @@ class Trainer:
                 raise ValueError(f"{folder}: cannot resume with changed run settings {changed}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.balancer is not None:
+            self.balancer.load_state_dict(state["balancer"])
         set_rng_state(state["rng"])
         self.step, self.epoch, self.best = meta["step"], meta["epoch"], meta.get("best")
         self.epoch_losses = dict(meta.get("epoch_loss_sums", {}))
@@ -429,8 +456,12 @@ class Trainer:
             if self.augment is not None:
                 batch = self._augmented(batch, step)
             batch = batch.to(self.device, non_blocking=True)
-            out = self.forward_model(batch)
-            return self.model.compute_loss(out, batch)
+            out = self.forward_model(batch, packing=self.config.packing)
+            total, per_task = self.model.compute_loss(out, batch)
+            if self.balancer is not None and per_task:
+                shared = [p for p in self.model.blocks[-1].parameters() if p.requires_grad]
+                total = self.balancer.combine(per_task, shared)
+            return total, per_task
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step * 7919 + self.rank)
         images = [img for group, ids in zip(batch.groups, batch.group_samples) for img in group.cpu()]
         order = [int(i) for ids in batch.group_samples for i in ids]
@@ -438,8 +469,8 @@ class Trainer:
         views = [self.views(img, g) for img in images]
         v1 = Batch.from_images([a for a, _ in views], domains).to(self.device)
         v2 = Batch.from_images([b for _, b in views], domains).to(self.device)
-        z1 = self.expander(self.forward_model(v1).embedding)
-        z2 = self.expander(self.forward_model(v2).embedding)
+        z1 = self.expander(self.forward_model(v1, packing=self.config.packing).embedding)
+        z2 = self.expander(self.forward_model(v2, packing=self.config.packing).embedding)
         terms = self.vicreg.terms(z1.float(), z2.float())
         return self.vicreg.combine(terms), terms
 
@@ -464,9 +495,11 @@ class Trainer:
             for k, v in per_task.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / len(micro_batches)
         if self.config.clip_grad:
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            params = [p for group in self.optimizer.param_groups[:2] for p in group["params"]]  # not the balancer's
             torch.nn.utils.clip_grad_norm_(params, self.config.clip_grad)
         self.optimizer.step()
+        if self.balancer is not None:
+            self.balancer.after_step()
         self.scheduler.step()
         self.step += 1
         return totals

@@ -15,7 +15,7 @@ from ..models.tasks import TaskKind
 from .metrics import (classification_metrics, detection_metrics, dice_per_class, ordinal_probabilities,
                       regression_metrics)
 
-__all__ = ["evaluate", "collect_predictions", "per_sample_predictions", "task_scores"]
+__all__ = ["evaluate", "collect_predictions", "per_sample_predictions", "task_scores", "score_task"]
 
 
 def task_scores(kind: TaskKind, prediction: torch.Tensor) -> torch.Tensor:
@@ -72,24 +72,24 @@ def evaluate(model: Medformer, dataset: Dataset, batch_size: int = 256, device="
              autocast: Callable | None = None) -> dict[str, dict]:
     """Metrics per task name (tasks without any label in ``dataset`` are left out)."""
     pairs = collect_predictions(model, dataset, batch_size, device, num_workers, autocast)
-    results = {}
-    for name, items in pairs.items():
-        if not items:
-            continue
-        spec = model.tasks[name]
-        labels = [y for y, _ in items]
-        preds = [p for _, p in items]
-        if spec.kind == TaskKind.SEGMENTATION:
-            dice = np.array([dice_per_class(p, y.long(), spec.num_outputs) for y, p in zip(labels, preds)])
-            per_class = np.nanmean(dice, 0)
-            results[name] = {"dice_per_class": per_class.tolist(), "dice": float(np.nanmean(per_class[1:]))}
-        elif spec.kind == TaskKind.DETECTION:
-            results[name] = detection_metrics(preds, [y.float().reshape(-1, p[0].shape[-1]) for y, p in zip(labels, preds)])
-        elif spec.kind == TaskKind.REGRESSION:
-            results[name] = regression_metrics(torch.stack([y.float().reshape(-1) for y in labels]).numpy(),
-                                               torch.stack(preds).numpy())
-        else:
-            y = torch.stack([y.float().reshape(-1) for y in labels]).numpy()
-            results[name] = classification_metrics(spec.kind.value, y, torch.stack(preds).numpy())
-        results[name]["n"] = len(items)
-    return results
+    return {name: score_task(model.tasks[name], items) for name, items in pairs.items() if items}
+
+
+def score_task(spec, items: list) -> dict:
+    """The metrics of ``spec``'s kind over ``(label, prediction)`` pairs (as :func:`collect_predictions` gives)."""
+    labels = [y for y, _ in items]
+    preds = [p for _, p in items]
+    if spec.kind == TaskKind.SEGMENTATION:
+        dice = np.array([dice_per_class(p, y.long(), spec.num_outputs) for y, p in zip(labels, preds)])
+        per_class = np.nanmean(dice, 0)
+        result = {"dice_per_class": per_class.tolist(), "dice": float(np.nanmean(per_class[1:]))}
+    elif spec.kind == TaskKind.DETECTION:
+        result = detection_metrics(preds, [y.float().reshape(-1, p[0].shape[-1]) for y, p in zip(labels, preds)])
+    elif spec.kind == TaskKind.REGRESSION:
+        result = regression_metrics(torch.stack([y.float().reshape(-1) for y in labels]).numpy(),
+                                    torch.stack(preds).numpy())
+    else:
+        y = torch.stack([y.float().reshape(-1) for y in labels]).numpy()
+        result = classification_metrics(spec.kind.value, y, torch.stack(preds).numpy())
+    result["n"] = len(items)
+    return result

@@ -98,7 +98,7 @@ def find_runs(root: str | Path, max_depth: int = 2) -> list[Path]:
 
 def _absolute_paths(data: dict) -> dict:
     """Data paths made absolute, so ``evaluate`` and ``--resume`` find them from any directory."""
-    return {k: (str(Path(v).expanduser().resolve()) if k in ("path", "root", "csv") and v
+    return {k: (str(Path(v).expanduser().resolve()) if k in ("path", "root", "csv", "pseudo_labels") and v
                 else list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
 
 

@@ -1,0 +1,211 @@
+"""What every experiment stands on: its settings, its recipes per budget, its training runs (each
+finished run is kept and reused, so an interrupted experiment continues where it stopped) and its
+report folder."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..data.registry import build_dataset, check_data_config, dataset_tasks
+from ..train.engine import HEADLINE, Event, RunControl
+from ..train.workflow import final_checkpoint, run_training
+
+__all__ = ["BUDGETS", "RECIPES", "ExperimentSettings", "Experiment", "ExperimentStopped", "headline", "task_rows",
+           "inference_ms",
+           "higher_is_better"]
+
+BUDGETS = ("small", "full")
+RECIPES = {  # model and training recipe per budget; "small" keeps every experiment within 20 CPU minutes
+    "small": {"model": {"name": "medformer_tiny", "patch_size": 4, "depth": 4, "embed_dim": 96, "num_heads": 4,
+                        "seg_channels": 16},
+              "train": {"batch_size": 32, "lr": 1e-3, "epochs": 8, "steps_per_epoch": 20, "monitor": "headline"},
+              "pretrain": {"batch_size": 64, "lr": 1e-3, "epochs": 3, "expander": [512, 512]}},
+    "full": {"model": {"name": "medformer_tiny", "patch_size": 4, "depth": 6, "embed_dim": 128, "num_heads": 4,
+                       "seg_channels": 16},
+             "train": {"batch_size": 32, "lr": 1e-3, "epochs": 30, "steps_per_epoch": 30, "monitor": "headline"},
+             "pretrain": {"batch_size": 64, "lr": 1e-3, "epochs": 10, "expander": [512, 512]}},
+}
+
+
+class ExperimentStopped(RuntimeError):
+    """A run of the experiment was stopped; running the same command again continues it."""
+
+
+def headline(metrics: dict) -> tuple[str, float] | None:
+    """A task's headline test metric (AUC, Dice or mAP@0.5, else regression MAE) and its value."""
+    for name in (*HEADLINE, "mae"):
+        if name in metrics:
+            return name, float(metrics[name])
+    return None
+
+
+def inference_ms(exp: "Experiment", outcome: dict, batch_size: int = 32) -> float:
+    """Milliseconds per test image of a finished run's model (forward only, after a warm-up batch, the
+    fastest of three passes, synchronised on CUDA), measured once and kept in ``runs/KEY/inference.json``."""
+    import torch
+
+    from ..data.sample import collate
+    from ..train.checkpoint import load_model
+    from ..train.engine import resolve_device
+
+    cached = exp.run_dir(outcome["key"]) / "inference.json"
+    if cached.exists():
+        return json.loads(cached.read_text())["ms_per_image"]
+    device = resolve_device(exp.settings.device)
+    model, meta = load_model(outcome["checkpoint"], device)
+    samples = exp.test_samples(meta["data"])
+    batches = [collate(samples[i:i + batch_size]).to(device) for i in range(0, len(samples), batch_size)]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model.eval()
+    passes = []
+    with torch.no_grad():
+        model(batches[0])
+        for _ in range(3):  # the fastest of three passes: the least disturbed by other work on the machine
+            sync()
+            start = time.perf_counter()
+            for batch in batches:
+                model(batch)
+            sync()
+            passes.append(time.perf_counter() - start)
+    ms = 1000 * min(passes) / len(samples)
+    cached.write_text(json.dumps({"ms_per_image": ms, "images": len(samples), "device": str(device)}))
+    return ms
+
+
+def task_rows(outcome: dict, **columns) -> list[dict]:
+    """One row per task of a run's test metrics: ``task``, ``metric`` (its headline), ``value``, plus ``columns``."""
+    rows = []
+    for task, metrics in outcome["test"].items():
+        found = headline(metrics)
+        if found is not None:
+            rows.append({**columns, "task": task, "metric": found[0], "value": found[1]})
+    return rows
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric != "mae"
+
+
+@dataclass(frozen=True)
+class ExperimentSettings:
+    """What a user chooses: the data section (datasets, root, size...), the budget, the seeds, the device,
+    and ``overrides`` of the budget's recipe (``{"model": {...}, "train": {...}, "pretrain": {...}}``)."""
+
+    data: dict = field(default_factory=lambda: {"datasets": ["embedded"]})
+    budget: str = "small"
+    seeds: tuple[int, ...] = (0, 1)
+    device: str = "auto"
+    overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.budget not in BUDGETS:
+            raise ValueError(f"--budget must be one of {BUDGETS}, got {self.budget!r}")
+        if not self.seeds:
+            raise ValueError("--seeds: give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds repeats a seed: {list(self.seeds)}")
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        object.__setattr__(self, "data", check_data_config(self.data))
+        unknown = sorted(set(self.overrides) - set(RECIPES[self.budget]))
+        if unknown:
+            raise ValueError(f"recipe overrides for unknown section(s) {unknown}; sections: {sorted(RECIPES[self.budget])}")
+
+    @property
+    def recipe(self) -> dict:
+        recipe = copy.deepcopy(RECIPES[self.budget])
+        for section, values in self.overrides.items():
+            recipe[section].update(values)
+        return recipe
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(self.data["datasets"])
+
+
+class Experiment:
+    """One experiment's folder: ``experiment.json`` (its settings), ``runs/KEY/`` (one training run
+    each, with ``outcome.json`` once finished), figures and ``report.md``.
+
+    A folder holding another experiment, or the same one with other data or budget, is refused; the
+    seeds may change between calls (finished runs of any seed are reused).
+    """
+
+    def __init__(self, name: str, out: str | Path, settings: ExperimentSettings,
+                 callbacks: Sequence[Callable[[Event], None]] = (), control: RunControl | None = None):
+        self.name, self.out, self.settings = name, Path(out), settings
+        self.callbacks, self.control = list(callbacks), control
+        if self.out.exists() and not self.out.is_dir():
+            raise NotADirectoryError(f"--out {self.out} is a file, not a directory")
+        stored = self.out / "experiment.json"
+        mine = {"experiment": name, "data": settings.data, "budget": settings.budget, "overrides": settings.overrides}
+        if stored.exists():
+            before = json.loads(stored.read_text())
+            changed = [k for k in mine if json.dumps(before.get(k), sort_keys=True) != json.dumps(mine[k], sort_keys=True)]
+            if changed:
+                raise FileExistsError(f"{self.out} holds experiment {before.get('experiment')!r} with other "
+                                      + ", ".join(f"{k} ({before.get(k)!r}, now {mine[k]!r})" for k in changed)
+                                      + "; choose another --out")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise FileExistsError(f"--out {self.out} is not empty and holds no experiment; choose another directory")
+        self.out.mkdir(parents=True, exist_ok=True)
+        stored.write_text(json.dumps({**mine, "seeds": list(settings.seeds), "device": settings.device}, indent=1))
+        (self.out / "figures").mkdir(exist_ok=True)
+
+    def config(self, seed: int, data: dict | None = None, model: dict | None = None, train: dict | None = None) -> dict:
+        """A run config: the budget's recipe with ``seed`` (model initialisation and batch order) and overrides."""
+        recipe = self.settings.recipe
+        return {"model": {**recipe["model"], **(model or {})},
+                "data": {**self.settings.data, **(data or {})},
+                "train": {**recipe["train"], **(train or {}), "seed": seed, "device": self.settings.device}}
+
+    def pretrain_config(self, seed: int, data: dict | None = None) -> dict:
+        recipe = self.settings.recipe
+        return {"model": recipe["model"], "data": {**self.settings.data, **(data or {})},
+                "train": {**recipe["pretrain"], "seed": seed, "device": self.settings.device}}
+
+    def tasks(self, data: dict | None = None) -> list:
+        return dataset_tasks(build_dataset({**self.settings.data, **(data or {})}, "val"))
+
+    def run_dir(self, key: str) -> Path:
+        return self.out / "runs" / key
+
+    def train(self, key: str, config: dict, mode: str = "supervised", init: str | Path | None = None) -> dict:
+        """Run ``config`` into ``runs/KEY`` unless it finished before; the outcome: test metrics,
+        ``seconds`` (wall time of the call that finished it), ``steps``, ``parameters``, ``checkpoint``."""
+        folder = self.run_dir(key)
+        done = folder / "outcome.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        for callback in self.callbacks:
+            callback(Event("run", message=f"{self.name}: {key}"))
+        start = time.perf_counter()
+        outcome = run_training(config, folder, mode=mode, init=init, resume=True, callbacks=self.callbacks,
+                               control=self.control)
+        if outcome.result.stopped:
+            raise ExperimentStopped(f"{self.name}: run {key} was stopped (its last checkpoint is kept); "
+                                    "run the same command again to continue")
+        from ..train.checkpoint import load_model
+
+        model, _ = load_model(final_checkpoint(folder))
+        record = {"key": key, "test": outcome.test_metrics, "seconds": time.perf_counter() - start,
+                  "steps": outcome.result.step, "parameters": sum(p.numel() for p in model.parameters()),
+                  "checkpoint": str(final_checkpoint(folder))}
+        done.write_text(json.dumps(record, indent=1, default=float))
+        return record
+
+    def test_samples(self, data: dict, n: int = 64) -> list:
+        test = build_dataset({**self.settings.data, **data}, "test")
+        step = max(1, len(test) // n)
+        return [test[i] for i in range(0, len(test), step)][:n]
+
+    def save_json(self, name: str, value) -> Path:
+        path = self.out / name
+        path.write_text(json.dumps(value, indent=1, default=float))
+        return path
+
+    def settings_dict(self) -> dict:
+        return asdict(self.settings)

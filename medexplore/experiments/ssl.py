@@ -57,6 +57,7 @@ def _report(exp: Experiment, rows: pd.DataFrame, tasks: list[str]) -> Report:
     gain = [(m["vicreg"] - m["scratch"]) * (1 if higher_is_better(metric) else -1)
             for (task, metric, fraction), m in means.iterrows()]
     table["vicreg - scratch"] = gain
+    table["fraction"] = table["fraction"].map(lambda f: f"{f:.0%}")
     report.table("Test metric (mean ± sd over seeds; for MAE the gain's sign is flipped)", table)
     low = means.index.get_level_values("fraction") < 1
     helped = [g for g, is_low in zip(gain, low) if is_low]

@@ -47,6 +47,7 @@ def fraction_lines(rows: pd.DataFrame, fraction: str, arm: str, value: str, pane
             ax.plot(stats.index, stats["mean"], marker="o", ms=4, color=color, label=a)
             ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=color, alpha=0.2)
         ax.set_xscale("log")
-        ax.set(xlabel="fraction of training labels", ylabel=ylabel, title=str(name))
+        metric = f" ({part['metric'].iloc[0]})" if "metric" in part and len(part) else ""
+        ax.set(xlabel="fraction of training labels", ylabel=ylabel, title=f"{name}{metric}")
     axes[0].legend(fontsize=8, frameon=False)
     return fig

@@ -1,0 +1,88 @@
+"""The experiments layer: one command per claim, resumable, a readable report."""
+import json
+
+import pandas as pd
+import pytest
+
+from medexplore.cli import main
+from medexplore.experiments import (EXPERIMENTS, Experiment, ExperimentSettings, ExperimentStopped, Report,
+                                    mean_spread, run_experiment, summarise)
+from medexplore.train import RunControl
+
+TINY = {"model": {"depth": 2, "embed_dim": 32, "num_heads": 2, "seg_channels": 8},
+        "train": {"epochs": 1, "steps_per_epoch": 3, "batch_size": 8},
+        "pretrain": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 8}}
+
+
+def test_mean_spread_summarise_and_report(tmp_path):
+    assert mean_spread([0.5, 0.7]) == "0.600 ± 0.141" and mean_spread([0.25]) == "0.250" and mean_spread([]) == "–"
+    assert mean_spread([120, 130]) == "125 ± 7"  # counts without decimals
+    rows = [{"arm": "a", "seed": s, "v": v} for s, v in ((0, 1.0), (1, 3.0))] + [{"arm": "b", "seed": 0, "v": 2.0}]
+    table = summarise(rows, ["arm"], ["v"])
+    assert table.to_dict("records") == [{"arm": "a", "v": "2.000 ± 1.414", "n": 2}, {"arm": "b", "v": "2.000", "n": 1}]
+    with pytest.raises(ValueError, match=r"no column\(s\) \['w'\]"):
+        summarise(rows, ["arm"], ["w"])
+    report = Report("Title", "What ran.")
+    report.verdict("claim one", True, "3 of 4")
+    report.verdict("claim two", None, "not run")
+    report.table("numbers", pd.DataFrame({"x": [1.23456, float("nan")], "y": ["a|b", "c"]}))
+    text = report.write(tmp_path).read_text()
+    assert "- **HELD**: claim one (3 of 4)" in text and "- **NOT TESTED**: claim two" in text
+    assert "| 1.235 | a\\|b |" in text and "| – | c |" in text
+
+
+def test_imax_experiment_end_to_end_resumes_after_a_stop_and_reuses_finished_runs(tmp_path):
+    settings = ExperimentSettings(seeds=(0,), overrides=TINY)
+    control = RunControl()
+    started = []
+
+    def stop_in_the_second_run(event):
+        if event.kind == "run":
+            started.append(event.message)
+        if event.kind == "step" and len(started) == 2:
+            control.stop()
+
+    with pytest.raises(ExperimentStopped, match="decentralized-seed0 was stopped"):
+        run_experiment("imax-vs-dmax", tmp_path / "imax", settings, callbacks=[stop_in_the_second_run], control=control)
+    started.clear()
+    report = run_experiment("imax-vs-dmax", tmp_path / "imax", settings, callbacks=[stop_in_the_second_run])
+    assert started[0] == "imax-vs-dmax: decentralized-seed0"  # the finished image-centric run was reused
+    text = report.read_text()
+    assert text.count("- **") == 3 and "| lesion_mask | dice |" in text and "gap recovered by pseudo-labels" in text
+    assert (tmp_path / "imax" / "figures" / "imax_fisher.png").stat().st_size > 1000
+    fisher = pd.read_csv(tmp_path / "imax" / "fisher.csv")
+    assert set(fisher["arm"]) == {"image-centric", "decentralized"} and fisher["spectral_entropy"].notna().all()
+    quality = json.loads((tmp_path / "imax" / "pseudo_labels" / "seed0.json").read_text())
+    assert set(quality) <= {"lesion", "lesion_count", "lesion_boxes", "lesion_mask", "tissue"}
+    assert all(0 <= q["coverage"] <= 1 and q["kept"] <= q["missing"] for q in quality.values())
+    metrics = pd.read_csv(tmp_path / "imax" / "metrics.csv")
+    assert set(metrics["arm"]) == {"image-centric", "decentralized", "pseudo-labelled"}
+    started.clear()
+    run_experiment("imax-vs-dmax", tmp_path / "imax", settings, callbacks=[stop_in_the_second_run])
+    assert started == []  # everything reused
+
+
+def test_experiment_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="--budget must be one of"):
+        ExperimentSettings(budget="huge")
+    with pytest.raises(ValueError, match="--seeds repeats a seed"):
+        ExperimentSettings(seeds=(1, 1))
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['optim'\]"):
+        ExperimentSettings(overrides={"optim": {}})
+    Experiment("packing", tmp_path / "e", ExperimentSettings(overrides=TINY))
+    with pytest.raises(FileExistsError, match="holds experiment 'packing' with other budget"):
+        Experiment("packing", tmp_path / "e", ExperimentSettings(budget="full", overrides=TINY))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty and holds no experiment"):
+        Experiment("packing", tmp_path / "other", ExperimentSettings())
+    with pytest.raises(ValueError, match="unknown experiment 'imax'"):
+        run_experiment("imax", tmp_path / "x")
+    assert set(EXPERIMENTS) == {"imax-vs-dmax", "multitask-vs-single", "ssl-benefit", "packing", "adaptation"}
+
+
+def test_cli_experiment_reports_bad_settings(tmp_path, capsys):
+    assert main(["experiment", "packing", "--seeds", "0", "0", "--out", str(tmp_path / "p")]) == 2
+    assert "--seeds repeats a seed" in capsys.readouterr().err
+    assert main(["experiment", "packing", "--set", "epochs=3", "--out", str(tmp_path / "p")]) == 2
+    assert "--set expects SECTION.KEY=VALUE" in capsys.readouterr().err

@@ -9,38 +9,29 @@ from ..adapt.bench import DEFAULT_RECIPE, BenchSpec, run_adapt_bench
 from .base import Experiment
 from .report import Report, mean_spread, summarise
 
-__all__ = ["adaptation", "EXPERT_RECIPES"]
+__all__ = ["adaptation"]
 
-EXPERT_RECIPES = {  # the two VICReg experts (configs/adapt_experts.yaml), shorter for the small budget
-    "small": {"model": {"name": "medformer_tiny", "patch_size": 4, "depth": 3, "embed_dim": 64, "num_heads": 2},
-              "train": {"epochs": 4, "steps_per_epoch": 40, "batch_size": 64, "lr": 1e-3, "expander": [256, 256]}},
-    "full": {"model": {"name": "medformer_tiny", "patch_size": 4, "depth": 3, "embed_dim": 64, "num_heads": 2},
-             "train": {"epochs": 4, "steps_per_epoch": 100, "batch_size": 64, "lr": 1e-3, "expander": [256, 256]}},
-}
-BENCH_EPOCHS = {"small": 4, "full": DEFAULT_RECIPE["epochs"]}
 SINGLE_EXPERT_PEFT = ("adapter", "lora", "vpt_shallow", "vpt_deep")
 PROMPTS = 10  # prompt tokens of the vpt strategies in the main table
 
 
 def _expert(exp: Experiment, name: str, seed: int, data: dict) -> dict:
-    recipe = EXPERT_RECIPES[exp.settings.budget]
-    config = {"model": dict(recipe["model"]), "data": data,
-              "train": {**recipe["train"], "seed": seed, "device": exp.settings.device}}
-    return exp.train(f"expert-{name}-seed{seed}", config, mode="vicreg")
+    """A VICReg expert with the budget's model and pretraining recipe."""
+    return exp.train(f"expert-{name}-seed{seed}", exp.pretrain_config(seed, data), mode="vicreg")
 
 
 def adaptation(exp: Experiment) -> Report:
-    budget = exp.settings.budget
+    recipe = exp.settings.recipe["train"]
     tables = []
     for seed in exp.settings.seeds:
         medical = _expert(exp, "medical", seed, exp.settings.data)
-        general = _expert(exp, "general", seed, {"datasets": ["natural"], "size": exp.settings.data.get("size", 28),
-                                                 "seed": seed})
+        general = _expert(exp, "general", seed, {"datasets": ["natural"], "seed": seed, "annotations": "full",
+                                                 "label_fraction": 1.0, "keep_tasks": None})
         rest = {k: v for k, v in exp.settings.data.items() if k != "datasets" and v is not None}
         spec = BenchSpec(medical=medical["checkpoint"], general=general["checkpoint"],
                          datasets=tuple(exp.settings.datasets), data=rest, prompts=PROMPTS,
-                         train={**DEFAULT_RECIPE, "epochs": BENCH_EPOCHS[budget], "seed": seed,
-                                "device": exp.settings.device})
+                         ood=exp.settings.budget == "full",  # the patient-level cells double the bench
+                         train={**DEFAULT_RECIPE, **recipe, "seed": seed, "device": exp.settings.device})
         table = run_adapt_bench(spec, exp.out / f"adapt-bench-seed{seed}", callbacks=exp.callbacks,
                                 control=exp.control, log=lambda line: None)
         tables.append(table.assign(seed=seed))
@@ -90,6 +81,8 @@ def _report(exp: Experiment, table: pd.DataFrame) -> Report:
         drop = ood.groupby("strategy")["ood_drop"].mean()
         report.verdict("every strategy loses accuracy on unseen patients", bool((drop < 0).all()) if len(drop) else None,
                        "mean AUC drop " + ", ".join(f"{s} {d:+.3f}" for s, d in drop.items() if np.isfinite(d)))
+    else:
+        report.text("Patient-level out-of-distribution cells run with `--budget full` (where samples carry patient ids).")
     figure = exp.out / "figures" / "adaptation.png"
     arm_bars(main.rename(columns={metric: "value"}), "dataset", "strategy", "value", f"test {metric.upper()}",
              "adaptation strategies").savefig(figure, dpi=100)

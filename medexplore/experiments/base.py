@@ -178,8 +178,14 @@ class Experiment:
         ``seconds`` (wall time of the call that finished it), ``steps``, ``parameters``, ``checkpoint``."""
         folder = self.run_dir(key)
         done = folder / "outcome.json"
+        wanted = json.loads(json.dumps({"config": config, "mode": mode, "init": str(init) if init else None}, default=str))
         if done.exists():
-            return json.loads(done.read_text())
+            record = json.loads(done.read_text())
+            made = {k: record.get(k) for k in wanted}
+            if made != wanted:
+                raise FileExistsError(f"{folder} was trained with another configuration than this version of "
+                                      f"{self.name} asks for; choose another --out")
+            return record
         for callback in self.callbacks:
             callback(Event("run", message=f"{self.name}: {key}"))
         start = time.perf_counter()
@@ -191,7 +197,7 @@ class Experiment:
         from ..train.checkpoint import load_model
 
         model, _ = load_model(final_checkpoint(folder))
-        record = {"key": key, "test": outcome.test_metrics, "seconds": time.perf_counter() - start,
+        record = {**wanted, "key": key, "test": outcome.test_metrics, "seconds": time.perf_counter() - start,
                   "steps": outcome.result.step, "parameters": sum(p.numel() for p in model.parameters()),
                   "checkpoint": str(final_checkpoint(folder))}
         done.write_text(json.dumps(record, indent=1, default=float))

@@ -27,7 +27,9 @@ def arm_bars(rows: pd.DataFrame, group: str, arm: str, value: str, ylabel: str, 
         ax.bar(x, means, width, yerr=stds, color=colors[name], label=str(name), capsize=2)
         for xi, c in zip(x, cells):
             ax.plot(np.full(len(c), xi), c, "k.", ms=3)
-    ax.set_xticks(np.arange(len(groups)), [str(g) for g in groups], rotation=20, ha="right")
+    metric = (rows.groupby(group)["metric"].first() if "metric" in rows else {})
+    labels = [f"{g}\n({metric[g]})" if g in metric else str(g) for g in groups]
+    ax.set_xticks(np.arange(len(groups)), labels, rotation=20, ha="right")
     ax.set(ylabel=ylabel, title=title)
     ax.legend(fontsize=8, frameon=False)
     return fig

@@ -17,7 +17,8 @@ TINY = {"model": {"depth": 2, "embed_dim": 32, "num_heads": 2, "seg_channels": 8
 
 def test_mean_spread_summarise_and_report(tmp_path):
     assert mean_spread([0.5, 0.7]) == "0.600 ± 0.141" and mean_spread([0.25]) == "0.250" and mean_spread([]) == "–"
-    assert mean_spread([120, 130]) == "125 ± 7"  # counts without decimals
+    assert mean_spread([120, 130]) == "125 ± 7" and mean_spread([0, 4]) == "2 ± 3"  # counts without decimals
+    assert mean_spread([1.0, 3.0]) == "2.000 ± 1.414"
     rows = [{"arm": "a", "seed": s, "v": v} for s, v in ((0, 1.0), (1, 3.0))] + [{"arm": "b", "seed": 0, "v": 2.0}]
     table = summarise(rows, ["arm"], ["v"])
     assert table.to_dict("records") == [{"arm": "a", "v": "2.000 ± 1.414", "n": 2}, {"arm": "b", "v": "2.000", "n": 1}]

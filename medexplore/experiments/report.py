@@ -12,12 +12,14 @@ __all__ = ["Report", "mean_spread", "summarise", "markdown_table"]
 
 
 def mean_spread(values: Iterable[float], digits: int = 3) -> str:
-    """``"0.912 ± 0.010"`` (mean ± sample standard deviation), the bare value for one seed, ``"–"`` for none."""
-    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    """``"0.912 ± 0.010"`` (mean ± sample standard deviation), the bare value for one seed, ``"–"`` for none;
+    integers (counts) without decimals."""
+    values = [v for v in values if v is not None and math.isfinite(float(v))]
     if not values:
         return "–"
-    if all(v == int(v) for v in values) and abs(max(values, key=abs)) >= 10:  # counts: no decimals
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):  # counts: no decimals
         digits = 0
+    values = [float(v) for v in values]
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"

@@ -147,12 +147,18 @@ def eigenvalue_spectra(spectra: Mapping[str, np.ndarray], ax=None, top: int = 50
 
 
 def fisher_curves(tracks: Mapping[str, pd.DataFrame]) -> Figure:
-    """Dominant-eigenvalue ratio and spectral entropy over training steps, one line per run."""
+    """Dominant-eigenvalue ratio and spectral entropy over training steps, one line per run (runs whose
+    frames carry an ``arm`` column share that arm's colour, with one line style per run of it)."""
     fig = Figure(figsize=(9, 3.5), layout="constrained")
     axes = fig.subplots(1, 2)
-    for (name, frame), color in zip(tracks.items(), OKABE_ITO):
-        axes[0].plot(frame["step"], frame["dominant_ratio"], marker="o", ms=3, color=color, label=name)
-        axes[1].plot(frame["step"], frame["spectral_entropy"], marker="o", ms=3, color=color, label=name)
+    groups = [str(f["arm"].iloc[0]) if "arm" in f and len(f) else name for name, f in tracks.items()]
+    colors = category_colors(groups)
+    styles, seen = ("-", "--", ":", "-."), {}
+    for (name, frame), group in zip(tracks.items(), groups):
+        style = styles[seen.setdefault(group, []).__len__() % len(styles)]
+        seen[group].append(name)
+        for ax, column in zip(axes, ("dominant_ratio", "spectral_entropy")):
+            ax.plot(frame["step"], frame[column], marker="o", ms=3, color=colors[group], linestyle=style, label=name)
     axes[0].set(xlabel="training step", ylabel="lambda_max / sum(lambda)", title="dominant-eigenvalue ratio")
     axes[1].set(xlabel="training step", ylabel="entropy (nats)", title="spectral entropy")
     axes[0].legend(fontsize=8, frameon=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -57,7 +57,7 @@ def inference_ms(exp: "Experiment", outcome: dict, batch_size: int = 32) -> floa
         return json.loads(cached.read_text())["ms_per_image"]
     device = resolve_device(exp.settings.device)
     model, meta = load_model(outcome["checkpoint"], device)
-    samples = exp.test_samples(meta["data"])
+    samples = exp.samples("test", meta["data"])
     batches = [collate(samples[i:i + batch_size]).to(device) for i in range(0, len(samples), batch_size)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model.eval()
@@ -203,15 +203,8 @@ class Experiment:
         done.write_text(json.dumps(record, indent=1, default=float))
         return record
 
-    def test_samples(self, data: dict, n: int = 64) -> list:
-        test = build_dataset({**self.settings.data, **data}, "test")
-        step = max(1, len(test) // n)
-        return [test[i] for i in range(0, len(test), step)][:n]
-
-    def save_json(self, name: str, value) -> Path:
-        path = self.out / name
-        path.write_text(json.dumps(value, indent=1, default=float))
-        return path
-
-    def settings_dict(self) -> dict:
-        return asdict(self.settings)
+    def samples(self, split: str, data: dict | None = None, n: int = 64) -> list:
+        """Up to ``n`` samples of ``split`` spread evenly over it (the same ones on every call)."""
+        dataset = build_dataset({**self.settings.data, **(data or {})}, split)
+        step = max(1, len(dataset) // n)
+        return [dataset[i] for i in range(0, len(dataset), step)][:n]

@@ -29,13 +29,6 @@ def _check_multi_annotation(exp: Experiment) -> None:
                          f"dataset with several tasks); {exp.settings.datasets} give one label per image")
 
 
-def _fisher_probes(exp: Experiment) -> list:
-    """The same probe images for every run: training images with every annotation, spread over the split."""
-    train = build_dataset(exp.settings.data, "train")
-    step = max(1, len(train) // FISHER_PROBES)
-    return [train[i] for i in range(0, len(train), step)][:FISHER_PROBES]
-
-
 def _fisher_track(exp: Experiment, key: str, probes: list) -> pd.DataFrame:
     from ..analysis.fisher import fisher_over_checkpoints
 
@@ -71,7 +64,7 @@ def imax_vs_dmax(exp: Experiment) -> Report:
     _check_multi_annotation(exp)
     total_steps = exp.settings.recipe["train"]["epochs"] * exp.settings.recipe["train"]["steps_per_epoch"]
     keep_every = max(1, total_steps // 3)  # three snapshots per run for the Fisher spectrum
-    probes = _fisher_probes(exp)
+    probes = exp.samples("train", n=FISHER_PROBES)  # the same images, every annotation, for every run
     rows, tracks, quality_rows = [], {}, []
     for seed in exp.settings.seeds:
         outcomes = {}
@@ -105,8 +98,8 @@ def _report(exp: Experiment, rows: pd.DataFrame, tracks: dict, quality: pd.DataF
     means = rows.groupby(["task", "metric", "arm"])["value"].mean().unstack("arm")
     gaps, recovered = [], []
     for (task, metric), m in means.iterrows():
-        gaps.append(_signed_gap(m["image-centric"], m["decentralized"], metric))
         gain = _signed_gap(m["image-centric"], m["decentralized"], metric)
+        gaps.append(gain)
         back = _signed_gap(m["pseudo-labelled"], m["decentralized"], metric)
         recovered.append(back / gain if gain > 0 else float("nan"))
     order = [(t, m) for t, m in zip(table["task"], table["metric"])]

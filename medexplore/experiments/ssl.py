@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..data.registry import build_dataset, dataset_tasks
+from ..data.registry import build_dataset, dataset_parts, dataset_tasks
 from ..data.sampling import labels_of
 from .base import Experiment, higher_is_better, task_rows
 from .report import Report, summarise
@@ -33,9 +33,9 @@ def ssl_benefit(exp: Experiment) -> Report:
         pretrained = exp.train(f"vicreg-seed{seed}", exp.pretrain_config(seed), mode="vicreg")
         for fraction in LABEL_FRACTIONS:
             data = {"keep_tasks": tasks, "label_fraction": fraction, "subset_seed": seed}
+            train = {"balance": "source"} if several and len(dataset_parts(
+                build_dataset({**exp.settings.data, **data}, "train"))) > 1 else {}
             for init in ("scratch", "vicreg"):
-                sources = build_dataset({**exp.settings.data, **data}, "train")
-                train = {"balance": "source"} if several and hasattr(sources, "source_of") else {}
                 outcome = exp.train(f"{init}-{fraction:g}-seed{seed}", exp.config(seed, data=data, train=train),
                                     init=pretrained["checkpoint"] if init == "vicreg" else None)
                 rows += task_rows(outcome, arm=init, seed=seed, fraction=fraction)

@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (mean and spread over them)")
     p.add_argument("--device", default="auto")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="change the budget's recipe, e.g. train.epochs=4 (sections model, train, pretrain)")
+                   help="change the budget's recipe, e.g. train.epochs=4 (sections model, train, pretrain, "
+                        "adapt: what the adaptation cells change in train)")
     p.add_argument("--out", help="experiment folder (default runs/experiments/NAME); run again to continue")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_experiment)

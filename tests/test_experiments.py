@@ -7,6 +7,7 @@ import pytest
 from medexplore.cli import main
 from medexplore.experiments import (EXPERIMENTS, Experiment, ExperimentSettings, ExperimentStopped, Report,
                                     mean_spread, run_experiment, summarise)
+from medexplore.experiments.base import arm_gaps, spread_verdict
 from medexplore.train import RunControl
 
 LIGHT = {"datasets": ["embedded"], "keep_tasks": ["lesion", "lesion_count"]}  # per-image tasks: no 3D decoders
@@ -27,10 +28,34 @@ def test_mean_spread_summarise_and_report(tmp_path):
     report = Report("Title", "What ran.")
     report.verdict("claim one", True, "3 of 4")
     report.verdict("claim two", None, "not run")
+    report.verdict("claim three", "not shown", "1 of 4")
+    with pytest.raises(ValueError, match="held must be one of"):
+        report.verdict("claim four", "maybe", "")
     report.table("numbers", pd.DataFrame({"x": [1.23456, float("nan")], "y": ["a|b", "c"]}))
     text = report.write(tmp_path).read_text()
     assert "- **HELD**: claim one (3 of 4)" in text and "- **NOT TESTED**: claim two" in text
+    assert "- **NOT SHOWN (within the seed spread)**: claim three" in text
     assert "| 1.235 | a\\|b |" in text and "| – | c |" in text
+
+
+def test_arm_gaps_count_a_difference_only_beyond_the_seed_spread():
+    rows = pd.DataFrame([
+        *({"task": "a", "metric": "auc", "arm": arm, "value": v} for arm, v in
+          (("new", 0.80), ("new", 0.82), ("old", 0.70), ("old", 0.72))),   # +0.10, sd 0.014: ahead
+        *({"task": "b", "metric": "auc", "arm": arm, "value": v} for arm, v in
+          (("new", 0.60), ("new", 0.80), ("old", 0.65), ("old", 0.66))),   # +0.045, sd 0.141: within
+        *({"task": "c", "metric": "mae", "arm": arm, "value": v} for arm, v in
+          (("new", 1.0), ("new", 1.0), ("old", 0.5), ("old", 0.5))),       # MAE higher: behind
+    ])
+    gaps = arm_gaps(rows, ["task", "metric"], "new", "old").set_index("task")
+    assert gaps["gain"].round(3).to_dict() == {"a": 0.1, "b": 0.045, "c": -0.5}
+    assert gaps["outcome"].to_dict() == {"a": 1, "b": 0, "c": -1}
+    assert gaps.loc["b", "tolerance"] == pytest.approx(0.1414, abs=1e-4)
+    assert arm_gaps(rows, ["task", "metric"], "new", "old", floor=0.2).outcome.tolist() == [0, 0, -1]
+    assert spread_verdict([1, 1, 0]) is True and spread_verdict([-1, -1, 1]) is False
+    assert spread_verdict([1, 0, 0]) == "not shown" and spread_verdict([1, -1, 0, 0]) == "not shown"
+    with pytest.raises(ValueError, match="group by the metric too"):
+        arm_gaps(rows, ["task"], "new", "old")
 
 
 def test_imax_experiment_end_to_end_resumes_after_a_stop_and_reuses_finished_runs(tmp_path):
@@ -46,9 +71,13 @@ def test_imax_experiment_end_to_end_resumes_after_a_stop_and_reuses_finished_run
 
     with pytest.raises(ExperimentStopped, match="decentralized-seed0 was stopped"):
         run_experiment("imax-vs-dmax", tmp_path / "imax", settings, callbacks=[stop_in_the_second_run], control=control)
+    stopped_run = tmp_path / "imax" / "runs" / "decentralized-seed0"
+    first_part = json.loads((stopped_run / "seconds.json").read_text())["seconds"]
     started.clear()
     report = run_experiment("imax-vs-dmax", tmp_path / "imax", settings, callbacks=[stop_in_the_second_run])
     assert started[0] == "imax-vs-dmax: decentralized-seed0"  # the finished image-centric run was reused
+    outcome = json.loads((stopped_run / "outcome.json").read_text())
+    assert 0 < first_part < outcome["seconds"]  # the stopped part's time is counted in the run's total
     text = report.read_text()
     assert text.count("- **") == 3 and "| lesion_count | mae |" in text and "gap recovered by pseudo-labels" in text
     assert (tmp_path / "imax" / "figures" / "imax_fisher.png").stat().st_size > 1000

@@ -15,23 +15,26 @@ SINGLE_EXPERT_PEFT = ("adapter", "lora", "vpt_shallow", "vpt_deep")
 PROMPTS = 10  # prompt tokens of the vpt strategies in the main table
 
 
-def _expert(exp: Experiment, name: str, seed: int, data: dict) -> dict:
+def _expert(exp: Experiment, name: str, seed: int, data: dict, train: dict | None = None) -> dict:
     """A VICReg expert with the budget's model and pretraining recipe."""
-    return exp.train(f"expert-{name}-seed{seed}", exp.pretrain_config(seed, data), mode="vicreg")
+    return exp.train(f"expert-{name}-seed{seed}", exp.pretrain_config(seed, data, train), mode="vicreg")
 
 
 def adaptation(exp: Experiment) -> Report:
-    recipe = exp.settings.recipe["train"]
+    recipe = exp.settings.recipe
     tables = []
     for seed in exp.settings.seeds:
-        medical = _expert(exp, "medical", seed, exp.settings.data)
         general = _expert(exp, "general", seed, {"datasets": ["natural"], "seed": seed, "annotations": "full",
                                                  "label_fraction": 1.0, "keep_tasks": None})
+        # the medical expert pretrains for as many steps as the general one (its data is far smaller)
+        medical = _expert(exp, "medical", seed, exp.settings.data,
+                          {"steps_per_epoch": general["steps"] // recipe["pretrain"]["epochs"]})
         rest = {k: v for k, v in exp.settings.data.items() if k != "datasets" and v is not None}
         spec = BenchSpec(medical=medical["checkpoint"], general=general["checkpoint"],
                          datasets=tuple(exp.settings.datasets), data=rest, prompts=PROMPTS,
                          ood=exp.settings.budget == "full",  # the patient-level cells double the bench
-                         train={**DEFAULT_RECIPE, **recipe, "seed": seed, "device": exp.settings.device})
+                         train={**DEFAULT_RECIPE, **recipe["train"], **recipe["adapt"], "seed": seed,
+                                "device": exp.settings.device})
         table = run_adapt_bench(spec, exp.out / f"adapt-bench-seed{seed}", callbacks=exp.callbacks,
                                 control=exp.control, log=lambda line: None)
         tables.append(table.assign(seed=seed))

@@ -15,19 +15,20 @@ from ..train.engine import HEADLINE, Event, RunControl
 from ..train.workflow import final_checkpoint, run_training
 
 __all__ = ["BUDGETS", "RECIPES", "ExperimentSettings", "Experiment", "ExperimentStopped", "headline", "task_rows",
-           "inference_ms",
-           "higher_is_better"]
+           "inference_ms", "higher_is_better", "arm_gaps", "spread_verdict"]
 
 BUDGETS = ("small", "full")
 RECIPES = {  # model and training recipe per budget; "small" keeps every experiment within 20 CPU minutes
     "small": {"model": {"name": "medformer_tiny", "patch_size": 4, "depth": 4, "embed_dim": 96, "num_heads": 4,
                         "seg_channels": 16},
               "train": {"batch_size": 32, "lr": 1e-3, "epochs": 8, "steps_per_epoch": 20, "monitor": "headline"},
-              "pretrain": {"batch_size": 64, "lr": 1e-3, "epochs": 3, "expander": [512, 512]}},
+              "pretrain": {"batch_size": 64, "lr": 1e-3, "epochs": 3, "expander": [512, 512]},
+              "adapt": {"epochs": 6}},  # adaptation cells: changes to "train" (eight strategies per seed)
     "full": {"model": {"name": "medformer_tiny", "patch_size": 4, "depth": 6, "embed_dim": 128, "num_heads": 4,
                        "seg_channels": 16},
              "train": {"batch_size": 32, "lr": 1e-3, "epochs": 30, "steps_per_epoch": 30, "monitor": "headline"},
-             "pretrain": {"batch_size": 64, "lr": 1e-3, "epochs": 10, "expander": [512, 512]}},
+             "pretrain": {"batch_size": 64, "lr": 1e-3, "epochs": 10, "expander": [512, 512]},
+             "adapt": {}},
 }
 
 
@@ -90,10 +91,47 @@ def higher_is_better(metric: str) -> bool:
     return metric != "mae"
 
 
+def arm_gaps(rows, by: Sequence[str], arm: str, reference: str, floor: float = 0.0):
+    """Per group of ``by`` (which names ``metric``): ``gain`` of ``arm`` over ``reference`` (difference of
+    seed means, sign flipped for MAE so positive is better), ``tolerance`` (the larger seed sd of the two
+    arms, at least ``floor``; 0 with one seed) and ``outcome``: +1 ahead by more than the tolerance, -1
+    behind by more, 0 within it."""
+    import pandas as pd
+
+    by = list(by)
+    if "metric" not in by:
+        raise ValueError(f"arm_gaps: group by the metric too (by={by})")
+    stats = rows[rows.arm.isin([arm, reference])].groupby([*by, "arm"])["value"].agg(["mean", "std"])
+    out = []
+    for key, group in stats.groupby(level=by):
+        group = group.droplevel(by)
+        if arm not in group.index or reference not in group.index:
+            continue
+        key = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        sign = 1 if higher_is_better(key["metric"]) else -1
+        gain = sign * (group.loc[arm, "mean"] - group.loc[reference, "mean"])
+        tolerance = max(floor, float(group["std"].fillna(0.0).max()))
+        out.append({**key, "gain": gain, "tolerance": tolerance,
+                    "outcome": 0 if abs(gain) <= tolerance else (1 if gain > 0 else -1)})
+    return pd.DataFrame(out, columns=[*by, "gain", "tolerance", "outcome"])
+
+
+def spread_verdict(outcomes) -> bool | str:
+    """A claim "arm beats reference" over cells: held when ahead beyond the spread in most cells, did not
+    hold when behind beyond it in at least as many as ahead and in half or more, else not shown."""
+    outcomes = list(outcomes)
+    ahead, behind = sum(o > 0 for o in outcomes), sum(o < 0 for o in outcomes)
+    if ahead > len(outcomes) / 2:
+        return True
+    if behind >= ahead and behind >= len(outcomes) / 2:
+        return False
+    return "not shown"
+
+
 @dataclass(frozen=True)
 class ExperimentSettings:
     """What a user chooses: the data section (datasets, root, size...), the budget, the seeds, the device,
-    and ``overrides`` of the budget's recipe (``{"model": {...}, "train": {...}, "pretrain": {...}}``)."""
+    and ``overrides`` of the budget's recipe (``{"model": {...}, "train": {...}, "pretrain": {...}, "adapt": {...}}``)."""
 
     data: dict = field(default_factory=lambda: {"datasets": ["embedded"]})
     budget: str = "small"
@@ -162,10 +200,10 @@ class Experiment:
                 "data": {**self.settings.data, **(data or {})},
                 "train": {**recipe["train"], **(train or {}), "seed": seed, "device": self.settings.device}}
 
-    def pretrain_config(self, seed: int, data: dict | None = None) -> dict:
+    def pretrain_config(self, seed: int, data: dict | None = None, train: dict | None = None) -> dict:
         recipe = self.settings.recipe
         return {"model": recipe["model"], "data": {**self.settings.data, **(data or {})},
-                "train": {**recipe["pretrain"], "seed": seed, "device": self.settings.device}}
+                "train": {**recipe["pretrain"], **(train or {}), "seed": seed, "device": self.settings.device}}
 
     def tasks(self, data: dict | None = None) -> list:
         return dataset_tasks(build_dataset({**self.settings.data, **(data or {})}, "val"))
@@ -175,7 +213,7 @@ class Experiment:
 
     def train(self, key: str, config: dict, mode: str = "supervised", init: str | Path | None = None) -> dict:
         """Run ``config`` into ``runs/KEY`` unless it finished before; the outcome: test metrics,
-        ``seconds`` (wall time of the call that finished it), ``steps``, ``parameters``, ``checkpoint``."""
+        ``seconds`` (wall time of every call that worked on it), ``steps``, ``parameters``, ``checkpoint``."""
         folder = self.run_dir(key)
         done = folder / "outcome.json"
         wanted = json.loads(json.dumps({"config": config, "mode": mode, "init": str(init) if init else None}, default=str))
@@ -188,20 +226,34 @@ class Experiment:
             return record
         for callback in self.callbacks:
             callback(Event("run", message=f"{self.name}: {key}"))
-        start = time.perf_counter()
-        outcome = run_training(config, folder, mode=mode, init=init, resume=True, callbacks=self.callbacks,
-                               control=self.control)
+        outcome = self._timed(folder, lambda: run_training(config, folder, mode=mode, init=init, resume=True,
+                                                           callbacks=self.callbacks, control=self.control))
         if outcome.result.stopped:
             raise ExperimentStopped(f"{self.name}: run {key} was stopped (its last checkpoint is kept); "
                                     "run the same command again to continue")
         from ..train.checkpoint import load_model
 
         model, _ = load_model(final_checkpoint(folder))
-        record = {**wanted, "key": key, "test": outcome.test_metrics, "seconds": time.perf_counter() - start,
+        record = {**wanted, "key": key, "test": outcome.test_metrics, "seconds": self._spent(folder),
                   "steps": outcome.result.step, "parameters": sum(p.numel() for p in model.parameters()),
                   "checkpoint": str(final_checkpoint(folder))}
         done.write_text(json.dumps(record, indent=1, default=float))
         return record
+
+    @staticmethod
+    def _spent(folder: Path) -> float:
+        spent = folder / "seconds.json"
+        return json.loads(spent.read_text())["seconds"] if spent.exists() else 0.0
+
+    def _timed(self, folder: Path, work: Callable):
+        """Run ``work`` adding its wall time to ``folder/seconds.json``, also when it is stopped or fails, so
+        a resumed run's time counts every part."""
+        before, start = self._spent(folder), time.perf_counter()
+        try:
+            return work()
+        finally:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "seconds.json").write_text(json.dumps({"seconds": before + time.perf_counter() - start}))
 
     def samples(self, split: str, data: dict | None = None, n: int = 64) -> list:
         """Up to ``n`` samples of ``split`` spread evenly over it (the same ones on every call)."""

@@ -11,7 +11,7 @@ from ..data.registry import build_dataset
 from ..data.sampling import labels_of
 from ..train.checkpoint import list_snapshots, load_model
 from ..train.pseudo import pseudo_label
-from .base import Experiment, higher_is_better, task_rows
+from .base import Experiment, arm_gaps, higher_is_better, spread_verdict, task_rows
 from .report import Report, mean_spread, summarise
 
 __all__ = ["imax_vs_dmax", "PSEUDO_THRESHOLD", "FISHER_PROBES"]
@@ -108,9 +108,10 @@ def _report(exp: Experiment, rows: pd.DataFrame, tracks: dict, quality: pd.DataF
     table["gap recovered by pseudo-labels"] = [recovered[index[key]] for key in order]
     table = table[["task", "metric", *ARMS, "image-centric vs decentralized (%)", "gap recovered by pseudo-labels"]]
     better = [g for g in gaps if g == g]
-    wins = sum(g > 0 for g in better)
+    outcomes = arm_gaps(rows, ["task", "metric"], "image-centric", "decentralized").outcome
     report.verdict("image-centric data beats decentralized data (IMAX: +3.2% to +21% across tasks)",
-                   wins > len(better) / 2, f"better on {wins} of {len(better)} tasks, relative gap "
+                   spread_verdict(outcomes), f"better on {sum(g > 0 for g in better)} of {len(better)} tasks, by more "
+                   f"than the seed sd on {(outcomes > 0).sum()}, behind by more on {(outcomes < 0).sum()}; relative gap "
                    f"{min(better):+.1f}% to {max(better):+.1f}%, mean {np.mean(better):+.1f}%")
     useful = [r for r in recovered if r == r]
     report.verdict("pseudo-labelling recovers part of the gap", (np.mean(useful) > 0) if useful else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..train.balancing import LOSS_BALANCES
-from .base import Experiment, higher_is_better, inference_ms, task_rows
+from .base import Experiment, arm_gaps, inference_ms, task_rows
 from .report import Report, summarise
 
 __all__ = ["multitask_vs_single"]
@@ -38,13 +38,6 @@ def multitask_vs_single(exp: Experiment) -> Report:
     return _report(exp, pd.DataFrame(rows), pd.DataFrame(costs))
 
 
-def _matches(multi: pd.Series, single: pd.Series, metric: str) -> bool:
-    """Multitask at or above single-task, within the larger seed spread of the two."""
-    tolerance = max(multi.std(ddof=1) if len(multi) > 1 else 0.0, single.std(ddof=1) if len(single) > 1 else 0.0)
-    diff = multi.mean() - single.mean() if higher_is_better(metric) else single.mean() - multi.mean()
-    return bool(diff >= -tolerance)
-
-
 def _report(exp: Experiment, rows: pd.DataFrame, costs: pd.DataFrame) -> Report:
     from ..viz.experiments import arm_bars
 
@@ -61,9 +54,8 @@ def _report(exp: Experiment, rows: pd.DataFrame, costs: pd.DataFrame) -> Report:
     verdicts = []
     for balance in LOSS_BALANCES:
         arm = f"multitask ({balance})"
-        held = [_matches(g[g.arm == arm]["value"], g[g.arm == "single-task"]["value"], metric)
-                for (task, metric), g in rows.groupby(["task", "metric"])]
-        verdicts.append((balance, sum(held), len(held)))
+        gaps = arm_gaps(rows, ["task", "metric"], arm, "single-task")
+        verdicts.append((balance, int((gaps.outcome >= 0).sum()), len(gaps)))
     best = max(verdicts, key=lambda v: v[1])
     report.verdict("one multitask model matches or beats single-task models (Medformer: 14 of 18 MedMNIST datasets)",
                    best[1] >= best[2] / 2,

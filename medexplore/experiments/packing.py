@@ -12,7 +12,7 @@ from ..data.registry import build_dataset
 from ..data.sample import collate
 from ..train.checkpoint import load_model
 from ..models.tasks import TaskKind
-from .base import Experiment, higher_is_better, task_rows
+from .base import Experiment, arm_gaps, task_rows
 from .report import Report, summarise
 
 __all__ = ["packing_vs_padding", "EMBEDDED_VOLUME"]
@@ -74,16 +74,13 @@ def _report(exp: Experiment, rows: pd.DataFrame, costs: pd.DataFrame, shapes: se
                     "pads every sample to the batch's longest sequence. Test split.")
     table = summarise(rows, ["task", "metric", "arm"], ["value"]).pivot(index=["task", "metric"], columns="arm",
                                                                       values="value").reset_index()
-    means = rows.groupby(["task", "metric", "arm"])["value"].mean().unstack("arm")
-    spread = rows.groupby(["task", "metric", "arm"])["value"].std(ddof=1).unstack("arm").fillna(0.0)
-    diffs = [(m["grouped"] - m["padded"]) * (1 if higher_is_better(metric) else -1)
-             for (task, metric), m in means.iterrows()]
-    within = [abs(d) <= max(spread.loc[k].max(), 0.01) for d, k in zip(diffs, means.index)]
-    table["grouped - padded"] = diffs
+    gaps = arm_gaps(rows, ["task", "metric"], "grouped", "padded", floor=0.01).set_index(["task", "metric"])
+    table["grouped - padded"] = [gaps.loc[key, "gain"] for key in zip(table["task"], table["metric"])]
     report.table("Test metric per task (mean ± sd over seeds)", table)
-    report.verdict("packing loses no accuracy (MultiMedVision)", sum(within) >= len(within) / 2 and sum(diffs) >= -0.01 * len(diffs),
-                   f"{sum(within)} of {len(within)} tasks within the seed spread (or 0.01), mean difference "
-                   f"{sum(diffs) / len(diffs):+.4f}")
+    within = int((gaps.outcome == 0).sum())
+    report.verdict("packing loses no accuracy (MultiMedVision)",
+                   bool(within >= len(gaps) / 2 and gaps.gain.mean() >= -0.01),
+                   f"{within} of {len(gaps)} tasks within the seed spread (or 0.01), mean difference {gaps.gain.mean():+.4f}")
     cost = summarise(costs, ["arm"], ["train_seconds", "step_seconds", "activation_mb"], digits=3)
     by = costs.groupby("arm").mean(numeric_only=True)
     time_ratio = by.loc["padded", "step_seconds"] / by.loc["grouped", "step_seconds"]

@@ -60,9 +60,14 @@ class Report:
         self.verdicts: list[str] = []
         self.sections: list[str] = []
 
-    def verdict(self, claim: str, held: bool | None, evidence: str) -> None:
-        """One line per claim: held, did not hold, or could not be tested here (``None``)."""
-        mark = {True: "HELD", False: "DID NOT HOLD", None: "NOT TESTED"}[held]
+    def verdict(self, claim: str, held: bool | str | None, evidence: str) -> None:
+        """One line per claim: held, did not hold, ``"not shown"`` (differences within the seed spread), or
+        could not be tested here (``None``)."""
+        marks = {True: "HELD", False: "DID NOT HOLD", "not shown": "NOT SHOWN (within the seed spread)",
+                 None: "NOT TESTED"}
+        if held not in marks:
+            raise ValueError(f"verdict: held must be one of {list(marks)}, got {held!r}")
+        mark = marks[held]
         self.verdicts.append(f"- **{mark}**: {claim} ({evidence})")
 
     def text(self, markdown: str) -> None:

@@ -6,7 +6,7 @@ import pandas as pd
 
 from ..data.registry import build_dataset, dataset_parts, dataset_tasks
 from ..data.sampling import labels_of
-from .base import Experiment, higher_is_better, task_rows
+from .base import Experiment, arm_gaps, spread_verdict, task_rows
 from .report import Report, summarise
 
 __all__ = ["ssl_benefit", "LABEL_FRACTIONS", "SCARCE_TASKS"]
@@ -53,22 +53,17 @@ def _report(exp: Experiment, rows: pd.DataFrame, tasks: list[str]) -> Report:
                     f"({', '.join(f'{f:g}' for f in LABEL_FRACTIONS)}) with the same recipe and steps. Test split.")
     table = summarise(rows, ["task", "metric", "fraction", "arm"], ["value"]).pivot(
         index=["task", "metric", "fraction"], columns="arm", values="value").reset_index()
-    means = rows.groupby(["task", "metric", "fraction", "arm"])["value"].mean().unstack("arm")
-    gain = [(m["vicreg"] - m["scratch"]) * (1 if higher_is_better(metric) else -1)
-            for (task, metric, fraction), m in means.iterrows()]
-    table["vicreg - scratch"] = gain
+    gaps = arm_gaps(rows, ["task", "metric", "fraction"], "vicreg", "scratch").set_index(["task", "metric", "fraction"])
+    table["vicreg - scratch"] = [gaps.loc[key, "gain"] for key in zip(table["task"], table["metric"], table["fraction"])]
     table["fraction"] = table["fraction"].map(lambda f: f"{f:.0%}")
     report.table("Test metric (mean ± sd over seeds; for MAE the gain's sign is flipped)", table)
-    low = means.index.get_level_values("fraction") < 1
-    helped = [g for g, is_low in zip(gain, low) if is_low]
+    few, full = gaps[gaps.index.get_level_values("fraction") < 1], gaps[gaps.index.get_level_values("fraction") == 1]
     report.verdict("VICReg pretraining helps the data-scarce tasks when labels are few (fractions below 1)",
-                   sum(g > 0 for g in helped) > len(helped) / 2,
-                   f"better in {sum(g > 0 for g in helped)} of {len(helped)} task x fraction cells below 100%, "
-                   f"mean gain {sum(helped) / max(len(helped), 1):+.3f}")
-    full = [g for g, is_low in zip(gain, low) if not is_low]
-    report.verdict("with all labels the gain shrinks", (sum(full) / len(full) < sum(helped) / len(helped))
-                   if full and helped else None,
-                   f"mean gain {sum(full) / max(len(full), 1):+.3f} at 100% vs {sum(helped) / max(len(helped), 1):+.3f} below")
+                   spread_verdict(few["outcome"]),
+                   f"ahead by more than the seed sd in {(few.outcome > 0).sum()} of {len(few)} task x fraction cells "
+                   f"below 100%, behind by more in {(few.outcome < 0).sum()}; mean gain {few.gain.mean():+.3f}")
+    report.verdict("with all labels the gain shrinks", bool(full.gain.mean() < few.gain.mean()) if len(full) and len(few)
+                   else None, f"mean gain {full.gain.mean():+.3f} at 100% vs {few.gain.mean():+.3f} below")
     figure = exp.out / "figures" / "ssl_fractions.png"
     fraction_lines(rows, "fraction", "arm", "value", "task", "test metric").savefig(figure, dpi=100)
     report.figure(figure, "Test metric against the share of labels: VICReg-initialised vs from scratch (band: sd)",

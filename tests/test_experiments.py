@@ -144,3 +144,18 @@ def test_adaptation_report_folds_the_benches_and_scores_gmoe_against_the_best_si
     # GMoE minus the best single-expert method (adapter 0.75): +5 and +1 points
     assert "- **HELD**: the GMoE-Adapter beats" in text and "embedded 3.00 ± 2.83 points" in text
     assert "| embedded | gmoe | 0.780 ± 0.028 |" in text
+
+
+def test_multitask_arms_give_every_dataset_its_single_model_exposure_when_several(tmp_path):
+    from medexplore.experiments.multitask import multitask_arms
+
+    one = Experiment("multitask-vs-single", tmp_path / "one", ExperimentSettings(overrides=TINY))
+    assert [key for _, key, _ in multitask_arms(one)] == ["multitask-fixed", "multitask-uncertainty", "multitask-gradnorm"]
+    two = Experiment("multitask-vs-single", tmp_path / "two",
+                     ExperimentSettings({"datasets": ["pneumoniamnist", "breastmnist"], "root": str(tmp_path)},
+                                        overrides=TINY))
+    arms = multitask_arms(two)
+    assert all(train["balance"] == "source" for _, _, train in arms)
+    assert arms[-1] == ("multitask (fixed, 2x steps)", "multitask-fixed-equal-exposure",
+                        {"loss_balance": "fixed", "steps_per_epoch": 2 * TINY["train"]["steps_per_epoch"],
+                         "balance": "source"})

@@ -127,6 +127,7 @@ def test_cli_experiment_reports_bad_settings(tmp_path, capsys):
 def test_experiment_end_to_end(tmp_path, name, data, verdicts, table):
     report = run_experiment(name, tmp_path / name, ExperimentSettings(data, seeds=(0,), overrides=TINY)).read_text()
     assert report.count("- **") == verdicts and table in report and "![" in report
+    assert "Recipe changed with `--set`: `model.depth=2`" in report
     assert all((tmp_path / name / link.split("](")[1].split(")")[0]).exists() for link in report.split("![")[1:])
     assert len(pd.read_csv(tmp_path / name / "metrics.csv"))
 

@@ -50,4 +50,9 @@ def run_experiment(name: str, out: str | Path, settings: ExperimentSettings | No
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
     exp = Experiment(name, out, settings or ExperimentSettings(), callbacks, control)
-    return EXPERIMENTS[name](exp).write(exp.out)
+    report = EXPERIMENTS[name](exp)
+    changes = [f"`{section}.{key}={value}`" for section, values in exp.settings.overrides.items()
+               for key, value in values.items()]
+    if changes:
+        report.summary += f" Recipe changed with `--set`: {', '.join(changes)}."
+    return report.write(exp.out)

@@ -33,12 +33,17 @@ def adaptation(exp: Experiment) -> Report:
         spec = BenchSpec(medical=medical["checkpoint"], general=general["checkpoint"],
                          datasets=tuple(exp.settings.datasets), data=rest, prompts=PROMPTS,
                          ood=exp.settings.budget == "full",  # the patient-level cells double the bench
-                         train={**DEFAULT_RECIPE, **recipe["train"], **recipe["adapt"], "seed": seed,
-                                "device": exp.settings.device})
+                         train={**_cell_recipe(exp), "seed": seed, "device": exp.settings.device})
         table = run_adapt_bench(spec, exp.out / f"adapt-bench-seed{seed}", callbacks=exp.callbacks,
                                 control=exp.control, log=lambda line: None)
         tables.append(table.assign(seed=seed))
     return _report(exp, pd.concat(tables, ignore_index=True))
+
+
+def _cell_recipe(exp: Experiment) -> dict:
+    """What every adaptation cell trains with: the bench default, the budget's train recipe, its adapt changes."""
+    recipe = exp.settings.recipe
+    return {**DEFAULT_RECIPE, **recipe["train"], **recipe["adapt"]}
 
 
 def _metric_column(rows: pd.DataFrame) -> str:
@@ -52,8 +57,10 @@ def _report(exp: Experiment, table: pd.DataFrame) -> Report:
     metric = _metric_column(table)
     report = Report("Adaptation strategies and the GMoE-Adapter (Med-VTAB)",
                     f"Data {exp.settings.datasets}, budget `{exp.settings.budget}`, seeds {list(exp.settings.seeds)}. "
-                    "Per seed: a medical expert (VICReg on the data's training images) and a general expert "
-                    "(VICReg on photographs), then `adapt-bench` (every strategy, one recipe). Test split; the "
+                    "Per seed: a general expert (VICReg on photographs) and a medical expert (VICReg on the "
+                    "data's training images, as many steps as the general one), then `adapt-bench` (every "
+                    f"strategy, one recipe: {_cell_recipe(exp)['steps_per_epoch']} steps x "
+                    f"{_cell_recipe(exp)['epochs']} epochs). Test split; the "
                     f"headline is {metric.upper()}. Each seed's own bench report: `adapt-bench-seedN/results.md`.")
     standard = table[(table["protocol"] == "standard")]
     main = standard[standard["prompts"].isin([0, PROMPTS])]  # the sweep's other prompt counts apart

@@ -145,6 +145,10 @@ def test_adaptation_report_folds_the_benches_and_scores_gmoe_against_the_best_si
     # GMoE minus the best single-expert method (adapter 0.75): +5 and +1 points
     assert "- **HELD**: the GMoE-Adapter beats" in text and "embedded 3.00 ± 2.83 points" in text
     assert "| embedded | gmoe | 0.780 ± 0.028 |" in text
+    mixed = pd.DataFrame(rows)
+    mixed.loc[(mixed.strategy == "gmoe") & (mixed.seed == 1), "auc"] = 0.72  # gains +5 and -3: inside the spread
+    text = _report(exp, mixed).markdown()
+    assert "- **NOT SHOWN (within the seed spread)**: the GMoE-Adapter beats" in text and "embedded 1.00 ± 5.66" in text
 
 
 def test_multitask_arms_give_every_dataset_its_single_model_exposure_when_several(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from ..adapt.bench import DEFAULT_RECIPE, BenchSpec, run_adapt_bench
-from .base import Experiment
+from .base import Experiment, spread_verdict
 from .report import Report, mean_spread, summarise
 
 __all__ = ["adaptation"]
@@ -75,8 +75,10 @@ def _report(exp: Experiment, table: pd.DataFrame) -> Report:
                           "gain": float(gmoe[metric].iloc[0] - single[metric].max())})
     if gains:
         g = pd.DataFrame(gains)
+        per_dataset = g.groupby("dataset")["gain"].agg(["mean", "std"]).fillna(0.0)
+        outcomes = [0 if abs(m) <= sd else (1 if m > 0 else -1) for m, sd in zip(per_dataset["mean"], per_dataset["std"])]
         report.verdict("the GMoE-Adapter beats the best single-expert parameter-efficient method (Med-VTAB: "
-                       "+0.4 to +0.7 points)", bool(g["gain"].mean() > 0),
+                       "+0.4 to +0.7 points)", spread_verdict(outcomes),
                        f"GMoE minus the best of {', '.join(SINGLE_EXPERT_PEFT)}: "
                        + ", ".join(f"{d} {mean_spread(100 * r['gain'], 2)} points" for d, r in g.groupby("dataset")))
     else:

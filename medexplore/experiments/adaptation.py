@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from ..adapt.bench import DEFAULT_RECIPE, BenchSpec, run_adapt_bench
-from .base import Experiment, spread_verdict
+from .base import Experiment, spread_outcome, spread_verdict
 from .report import Report, mean_spread, summarise
 
 __all__ = ["adaptation"]
@@ -76,7 +76,7 @@ def _report(exp: Experiment, table: pd.DataFrame) -> Report:
     if gains:
         g = pd.DataFrame(gains)
         per_dataset = g.groupby("dataset")["gain"].agg(["mean", "std"]).fillna(0.0)
-        outcomes = [0 if abs(m) <= sd else (1 if m > 0 else -1) for m, sd in zip(per_dataset["mean"], per_dataset["std"])]
+        outcomes = [spread_outcome(m, sd) for m, sd in zip(per_dataset["mean"], per_dataset["std"])]
         report.verdict("the GMoE-Adapter beats the best single-expert parameter-efficient method (Med-VTAB: "
                        "+0.4 to +0.7 points)", spread_verdict(outcomes),
                        f"GMoE minus the best of {', '.join(SINGLE_EXPERT_PEFT)}: "

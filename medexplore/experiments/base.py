@@ -15,7 +15,7 @@ from ..train.engine import HEADLINE, Event, RunControl
 from ..train.workflow import final_checkpoint, run_training
 
 __all__ = ["BUDGETS", "RECIPES", "ExperimentSettings", "Experiment", "ExperimentStopped", "headline", "task_rows",
-           "inference_ms", "higher_is_better", "arm_gaps", "spread_verdict"]
+           "inference_ms", "higher_is_better", "arm_gaps", "spread_outcome", "spread_verdict"]
 
 BUDGETS = ("small", "full")
 RECIPES = {  # model and training recipe per budget; "small" keeps every experiment within 20 CPU minutes
@@ -111,9 +111,13 @@ def arm_gaps(rows, by: Sequence[str], arm: str, reference: str, floor: float = 0
         sign = 1 if higher_is_better(key["metric"]) else -1
         gain = sign * (group.loc[arm, "mean"] - group.loc[reference, "mean"])
         tolerance = max(floor, float(group["std"].fillna(0.0).max()))
-        out.append({**key, "gain": gain, "tolerance": tolerance,
-                    "outcome": 0 if abs(gain) <= tolerance else (1 if gain > 0 else -1)})
+        out.append({**key, "gain": gain, "tolerance": tolerance, "outcome": spread_outcome(gain, tolerance)})
     return pd.DataFrame(out, columns=[*by, "gain", "tolerance", "outcome"])
+
+
+def spread_outcome(gain: float, tolerance: float) -> int:
+    """+1 when ``gain`` exceeds ``tolerance`` (a seed spread), -1 when it is below ``-tolerance``, else 0."""
+    return 0 if abs(gain) <= tolerance else (1 if gain > 0 else -1)
 
 
 def spread_verdict(outcomes) -> bool | str:

@@ -149,6 +149,8 @@ def bench_overlays() -> dict:
 
 
 def bench_explorer(points: int) -> dict:
+    import os
+
     import napari
     import pandas as pd
     import torch
@@ -157,8 +159,6 @@ def bench_explorer(points: int) -> dict:
     from medexplore.analysis.embeddings import EmbeddingSet, compute_embeddings
     from medexplore.data.embedded import EMBEDDED_TASKS, EmbeddedDataset
     from medexplore.models import create_model
-
-    import os
 
     os.environ["MEDEXPLORE_CACHE"] = tempfile.mkdtemp()  # UMAP's first fit, not a cached projection
     app = _app()

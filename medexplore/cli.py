@@ -91,7 +91,7 @@ class ProgressPrinter:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_demo(args) -> int:
-    from .train.workflow import demo
+    from .experiments.demo import demo
 
     model = {}
     for item in args.model:
@@ -201,7 +201,7 @@ def cmd_embed(args) -> int:
 
 
 def cmd_adapt_bench(args) -> int:
-    from .adapt.bench import DEFAULT_RECIPE, BenchSpec, run_adapt_bench
+    from .experiments.adapt_bench import DEFAULT_RECIPE, BenchSpec, run_adapt_bench
 
     config = load_config(args.config, args.set)
     spec = BenchSpec(medical=args.medical, general=args.general, datasets=tuple(args.datasets),
@@ -270,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--general", help="gmoe: the general expert's weights (same forms as --weights)")
         p.set_defaults(func=func)
 
-    from .adapt.protocol import PROMPT_COUNTS
     from .adapt.strategies import STRATEGIES
+    from .experiments.protocol import PROMPT_COUNTS
 
     text = "adaptation benchmark: strategies x datasets -> results.csv/.md and a plot (resumable)"
     p = sub.add_parser("adapt-bench", help=text, description=text)
@@ -324,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .experiments import ExperimentStopped
     from .train.checkpoint import CheckpointError, checkpoint_exists
     from .train.engine import NonFiniteLossError
-    from .experiments import ExperimentStopped
     from .train.runlock import RunLockedError
 
     try:

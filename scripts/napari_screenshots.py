@@ -2,7 +2,7 @@
 
     xvfb-run -a .venv/bin/python scripts/napari_screenshots.py [--out docs/napari] [--run runs/example]
 
-Uses a trained example model (``medexplore.train.workflow.example_run``, trained on first use, ~2 CPU
+Uses a trained example model (``medexplore.experiments.demo.example_run``, trained on first use, ~2 CPU
 minutes) so the overlays show what a model learned.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
 
     import napari
 
-    from medexplore.train.workflow import example_run
+    from medexplore.experiments.demo import example_run
 
     checkpoint = example_run(args.run)
     app = QApplication.instance() or napari.qt.get_qapp()

@@ -4,13 +4,13 @@ import copy
 import pytest
 import torch
 
-from medexplore.adapt import (STRATEGIES, AdaptConfig, GatedExperts, LoRALinear, WeightsError, apply_strategy,
-                              load_backbone_weights, merge_lora)
-from medexplore.adapt.protocol import patient_split
+from medexplore.adapt import STRATEGIES, AdaptConfig, GatedExperts, LoRALinear, apply_strategy, merge_lora
 from medexplore.analysis import gate_weights, summarize_mixing
 from medexplore.data.sample import Sample
+from medexplore.experiments.protocol import patient_split
 from medexplore.models import Batch, Domain, TaskSpec, create_model
 from medexplore.train.checkpoint import load_model, save_checkpoint
+from medexplore.train.weights import WeightsError, load_backbone_weights
 
 TASKS = [TaskSpec("grade", "multiclass", 3), TaskSpec("mask", "segmentation", 2)]
 SIZE = dict(depth=3, patch_size=4, embed_dim=48, num_heads=2)
@@ -205,7 +205,7 @@ def test_timm_weights_from_file_name_or_a_clear_offline_message(tmp_path, monkey
         load_backbone_weights(model, tmp_path / "broken.pth")
     with pytest.raises(WeightsError, match="missing.safetensors: no such weights file"):
         load_backbone_weights(model, tmp_path / "missing.safetensors")
-    monkeypatch.setattr("medexplore.adapt.weights._online", lambda host="huggingface.co": False)
+    monkeypatch.setattr("medexplore.train.weights._online", lambda host="huggingface.co": False)
     with pytest.raises(WeightsError, match="no network.*--weights PATH"):
         load_backbone_weights(model, "vit_tiny_patch16_224.augreg_in21k")
     with pytest.raises(WeightsError, match="neither a file nor a timm model name"):

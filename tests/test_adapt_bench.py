@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medexplore.adapt.bench import BenchSpec, bench_cells, run_adapt_bench
+from medexplore.experiments.adapt_bench import BenchSpec, bench_cells, run_adapt_bench
 from medexplore.models import create_model
 from medexplore.train.checkpoint import save_checkpoint
 from medexplore.train.engine import RunControl
@@ -54,7 +54,8 @@ def test_interrupted_bench_continues_and_reports(experts, tmp_path):
     assert list(table["key"]) == ["embedded/lora", "embedded/gmoe", "embedded/lora-ood", "embedded/gmoe-ood"]
     assert list(table["resumed"]) == [False, True, False, False]  # the interrupted cell continued from its checkpoint
     assert (table["auc"].between(0, 1)).all() and (table["trainable"] < table["total"]).all()
-    assert table.loc[table.strategy == "lora", "backbone_trainable"].iloc[0] == 2 * 4 * ((32 + 96) + (32 + 32))  # depth x rank x (in + out) of qkv and proj
+    lora = table.loc[table.strategy == "lora", "backbone_trainable"].iloc[0]
+    assert lora == 2 * 4 * ((32 + 96) + (32 + 32))  # depth x rank x (in + out) of qkv and proj
     ood = table[table.protocol == "patient_ood"]
     assert ood["ood_auc"].notna().all() and ood["held_out"].str.len().gt(0).all()
     report = (tmp_path / "results.md").read_text()

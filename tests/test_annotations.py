@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from medexplore.data import Sample
-from medexplore.data.annotations import (AnnotationView, keep_tasks, load_pseudo_labels, pseudo_label_key,
-                                         save_pseudo_labels, select_annotations)
+from medexplore.data.annotations import (
+    AnnotationView,
+    keep_tasks,
+    load_pseudo_labels,
+    pseudo_label_key,
+    save_pseudo_labels,
+    select_annotations,
+)
 from medexplore.data.registry import build_dataset, dataset_tasks
 from medexplore.models.tasks import Domain, TaskSpec
 

@@ -3,13 +3,12 @@ import json
 import subprocess
 import sys
 
-import torch
 import pytest
+import torch
+from test_data import write_npz
 
 from medexplore.analysis import load_embeddings
 from medexplore.cli import load_config, main
-
-from test_data import write_npz
 
 TINY = ["--set", "model.depth=1", "--set", "model.embed_dim=24", "--set", "model.num_heads=2",
         "--set", "train.epochs=1", "--set", "train.batch_size=4", "--set", "train.eval_batch_size=8", "--quiet"]

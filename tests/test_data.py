@@ -5,8 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from medexplore.data import (MEDMNIST, DecentralizedView, MedMNIST, MixedDataset, Sample, WeightedBatchSampler,
-                             balanced_weights, collate, medmnist_path)
+from medexplore.data import (
+    MEDMNIST,
+    DecentralizedView,
+    MedMNIST,
+    MixedDataset,
+    Sample,
+    WeightedBatchSampler,
+    balanced_weights,
+    collate,
+    medmnist_path,
+)
 from medexplore.models import Domain
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist.npz"

@@ -7,8 +7,15 @@ import torch
 
 from medexplore.data import Sample
 from medexplore.models import Domain, TaskSpec, create_model
-from medexplore.train import (CheckpointError, NonFiniteLossError, RunControl, TrainConfig, Trainer, load_checkpoint,
-                              load_model)
+from medexplore.train import (
+    CheckpointError,
+    NonFiniteLossError,
+    RunControl,
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    load_model,
+)
 
 TASKS = [TaskSpec("cls", "multiclass", 3), TaskSpec("reg", "regression", 1)]
 
@@ -72,8 +79,8 @@ def test_events_metrics_file_and_best_checkpoint(tmp_path):
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("step") == 6 and kinds.count("epoch") == 2
     step = next(e for e in events if e.kind == "step")
     assert {"loss", "cls"} <= set(step.losses) and step.samples_per_s > 0 and step.total_steps == 6
-    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == [1, 2]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
     assert {"auc", "acc", "f1_macro", "recall_per_class"} <= set(lines[0]["val"]["cls"])
     assert "mae" in lines[0]["val"]["reg"]
     assert (tmp_path / "checkpoints" / "best" / "model.safetensors").exists() and result.best is not None

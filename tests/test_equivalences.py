@@ -2,13 +2,12 @@
 import pytest
 import timm
 import torch
+from conftest import small_model
 
 from medexplore.models import Batch, Domain, load_timm_weights
 from medexplore.models.blocks import Block
 from medexplore.models.packing import TokenLayout
 from medexplore.models.rope import Rotary3D
-
-from conftest import small_model
 
 
 def _assert_close(a, b, tol=1e-5):
@@ -26,7 +25,7 @@ def test_packed_forward_equals_each_sample_alone(model, mixed_batch):
             _assert_close(packed.predictions[name][i], alone.predictions[name][0])
         _assert_close(packed.predictions["lesions"]["boxes"][i], alone.predictions["lesions"]["boxes"][0], 1e-4)
         (_, seg_alone), = alone.predictions["tissue"]
-        seg_packed = {s: l for ids, logits in packed.predictions["tissue"] for s, l in zip(ids.tolist(), logits)}
+        seg_packed = {s: lg for ids, logits in packed.predictions["tissue"] for s, lg in zip(ids.tolist(), logits)}
         _assert_close(seg_packed[i], seg_alone[0], 1e-4)
 
 

@@ -5,8 +5,16 @@ import pandas as pd
 import pytest
 
 from medexplore.cli import main
-from medexplore.experiments import (EXPERIMENTS, Experiment, ExperimentSettings, ExperimentStopped, Report,
-                                    mean_spread, run_experiment, summarise)
+from medexplore.experiments import (
+    EXPERIMENTS,
+    Experiment,
+    ExperimentSettings,
+    ExperimentStopped,
+    Report,
+    mean_spread,
+    run_experiment,
+    summarise,
+)
 from medexplore.experiments.base import arm_gaps, spread_verdict
 from medexplore.train import RunControl
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from test_data import write_npz
 
 pytestmark = pytest.mark.slow

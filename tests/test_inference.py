@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import ALL_KIND_TASKS, small_model
+
 from medexplore.analysis.inference import estimate_inference_memory, infer_image, iter_infer_image, window_for
 from medexplore.analysis.sliding import WindowBlender, window_starts
 from medexplore.models import Domain

@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from medexplore.train.metrics import (classification_metrics, detection_metrics, dice_per_class,
-                                      ordinal_probabilities, regression_metrics, roc_auc)
+from medexplore.train.metrics import (
+    classification_metrics,
+    detection_metrics,
+    dice_per_class,
+    ordinal_probabilities,
+    regression_metrics,
+    roc_auc,
+)
 
 
 def test_auc_known_answers():

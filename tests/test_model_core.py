@@ -3,13 +3,12 @@ import math
 
 import pytest
 import torch
+from conftest import ALL_KIND_TASKS, full_labels, image, small_model
 
 from medexplore.models import Batch, Domain, LabelError, MedformerConfig, TaskSpec, create_model, list_models
 from medexplore.models.adaptformer import OutputAdaptformer
 from medexplore.models.heads import OrdinalHead, build_head
 from medexplore.models.packing import TokenLayout
-
-from conftest import ALL_KIND_TASKS, full_labels, image, small_model
 
 
 @pytest.mark.parametrize("dims", [2, 3])

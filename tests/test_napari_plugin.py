@@ -14,9 +14,8 @@ pytest.importorskip("napari_medexplore")
 from conftest import REGION, REGION_DOMAIN  # noqa: E402
 from napari.layers import Labels, Shapes  # noqa: E402
 
-from medexplore.data.embedded import EMBEDDED_TASKS  # noqa: E402
+from medexplore.data.embedded import EMBEDDED_TASKS, EmbeddedDataset  # noqa: E402
 from medexplore.data.registry import vocab_for  # noqa: E402
-from medexplore.data.embedded import EmbeddedDataset  # noqa: E402
 from medexplore.models import create_model  # noqa: E402
 from medexplore.train.checkpoint import save_checkpoint  # noqa: E402
 

@@ -8,8 +8,8 @@ from medexplore.analysis import predict_samples
 from medexplore.data import DecentralizedView
 from medexplore.data.embedded import EMBEDDED_TASKS, EmbeddedConfig, EmbeddedDataset, build_embedded
 from medexplore.data.registry import dataset_tasks, vocab_for
+from medexplore.experiments.demo import demo, gallery_samples
 from medexplore.models import create_model
-from medexplore.train.workflow import demo, gallery_samples
 from medexplore.viz import prediction_gallery, training_curves
 
 TINY = {"depth": 1, "embed_dim": 24, "num_heads": 2}

@@ -1,9 +1,18 @@
-"""Cheap adaptation of pretrained Medformers (Med-VTAB) and the GMoE-Adapter."""
+"""Cheap adaptation of pretrained Medformers (Med-VTAB) and the GMoE-Adapter: model surgery only.
+
+Loading the pretrained weights an adaptation starts from is :func:`medexplore.train.weights.adapt_model`.
+"""
 from .modules import GatedExperts, LoRALinear, ParallelAdapter, PromptTokens, StaticMixture
-from .strategies import (STRATEGIES, AdaptConfig, AdaptReport, adapt_model, apply_strategy, merge_lora, rebuild_adaptation,
-                         trainable_report)
-from .weights import WeightsError, load_backbone_weights, read_weights_file
+from .strategies import (
+                         STRATEGIES,
+                         AdaptConfig,
+                         AdaptReport,
+                         apply_strategy,
+                         merge_lora,
+                         model_from_spec,
+                         rebuild_adaptation,
+                         trainable_report,
+)
 
 __all__ = ["STRATEGIES", "AdaptConfig", "AdaptReport", "GatedExperts", "LoRALinear", "ParallelAdapter", "PromptTokens",
-           "StaticMixture", "WeightsError", "adapt_model", "apply_strategy", "load_backbone_weights", "merge_lora",
-           "read_weights_file", "rebuild_adaptation", "trainable_report"]
+           "StaticMixture", "apply_strategy", "merge_lora", "model_from_spec", "rebuild_adaptation", "trainable_report"]

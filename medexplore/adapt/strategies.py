@@ -33,7 +33,7 @@ from ..typed import coerce_fields
 from .modules import GatedExperts, LoRALinear, ParallelAdapter, PromptTokens, StaticMixture
 
 __all__ = ["STRATEGIES", "AdaptConfig", "AdaptReport", "apply_strategy", "rebuild_adaptation", "merge_lora",
-           "trainable_report", "adapt_model"]
+           "trainable_report", "model_from_spec"]
 
 STRATEGIES = ("full", "linear", "partial", "adapter", "vpt_shallow", "vpt_deep", "lora", "gmoe")
 EXPERT_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "patch_size", "in_chans", "pos_embed",
@@ -224,6 +224,16 @@ def apply_strategy(model: Medformer, cfg: AdaptConfig | dict | str, experts=()) 
     return trainable_report(model, cfg.strategy)
 
 
+def model_from_spec(spec: dict) -> Medformer:
+    """The model a checkpoint's ``meta["model"]`` describes, adapted structure included (weights aside)."""
+    if not isinstance(spec, dict):
+        raise ValueError("model description must be a dict with 'config' and 'tasks'")
+    model = Medformer.from_spec_dict({k: v for k, v in spec.items() if k != "adaptation"})
+    if spec.get("adaptation"):
+        rebuild_adaptation(model, spec["adaptation"])
+    return model
+
+
 def rebuild_adaptation(model: Medformer, spec: dict) -> None:
     """Recreate a checkpoint's adapted structure on a freshly built model (weights are loaded after)."""
     known = {f.name for f in fields(AdaptConfig)}
@@ -248,23 +258,3 @@ def merge_lora(model: Medformer) -> Medformer:
                 setattr(block.attn, name, layer.merged())
     model.adaptation = {**model.adaptation, "merged": True}
     return model
-
-
-def adapt_model(model: Medformer, cfg: AdaptConfig | dict) -> AdaptReport:
-    """Load ``cfg.weights`` (if any) into ``model``, build the general expert for ``gmoe``, apply the strategy.
-
-    The general expert has the model's architecture and takes ``cfg.general`` (a medexplore checkpoint,
-    e.g. VICReg on :class:`~medexplore.data.natural.NaturalImages`, or timm weights).
-    """
-    from .weights import load_backbone_weights
-
-    cfg = AdaptConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    cfg.check_sources()
-    if cfg.weights:
-        load_backbone_weights(model, cfg.weights)
-    experts = []
-    if cfg.strategy == "gmoe":
-        general = Medformer(model.config, [])
-        load_backbone_weights(general, cfg.general)
-        experts.append(general)
-    return apply_strategy(model, cfg, experts)

@@ -10,11 +10,26 @@
 - fisher: :func:`fisher_spectrum`, :func:`fisher_over_checkpoints`
 - selection: :func:`nearest_neighbours`, :func:`points_in_polygon`, :func:`points_in_box`
 """
-from .attribution import (ATTRIBUTION_METHODS, Explanation, attention_map, attention_rollout, explain, grad_cam,
-                          integrated_gradients, token_map_to_image)
+from .attribution import (
+                          ATTRIBUTION_METHODS,
+                          Explanation,
+                          attention_map,
+                          attention_rollout,
+                          explain,
+                          grad_cam,
+                          integrated_gradients,
+                          token_map_to_image,
+)
 from .embeddings import EmbeddingSet, compute_embeddings, load_embeddings
-from .fisher import (FisherSpectrum, fisher_over_checkpoints, fisher_spectrum, last_blocks, per_sample_gradients,
-                     select_parameters, spectrum_summary)
+from .fisher import (
+                          FisherSpectrum,
+                          fisher_over_checkpoints,
+                          fisher_spectrum,
+                          last_blocks,
+                          per_sample_gradients,
+                          select_parameters,
+                          spectrum_summary,
+)
 from .mixing import MixingWeights, domain_attention, domain_attention_maps, gate_weights, summarize_mixing
 from .predictions import predict_samples
 from .projections import Projection, pca, project, umap

@@ -23,6 +23,7 @@ from ..data.sample import Sample, collate
 from ..models.medformer import Medformer
 from ..models.packing import Batch
 from ..models.tasks import TaskKind
+from ..train.checkpoint import load_model
 
 __all__ = ["FisherSpectrum", "select_parameters", "last_blocks", "per_sample_gradients", "fisher_spectrum",
            "spectrum_summary", "fisher_over_checkpoints"]
@@ -190,8 +191,6 @@ def fisher_over_checkpoints(checkpoints: Sequence[tuple[int, str | Path]], sampl
                             device="cpu", progress: bool = True) -> pd.DataFrame:
     """Spectrum summary at each ``(step, checkpoint folder)`` (see ``list_snapshots``), one row each."""
     from tqdm.auto import tqdm
-
-    from ..train.checkpoint import load_model
 
     rows = []
     for step, folder in tqdm(list(checkpoints), desc="fisher", disable=not progress):

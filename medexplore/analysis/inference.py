@@ -20,8 +20,8 @@ from torch import Tensor
 from ..data.sample import Batch, Sample
 from ..data.transforms import normalize_intensity
 from ..models.boxes import box_iou
-from ..models.medformer import Medformer
 from ..models.heads import SegmentationHead
+from ..models.medformer import Medformer
 from ..models.tasks import Domain, TaskKind
 from ..train.evaluate import task_scores
 from .attribution import ATTRIBUTION_METHODS, explain

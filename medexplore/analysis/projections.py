@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.embedded import cache_dir
+
 __all__ = ["Projection", "pca", "umap", "project", "projection_cache_dir"]
 
 METHODS = ("pca", "umap")
@@ -31,7 +33,6 @@ class Projection:
 
 
 def projection_cache_dir() -> Path:
-    from ..data.embedded import cache_dir
 
     return cache_dir() / "projections"
 

@@ -74,8 +74,12 @@ def mni152(resolution: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """nilearn's MNI152 T1 template ``(x, y, z)``, its tissue labels (:data:`TISSUE_LABELS`) and brain mask."""
     import warnings
 
-    from nilearn.datasets import (load_mni152_brain_mask, load_mni152_gm_template, load_mni152_template,
-                                  load_mni152_wm_template)
+    from nilearn.datasets import (
+        load_mni152_brain_mask,
+        load_mni152_gm_template,
+        load_mni152_template,
+        load_mni152_wm_template,
+    )
 
     def arr(img):
         return np.asarray(img.get_fdata(), dtype=np.float32)

@@ -7,11 +7,11 @@ from torch.utils.data import Dataset
 
 from ..models.config import DomainVocab
 from ..models.tasks import Domain, TaskSpec
+from ..typed import coerce_fields
+from .annotations import keep_tasks, load_pseudo_labels, select_annotations
 from .embedded import EmbeddedConfig, EmbeddedDataset
 from .folder import FolderDataset
-from ..typed import coerce_fields
 from .medmnist import MEDMNIST, MedMNIST
-from .annotations import keep_tasks, load_pseudo_labels, select_annotations
 from .natural import NaturalImages
 from .sampling import MixedDataset
 

@@ -6,35 +6,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .adaptation import adaptation
 from .base import BUDGETS, RECIPES, Experiment, ExperimentSettings, ExperimentStopped
+from .imax import imax_vs_dmax
+from .multitask import multitask_vs_single
+from .packing import packing_vs_padding
 from .report import Report, mean_spread, summarise
+from .ssl import ssl_benefit
 
 __all__ = ["EXPERIMENTS", "run_experiment", "Experiment", "ExperimentSettings", "ExperimentStopped", "Report",
            "BUDGETS", "RECIPES", "mean_spread", "summarise"]
 
 
 def _imax(exp):
-    from .imax import imax_vs_dmax
     return imax_vs_dmax(exp)
 
 
 def _multitask(exp):
-    from .multitask import multitask_vs_single
     return multitask_vs_single(exp)
 
 
 def _ssl(exp):
-    from .ssl import ssl_benefit
     return ssl_benefit(exp)
 
 
 def _packing(exp):
-    from .packing import packing_vs_padding
     return packing_vs_padding(exp)
 
 
 def _adaptation(exp):
-    from .adaptation import adaptation
     return adaptation(exp)
 
 

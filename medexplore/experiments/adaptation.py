@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..adapt.bench import DEFAULT_RECIPE, BenchSpec, run_adapt_bench
+from ..viz.experiments import arm_bars
+from .adapt_bench import DEFAULT_RECIPE, BenchSpec, run_adapt_bench
 from .base import Experiment, spread_outcome, spread_verdict
 from .report import Report, mean_spread, summarise
 
@@ -51,7 +52,6 @@ def _metric_column(rows: pd.DataFrame) -> str:
 
 
 def _report(exp: Experiment, table: pd.DataFrame) -> Report:
-    from ..viz.experiments import arm_bars
 
     table.to_csv(exp.out / "metrics.csv", index=False)
     metric = _metric_column(table)

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..data.registry import build_dataset, check_data_config, dataset_tasks
-from ..train.engine import HEADLINE, Event, RunControl
-from ..train.workflow import final_checkpoint, run_training
+from ..data.sample import collate
+from ..train.checkpoint import final_checkpoint, load_model
+from ..train.engine import HEADLINE, Event, RunControl, resolve_device
+from ..train.workflow import run_training
 
 __all__ = ["BUDGETS", "RECIPES", "ExperimentSettings", "Experiment", "ExperimentStopped", "headline", "task_rows",
            "inference_ms", "higher_is_better", "arm_gaps", "spread_outcome", "spread_verdict"]
@@ -48,10 +50,6 @@ def inference_ms(exp: "Experiment", outcome: dict, batch_size: int = 32) -> floa
     """Milliseconds per test image of a finished run's model (forward only, after a warm-up batch, the
     fastest of three passes, synchronised on CUDA), measured once and kept in ``runs/KEY/inference.json``."""
     import torch
-
-    from ..data.sample import collate
-    from ..train.checkpoint import load_model
-    from ..train.engine import resolve_device
 
     cached = exp.run_dir(outcome["key"]) / "inference.json"
     if cached.exists():
@@ -235,7 +233,6 @@ class Experiment:
         if outcome.result.stopped:
             raise ExperimentStopped(f"{self.name}: run {key} was stopped (its last checkpoint is kept); "
                                     "run the same command again to continue")
-        from ..train.checkpoint import load_model
 
         model, _ = load_model(final_checkpoint(folder))
         record = {**wanted, "key": key, "test": outcome.test_metrics, "seconds": self._spent(folder),

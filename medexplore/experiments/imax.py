@@ -7,10 +7,13 @@ import json
 import numpy as np
 import pandas as pd
 
+from ..analysis.fisher import fisher_over_checkpoints
 from ..data.registry import build_dataset
 from ..data.sampling import labels_of
 from ..train.checkpoint import list_snapshots, load_model
 from ..train.pseudo import pseudo_label
+from ..viz.analysis import fisher_curves
+from ..viz.experiments import arm_bars
 from .base import Experiment, arm_gaps, higher_is_better, spread_verdict, task_rows
 from .report import Report, mean_spread, summarise
 
@@ -30,7 +33,6 @@ def _check_multi_annotation(exp: Experiment) -> None:
 
 
 def _fisher_track(exp: Experiment, key: str, probes: list) -> pd.DataFrame:
-    from ..analysis.fisher import fisher_over_checkpoints
 
     cached = exp.out / "fisher" / f"{key}.csv"
     if cached.exists():
@@ -82,8 +84,6 @@ def imax_vs_dmax(exp: Experiment) -> Report:
 
 
 def _report(exp: Experiment, rows: pd.DataFrame, tracks: dict, quality: pd.DataFrame) -> Report:
-    from ..viz.analysis import fisher_curves
-    from ..viz.experiments import arm_bars
 
     rows.to_csv(exp.out / "metrics.csv", index=False)
     report = Report("IMAX: image-centric against decentralized multi-annotation data",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from ..train.balancing import LOSS_BALANCES
+from ..train.checkpoint import final_checkpoint
+from ..viz.experiments import arm_bars
 from .base import Experiment, arm_gaps, inference_ms, task_rows
 from .report import Report, summarise
 
@@ -50,7 +52,6 @@ def multitask_arms(exp: Experiment) -> list[tuple[str, str, dict]]:
 
 
 def _report(exp: Experiment, rows: pd.DataFrame, costs: pd.DataFrame) -> Report:
-    from ..viz.experiments import arm_bars
 
     rows.to_csv(exp.out / "metrics.csv", index=False)
     costs.to_csv(exp.out / "costs.csv", index=False)
@@ -99,8 +100,6 @@ def _report(exp: Experiment, rows: pd.DataFrame, costs: pd.DataFrame) -> Report:
 
 def _loss_weights(exp: Experiment, rows: pd.DataFrame) -> pd.DataFrame:
     import json
-
-    from ..train.workflow import final_checkpoint
 
     out = []
     for balance in ("uncertainty", "gradnorm"):

@@ -7,12 +7,13 @@ import time
 import pandas as pd
 import torch
 
-from ..adapt.memory import step_memory
 from ..data.registry import build_dataset
 from ..data.sample import collate
-from ..train.checkpoint import load_model
 from ..models.tasks import TaskKind
+from ..train.checkpoint import load_model
+from ..viz.experiments import arm_bars
 from .base import Experiment, arm_gaps, task_rows
+from .memory import step_memory
 from .report import Report, summarise
 
 __all__ = ["packing_vs_padding", "EMBEDDED_VOLUME"]
@@ -61,7 +62,6 @@ def packing_vs_padding(exp: Experiment) -> Report:
 
 
 def _report(exp: Experiment, rows: pd.DataFrame, costs: pd.DataFrame, shapes: set) -> Report:
-    from ..viz.experiments import arm_bars
 
     rows.to_csv(exp.out / "metrics.csv", index=False)
     costs.to_csv(exp.out / "costs.csv", index=False)

@@ -6,6 +6,7 @@ import pandas as pd
 
 from ..data.registry import build_dataset, dataset_parts, dataset_tasks
 from ..data.sampling import labels_of
+from ..viz.experiments import fraction_lines
 from .base import Experiment, arm_gaps, spread_verdict, task_rows
 from .report import Report, summarise
 
@@ -43,7 +44,6 @@ def ssl_benefit(exp: Experiment) -> Report:
 
 
 def _report(exp: Experiment, rows: pd.DataFrame, tasks: list[str]) -> Report:
-    from ..viz.experiments import fraction_lines
 
     rows.to_csv(exp.out / "metrics.csv", index=False)
     report = Report("Self-supervised pretraining (VICReg) against training from scratch",

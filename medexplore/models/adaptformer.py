@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
 from timm.layers import Mlp
+from torch import Tensor, nn
 
 from .config import DomainVocab
 from .packing import TokenLayout

@@ -1,9 +1,9 @@
 """Transformer blocks over a packed token sequence, with timm's parameter names and shapes."""
 from __future__ import annotations
 
-from torch import Tensor, nn
 import torch
 from timm.layers import Mlp
+from torch import Tensor, nn
 
 from .packing import TokenLayout
 from .rope import apply_rotary

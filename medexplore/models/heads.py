@@ -7,7 +7,6 @@ label in the batch returns ``None`` for the loss.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

@@ -243,14 +243,14 @@ class Medformer(nn.Module):
 
     @classmethod
     def from_spec_dict(cls, spec: dict) -> "Medformer":
+        """The plain model a :meth:`spec_dict` describes; an adapted one is rebuilt by
+        :func:`medexplore.adapt.model_from_spec`, which adds the adaptation on top."""
         if not isinstance(spec, dict) or "config" not in spec:
             raise ValueError("model description must be a dict with 'config' and 'tasks'")
-        model = cls(MedformerConfig.from_dict(spec["config"]), [TaskSpec.from_dict(t) for t in spec.get("tasks", [])])
         if spec.get("adaptation"):
-            from ..adapt import rebuild_adaptation  # the adapted structure; the weights come from the checkpoint
-
-            rebuild_adaptation(model, spec["adaptation"])
-        return model
+            raise ValueError(f"the model is adapted ({spec['adaptation'].get('strategy')}); rebuild it with "
+                             "medexplore.adapt.model_from_spec")
+        return cls(MedformerConfig.from_dict(spec["config"]), [TaskSpec.from_dict(t) for t in spec.get("tasks", [])])
 
     def num_params(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -91,7 +91,8 @@ class TaskSpec:
             object.__setattr__(self, attr, tuple(getattr(self, attr)))
         bad = [d for d in self.dimensionalities if d not in DIMENSIONALITIES]
         if bad or not self.dimensionalities:
-            raise ValueError(f"task {self.name!r}: dimensionalities must be a non-empty subset of {DIMENSIONALITIES}, got {self.dimensionalities}")
+            raise ValueError(f"task {self.name!r}: dimensionalities must be a non-empty subset of {DIMENSIONALITIES}, "
+                             f"got {self.dimensionalities}")
         minimum = 2 if self.kind in (TaskKind.MULTICLASS, TaskKind.ORDINAL, TaskKind.SEGMENTATION) else 1
         if self.kind == TaskKind.BINARY and self.num_outputs not in (1, 2):
             raise ValueError(f"task {self.name!r}: a binary task has num_outputs 1 (or 2), got {self.num_outputs}")

@@ -19,11 +19,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..adapt.strategies import model_from_spec
 from ..models.medformer import Medformer
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "CheckpointError", "rng_state", "set_rng_state",
-           "recover_checkpoints",
-           "snapshot_name", "list_snapshots", "checkpoint_exists"]
+           "recover_checkpoints", "snapshot_name", "list_snapshots", "checkpoint_exists", "final_checkpoint",
+           "init_from_checkpoint"]
 
 FORMAT = "medexplore-checkpoint/1"
 
@@ -195,8 +196,31 @@ def load_model(folder: Path, map_location="cpu") -> tuple[Medformer, dict]:
     """Rebuild the model a checkpoint describes and load its weights: ``(model, meta)``."""
     meta, weights, _ = load_checkpoint(folder, map_location, with_state=False)
     try:
-        model = Medformer.from_spec_dict(meta["model"])
+        model = model_from_spec(meta["model"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{_resolve(folder) / 'meta.json'}: cannot rebuild the model: {exc}") from exc
     load_into(model, weights, str(_resolve(folder)))
     return model.to(map_location), meta
+
+
+def init_from_checkpoint(model: Medformer, folder: str | Path) -> int:
+    """Fine-tuning: copy every tensor whose name and shape match; returns how many were copied.
+
+    Raises CheckpointError when the body (patch embedding, blocks) does not match.
+    """
+    _, weights, _ = load_checkpoint(Path(folder), with_state=False)
+    own = model.state_dict()
+    matched = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    body = [k for k in own if k.startswith(("blocks.", "patch_embed."))]
+    mismatched = [k for k in body if k not in matched]
+    if mismatched:
+        raise CheckpointError(f"{folder}: incompatible with this model configuration (body weights differ, "
+                              f"e.g. {mismatched[:3]})")
+    model.load_state_dict(matched, strict=False)
+    return len(matched)
+
+
+def final_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint a finished run is used through: ``best`` when validation chose one, else ``last``."""
+    folder = Path(run_dir) / "checkpoints"
+    return folder / "best" if checkpoint_exists(folder / "best") else folder / "last"

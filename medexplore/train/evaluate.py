@@ -12,8 +12,7 @@ from ..data.sample import collate
 from ..models.heads import SegmentationHead
 from ..models.medformer import Medformer
 from ..models.tasks import TaskKind
-from .metrics import (classification_metrics, detection_metrics, dice_per_class, ordinal_probabilities,
-                      regression_metrics)
+from .metrics import classification_metrics, detection_metrics, dice_per_class, ordinal_probabilities, regression_metrics
 
 __all__ = ["evaluate", "collect_predictions", "per_sample_predictions", "task_scores", "score_task"]
 

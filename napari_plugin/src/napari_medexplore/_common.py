@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from psygnal import Signal
 from magicgui.widgets import ComboBox, Container, FileEdit, LineEdit, PushButton
+from psygnal import Signal
 
 from medexplore.models.tasks import Domain
-from medexplore.train.checkpoint import CheckpointError, load_model
-from medexplore.train.workflow import final_checkpoint, find_runs
+from medexplore.train.checkpoint import CheckpointError, final_checkpoint, load_model
+from medexplore.train.workflow import find_runs
 
 from ._layers import layer_domain
 

@@ -6,8 +6,7 @@ only gathers the choices, shows progress and places the results (``_layers.resul
 from __future__ import annotations
 
 import psutil
-from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox,
-                              Table)
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox, Table
 
 from medexplore.analysis.inference import estimate_inference_memory, iter_infer_image, window_for
 

@@ -10,14 +10,14 @@ import queue
 import time
 from pathlib import Path
 
-from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton,
-                              SpinBox)
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, SpinBox
 from qtpy.QtCore import QTimer
 
 from medexplore.adapt.strategies import STRATEGIES
 from medexplore.data.registry import available_datasets
+from medexplore.train.checkpoint import final_checkpoint
 from medexplore.train.engine import RunControl
-from medexplore.train.workflow import check_adapt_config, final_checkpoint, run_training
+from medexplore.train.workflow import check_adapt_config, run_training
 
 from ._common import DEVICES, RUNS, report_error, runs_root
 from ._plots import CurvesCanvas

@@ -1,15 +1,19 @@
-"""Pretrained backbone weights by path or name: medexplore checkpoints, timm files, timm names."""
+"""Pretrained weights by path or name (medexplore checkpoints, timm files, timm names), and
+:func:`adapt_model`, which loads them and applies an adaptation strategy."""
 from __future__ import annotations
 
 import socket
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from ..adapt.strategies import AdaptConfig, AdaptReport, apply_strategy
 from ..models.medformer import Medformer
 from ..models.timm_weights import load_timm_weights
+from .checkpoint import CheckpointError, init_from_checkpoint
 
-__all__ = ["load_backbone_weights", "read_weights_file", "WeightsError"]
+__all__ = ["load_backbone_weights", "read_weights_file", "WeightsError", "adapt_model"]
 
 TIMM_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -28,8 +32,6 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: weights files must end in {', '.join(TIMM_SUFFIXES)}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -72,9 +74,6 @@ def load_backbone_weights(model: Medformer, source: str | Path) -> str:
     a timm weights file, or a timm model name (downloaded when online; offline, a clear error asks
     for a file). timm weights are remapped and their positions resampled to the model's grid.
     """
-    from ..train.checkpoint import CheckpointError
-    from ..train.workflow import init_from_checkpoint
-
     path = Path(str(source)).expanduser()
     if path.is_dir():
         try:
@@ -93,3 +92,21 @@ def load_backbone_weights(model: Medformer, source: str | Path) -> str:
     except ValueError as exc:
         raise WeightsError(f"{what}: {exc}") from exc
     return what
+
+
+def adapt_model(model: Medformer, cfg: AdaptConfig | dict) -> AdaptReport:
+    """Load ``cfg.weights`` (if any) into ``model``, build the general expert for ``gmoe``, apply the strategy.
+
+    The general expert has the model's architecture and takes ``cfg.general`` (a medexplore checkpoint,
+    e.g. VICReg on :class:`~medexplore.data.natural.NaturalImages`, or timm weights).
+    """
+    cfg = AdaptConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
+    cfg.check_sources()
+    if cfg.weights:
+        load_backbone_weights(model, cfg.weights)
+    experts = []
+    if cfg.strategy == "gmoe":
+        general = Medformer(model.config, [])
+        load_backbone_weights(general, cfg.general)
+        experts.append(general)
+    return apply_strategy(model, cfg, experts)

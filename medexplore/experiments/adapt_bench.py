@@ -19,16 +19,18 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import Dataset
 
+from ..adapt.strategies import STRATEGIES, AdaptConfig
+from ..analysis.mixing import gate_weights, summarize_mixing
 from ..data.registry import build_dataset, dataset_domains, dataset_tasks
 from ..data.sample import collate
-from ..train.checkpoint import checkpoint_exists, load_model
+from ..train.checkpoint import checkpoint_exists, final_checkpoint, load_model
 from ..train.engine import Event, RunControl, TrainConfig, Trainer
 from ..train.evaluate import evaluate
 from ..train.runlock import RunLock
-from ..train.workflow import final_checkpoint
+from ..train.weights import adapt_model
+from ..viz.adapt import plot_adapt_bench
 from .memory import step_memory
 from .protocol import PROMPT_COUNTS, patient_ids, patient_split
-from .strategies import STRATEGIES, AdaptConfig, adapt_model
 
 __all__ = ["DEFAULT_RECIPE", "BenchSpec", "bench_cells", "run_adapt_bench", "write_report"]
 
@@ -118,8 +120,6 @@ def _has_patients(splits: dict[str, Dataset]) -> bool:
 
 def _gate_shares(model, test: Dataset) -> dict:
     """Mean gate weight of each expert per modality on the test split (GMoE only)."""
-    from ..analysis.mixing import gate_weights, summarize_mixing
-
     summary = summarize_mixing(gate_weights(model, test), by="modality")["mean"]
     return {modality: {e: round(float(v), 4) for e, v in row.items()} for modality, row in summary.iterrows()}
 
@@ -157,7 +157,8 @@ def _run_cell(spec: BenchSpec, cell: dict, splits: dict[str, Dataset], cell_dir:
     metrics = evaluate(best, test)
     row = {**{k: cell[k] for k in ("key", "dataset", "strategy", "prompts", "protocol")},
            "auc": _mean_metric(metrics, "auc"), "acc": _mean_metric(metrics, "acc"), "dice": _mean_metric(metrics, "dice"),
-           "trainable": report.trainable, "backbone_trainable": report.backbone_trainable, "total": report.total, "trainable_pct": round(100 * report.fraction, 3),
+           "trainable": report.trainable, "backbone_trainable": report.backbone_trainable, "total": report.total,
+           "trainable_pct": round(100 * report.fraction, 3),
            "step_memory_mb": round(memory["total"] / 2 ** 20, 2),
            "activation_mb": round(memory["activations"] / 2 ** 20, 2), "seconds": round(seconds, 1),
            "resumed": resume, "metrics": json.dumps(metrics, default=float)}
@@ -204,8 +205,6 @@ def run_adapt_bench(spec: BenchSpec, out: str | Path, callbacks: Sequence[Callab
 def write_report(table: pd.DataFrame, out: str | Path, spec: BenchSpec | None = None) -> tuple[Path, Path]:
     """``results.md`` (per-dataset tables, GMoE vs best single-expert adapter, OOD drop, gate shares)
     and ``adapt_bench.png`` (metric per strategy, prompt scaling, metric vs trainable parameters)."""
-    from ..viz.adapt import plot_adapt_bench
-
     out = Path(out)
     lines = ["# adapt-bench results", ""]
     standard = table[table["protocol"] == "standard"]

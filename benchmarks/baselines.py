@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from medexplore.data.medmnist import MEDMNIST, MedMNIST
-from medexplore.train.metrics import classification_metrics
+from medexplore.models.metrics import classification_metrics
 
 
 def resnet18_2d(in_channels: int, num_classes: int) -> nn.Module:

@@ -185,8 +185,11 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
     b = toy_model(tasks=TASKS[:1], drop_path_rate=0.0)
     Trainer(a, data, TrainConfig(**cfg), tmp_path / "a").fit()
     Trainer(b, data, TrainConfig(**cfg, accum_steps=2), tmp_path / "b").fit()
-    diffs = [(pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters())]
-    assert max(diffs) < 1e-5
+    # entries whose true gradient is zero (e.g. key biases: softmax ignores a shift shared by all keys) get
+    # a rounding-noise gradient that Adam scales up to +-lr; compare every entry with a real gradient
+    real = [torch.zeros_like(pa, dtype=torch.bool) if pa.grad is None else pa.grad.abs() > 1e-7 for pa in a.parameters()]
+    diffs = [(pa - pb)[m].abs().max().item() for pa, pb, m in zip(a.parameters(), b.parameters(), real) if m.any()]
+    assert len(diffs) > 10 and max(diffs) < 1e-5
 
 
 def test_augmentation_moves_masks_and_boxes_with_the_image():

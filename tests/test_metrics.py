@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from medexplore.train.metrics import (
+from medexplore.models.metrics import (
     classification_metrics,
     detection_metrics,
     dice_per_class,

@@ -7,7 +7,8 @@ from conftest import ALL_KIND_TASKS, full_labels, image, small_model
 
 from medexplore.models import Batch, Domain, LabelError, MedformerConfig, TaskSpec, create_model, list_models
 from medexplore.models.adaptformer import OutputAdaptformer
-from medexplore.models.heads import OrdinalHead, build_head
+from medexplore.models.heads import OrdinalHead
+from medexplore.models.kinds import HeadDims, kind_entry
 from medexplore.models.packing import TokenLayout
 
 
@@ -318,7 +319,7 @@ def test_dense_detection_fits_the_boxes_of_an_image():
 
 @pytest.mark.parametrize("loss, expected", [("l1", 1.25), ("mse", 2.125), ("huber", 0.8125)])
 def test_regression_loss_variants_known_values(loss, expected):
-    head = build_head(TaskSpec("count", "regression", 1, loss=loss), 8, 1, 4, 8, 1)
+    head = kind_entry("regression").build_head(TaskSpec("count", "regression", 1, loss=loss), HeadDims(8, 1, 4, 8, 1))
     prediction = torch.tensor([[0.5], [3.0]])  # errors 0.5 and 2.0
     assert head.loss(prediction, [torch.tensor([0.0]), torch.tensor([1.0])]).item() == pytest.approx(expected)
     with pytest.raises(ValueError, match="loss 'l2' not available"):

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.sample import Sample
+from ..models.kinds import kind_entry
 from ..models.medformer import Medformer
 from ..models.packing import Batch
-from ..models.tasks import TaskKind
 
 __all__ = ["token_map_to_image", "task_outputs", "attention_rollout", "attention_map", "integrated_gradients",
            "grad_cam", "explain", "ATTRIBUTION_METHODS", "Explanation"]
@@ -47,26 +47,11 @@ def task_outputs(model: Medformer, task: str, prediction) -> Tensor:
     binary: its logit (K=1); multiclass / multilabel / ordinal / regression: the head's K outputs;
     segmentation: each class' logit averaged over the image; detection: each query's presence logit.
     """
-    kind = model.tasks[task].kind
-    if kind == TaskKind.BINARY:
-        return prediction[:, None]
-    if kind == TaskKind.SEGMENTATION:
-        if len(prediction) != 1:
-            raise ValueError("segmentation outputs of several image groups cannot be explained together")
-        ids, logits = prediction[0]
-        return logits.flatten(2).mean(-1)[ids.argsort()]
-    if kind == TaskKind.DETECTION:
-        return prediction["logits"]
-    return prediction
+    return kind_entry(model.tasks[task].kind).explain_outputs(prediction)
 
 
 def _default_target(model: Medformer, task: str, outputs: Tensor) -> int:
-    kind = model.tasks[task].kind
-    if kind in (TaskKind.MULTICLASS, TaskKind.DETECTION):
-        return int(outputs[0].argmax())
-    if kind == TaskKind.SEGMENTATION:
-        return 1 if outputs.shape[1] > 1 else 0  # the first foreground class
-    return 0
+    return kind_entry(model.tasks[task].kind).default_target(outputs)
 
 
 class _TaskForward(nn.Module):

@@ -17,14 +17,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.sample import Sample, collate
+from ..models.kinds import kind_entry, per_sample_predictions
 from ..models.medformer import Medformer
-from ..models.tasks import TaskKind
-from ..train.evaluate import per_sample_predictions
 
 __all__ = ["EmbeddingSet", "compute_embeddings", "load_embeddings", "label_columns"]
 
 FORMAT = "medexplore-embeddings/1"
-VECTOR_KINDS = (TaskKind.BINARY, TaskKind.MULTICLASS, TaskKind.MULTILABEL, TaskKind.ORDINAL, TaskKind.REGRESSION)
 
 
 @dataclass
@@ -122,56 +120,6 @@ def label_columns(metadata: pd.DataFrame, prefix: str = "label:") -> list[str]:
 
 
 # ---------------------------------------------------------------------------- computing
-def _scalar(value) -> float | None:
-    """A label or prediction as one number for a table, or None when it is not a scalar."""
-    t = torch.as_tensor(value)
-    return float(t.reshape(-1)[0]) if t.numel() == 1 else None
-
-
-def _label_cell(kind: TaskKind, value):
-    t = torch.as_tensor(value)
-    if kind == TaskKind.DETECTION:
-        return int(t.reshape(-1, t.shape[-1]).shape[0]) if t.numel() else 0  # number of boxes
-    if kind == TaskKind.SEGMENTATION:
-        return float((t > 0).float().mean())  # foreground fraction
-    if kind == TaskKind.MULTILABEL:
-        return json.dumps([None if v != v else int(v) for v in t.reshape(-1).tolist()])
-    if kind == TaskKind.REGRESSION and t.numel() > 1:
-        return json.dumps(t.reshape(-1).tolist())
-    return _scalar(t)
-
-
-def _prediction_cell(kind: TaskKind, item, threshold: float = 0.5):
-    if kind == TaskKind.DETECTION:
-        return int((item[1] > threshold).sum())
-    if kind == TaskKind.SEGMENTATION:
-        return float((item > 0).float().mean())
-    if kind == TaskKind.BINARY:
-        return float(item)
-    if kind in (TaskKind.MULTICLASS, TaskKind.ORDINAL):
-        return int(item.argmax())
-    if kind == TaskKind.MULTILABEL:
-        return json.dumps((item > threshold).int().tolist())
-    return _scalar(item) if item.numel() == 1 else json.dumps(item.tolist())
-
-
-def _agreement(kind: TaskKind, label, pred) -> tuple[str, object] | None:
-    """(``correct`` or ``error``, value) comparing a label and a prediction cell."""
-    if label is None or pred is None:
-        return None
-    if kind == TaskKind.BINARY:
-        return "correct", bool((pred > 0.5) == (label > 0.5))
-    if kind == TaskKind.MULTILABEL:
-        return "correct", bool(pred == label)
-    if kind in (TaskKind.MULTICLASS, TaskKind.ORDINAL):
-        return "correct", bool(pred == int(label))
-    if kind in (TaskKind.REGRESSION, TaskKind.DETECTION) and not isinstance(label, str):
-        return "error", float(abs(float(pred) - float(label)))
-    if kind == TaskKind.SEGMENTATION:
-        return "error", float(abs(pred - label))
-    return None
-
-
 class _Hooks:
     """Forward hooks that keep each block's tokens and each task's query outputs of one forward."""
 
@@ -259,12 +207,13 @@ def _metadata_rows(model: Medformer, batch, out, split: str) -> list[dict]:
     for name, spec in model.tasks.items():
         items = per_sample_predictions(spec.kind, out.predictions[name], batch.num_samples)
         labels = batch.targets.get(name, [None] * batch.num_samples)
+        entry = kind_entry(spec.kind)
         for row, item, label, domain in zip(rows, items, labels, batch.domains):
-            label_cell = None if label is None else _label_cell(spec.kind, label)
-            pred_cell = None if item is None or not spec.applies_to(domain) else _prediction_cell(spec.kind, item)
+            label_cell = None if label is None else entry.label_cell(label)
+            pred_cell = None if item is None or not spec.applies_to(domain) else entry.prediction_cell(item)
             row[f"label:{name}"] = label_cell
             row[f"pred:{name}"] = pred_cell
-            agreement = _agreement(spec.kind, label_cell, pred_cell)
+            agreement = None if label_cell is None or pred_cell is None else entry.agreement(label_cell, pred_cell)
             if agreement is not None:
                 row[f"{agreement[0]}:{name}"] = agreement[1]
     return rows

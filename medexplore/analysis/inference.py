@@ -21,9 +21,9 @@ from ..data.sample import Batch, Sample
 from ..data.transforms import normalize_intensity
 from ..models.boxes import box_iou
 from ..models.heads import SegmentationHead
+from ..models.kinds import kind_entry, task_scores
 from ..models.medformer import Medformer
-from ..models.tasks import Domain, TaskKind
-from ..train.evaluate import task_scores
+from ..models.tasks import Domain
 from .attribution import ATTRIBUTION_METHODS, explain
 from .sliding import WindowBlender
 
@@ -68,7 +68,7 @@ def estimate_inference_memory(model: Medformer, image_shape: Sequence[int], wind
     """Rough peak bytes: the blended outputs at image size plus one batch of windows' activations."""
     spatial = tuple(image_shape[1:])
     voxels = math.prod(spatial)
-    seg_channels = sum(s.num_outputs for s in model.tasks.values() if s.kind == TaskKind.SEGMENTATION)
+    seg_channels = sum(s.num_outputs for s in model.tasks.values() if kind_entry(s.kind).output == "mask")
     outputs = (seg_channels + len(explain_methods) + 2) * voxels * _BYTES * 2  # values + blending weights
     tokens = math.prod(w // model.config.patch_size for w in window)
     cfg = model.config
@@ -151,9 +151,10 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
     spatial = tuple(image.shape[1:])
     model.eval().to(device)
     kinds = {n: model.tasks[n].kind for n in tasks}
-    seg_tasks = [n for n in tasks if kinds[n] == TaskKind.SEGMENTATION]
-    vector_tasks = [n for n in tasks if kinds[n] not in (TaskKind.SEGMENTATION, TaskKind.DETECTION)]
-    det_tasks = [n for n in tasks if kinds[n] == TaskKind.DETECTION]
+    outputs = {n: kind_entry(kinds[n]).output for n in tasks}
+    seg_tasks = [n for n in tasks if outputs[n] == "mask"]
+    vector_tasks = [n for n in tasks if outputs[n] == "vector"]
+    det_tasks = [n for n in tasks if outputs[n] == "boxes"]
     map_names = [m if m in ("rollout", "attention") else f"{m}:{explain_task}" for m in explain_methods]
     channels = {**{n: model.tasks[n].num_outputs for n in seg_tasks}, **{k: 1 for k in map_names}}
     blender = WindowBlender(spatial, roi, overlap, channels)

@@ -6,9 +6,8 @@ from typing import Sequence
 import torch
 
 from ..data.sample import Sample, collate
+from ..models.kinds import kind_entry, per_sample_predictions
 from ..models.medformer import Medformer
-from ..models.tasks import TaskKind
-from ..train.evaluate import per_sample_predictions
 
 __all__ = ["predict_samples"]
 
@@ -32,7 +31,7 @@ def predict_samples(model: Medformer, samples: Sequence[Sample], device="cpu") -
         for result, sample, item in zip(results, samples, items):
             if item is None or not spec.applies_to(sample.domain):
                 continue
-            if spec.kind == TaskKind.DETECTION:
+            if kind_entry(spec.kind).output == "boxes":
                 result["predictions"][name] = {"boxes": item[0].numpy(), "scores": item[1].numpy()}
             else:
                 result["predictions"][name] = item.numpy()

@@ -12,11 +12,12 @@ from typing import Callable, Sequence
 
 from ..data.registry import build_dataset, check_data_config, dataset_tasks
 from ..data.sample import collate
+from ..models.kinds import headline_metric
 from ..train.checkpoint import final_checkpoint, load_model
-from ..train.engine import HEADLINE, Event, RunControl, resolve_device
+from ..train.engine import Event, RunControl, resolve_device
 from ..train.workflow import run_training
 
-__all__ = ["BUDGETS", "RECIPES", "ExperimentSettings", "Experiment", "ExperimentStopped", "headline", "task_rows",
+__all__ = ["BUDGETS", "RECIPES", "ExperimentSettings", "Experiment", "ExperimentStopped", "task_rows",
            "inference_ms", "higher_is_better", "arm_gaps", "spread_outcome", "spread_verdict"]
 
 BUDGETS = ("small", "full")
@@ -36,14 +37,6 @@ RECIPES = {  # model and training recipe per budget; "small" keeps every experim
 
 class ExperimentStopped(RuntimeError):
     """A run of the experiment was stopped; running the same command again continues it."""
-
-
-def headline(metrics: dict) -> tuple[str, float] | None:
-    """A task's headline test metric (AUC, Dice or mAP@0.5, else regression MAE) and its value."""
-    for name in (*HEADLINE, "mae"):
-        if name in metrics:
-            return name, float(metrics[name])
-    return None
 
 
 def inference_ms(exp: "Experiment", outcome: dict, batch_size: int = 32) -> float:
@@ -79,7 +72,7 @@ def task_rows(outcome: dict, **columns) -> list[dict]:
     """One row per task of a run's test metrics: ``task``, ``metric`` (its headline), ``value``, plus ``columns``."""
     rows = []
     for task, metrics in outcome["test"].items():
-        found = headline(metrics)
+        found = headline_metric(metrics)
         if found is not None:
             rows.append({**columns, "task": task, "metric": found[0], "value": found[1]})
     return rows

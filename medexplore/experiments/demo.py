@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..analysis.predictions import predict_samples
 from ..data.registry import build_dataset
-from ..models.tasks import TaskKind
+from ..models.kinds import kind_entry
 from ..train.checkpoint import final_checkpoint, load_model
 from ..train.workflow import run_training
 from ..viz.figures import prediction_gallery, read_metrics, training_curves
@@ -49,8 +49,9 @@ def write_figures(run_dir: str | Path, n_examples: int = 8) -> list[Path]:
     curves.savefig(folder / "training_curves.png", dpi=100)
     written.append(folder / "training_curves.png")
     model, meta = load_model(final_checkpoint(run_dir))
-    seg = next((n for n, t in model.tasks.items() if t.kind == TaskKind.SEGMENTATION), None)
-    box = next((n for n, t in model.tasks.items() if t.kind == TaskKind.DETECTION), None)
+    outputs = {n: kind_entry(t.kind).output for n, t in model.tasks.items()}
+    seg = next((n for n, output in outputs.items() if output == "mask"), None)
+    box = next((n for n, output in outputs.items() if output == "boxes"), None)
     if seg:
         test = build_dataset(meta["data"], "test")
         results = predict_samples(model, gallery_samples(test, seg, n_examples))

@@ -9,7 +9,7 @@ import torch
 
 from ..data.registry import build_dataset
 from ..data.sample import collate
-from ..models.tasks import TaskKind
+from ..models.kinds import kind_entry
 from ..train.checkpoint import load_model
 from ..viz.experiments import arm_bars
 from .base import Experiment, arm_gaps, task_rows
@@ -39,7 +39,7 @@ def _step_cost(model, batch, packing: str, repeats: int = 5) -> dict:
 def packing_vs_padding(exp: Experiment) -> Report:
     data = {"volume_size": EMBEDDED_VOLUME} if exp.settings.datasets == ["embedded"] else {}
     tasks = exp.tasks(data)
-    per_image = [t.name for t in tasks if t.kind not in (TaskKind.SEGMENTATION, TaskKind.DETECTION)]
+    per_image = [t.name for t in tasks if kind_entry(t.kind).output == "vector"]
     if per_image and len(per_image) < len(tasks):  # dense decoders run per sample either way: leave them out
         data["keep_tasks"] = per_image
     train_set = build_dataset({**exp.settings.data, **data}, "train")

@@ -18,7 +18,7 @@ from .packing import Batch, TokenLayout
 from .segmentation import MultiScaleDecoder
 from .tasks import TaskKind, TaskSpec
 
-__all__ = ["HeadContext", "TaskHead", "build_head", "LabelError"]
+__all__ = ["HeadContext", "TaskHead", "VectorHead", "OrdinalHead", "SegmentationHead", "DetectionHead", "LabelError"]
 
 
 class LabelError(ValueError):
@@ -340,15 +340,3 @@ def _pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
     inter = (torch.minimum(a[..., d:], b[..., d:]) - torch.maximum(a[..., :d], b[..., :d])).clamp(min=0).prod(-1)
     volume = lambda x: (x[..., d:] - x[..., :d]).clamp(min=0).prod(-1)  # noqa: E731
     return inter / (volume(a) + volume(b) - inter + 1e-7)
-
-
-def build_head(spec: TaskSpec, dim: int, in_chans: int, patch_size: int, seg_channels: int,
-               num_features: int) -> TaskHead:
-    """The head for ``spec.kind``, fully built (never lazily)."""
-    if spec.kind == TaskKind.ORDINAL:
-        return OrdinalHead(spec, dim)
-    if spec.kind == TaskKind.SEGMENTATION:
-        return SegmentationHead(spec, dim, in_chans, patch_size, seg_channels, num_features)
-    if spec.kind == TaskKind.DETECTION:
-        return DetectionHead(spec, dim)
-    return VectorHead(spec, dim)

@@ -9,11 +9,12 @@ from torch import Tensor, nn
 from .adaptformer import InputAdaptformer, OutputAdaptformer
 from .blocks import Block
 from .config import DomainVocab, MedformerConfig
-from .heads import HeadContext, LabelError, build_head
+from .heads import HeadContext, LabelError
+from .kinds import HeadDims, kind_entry
 from .packing import Batch, TokenLayout
 from .rope import Rotary3D
 from .segmentation import feature_depths
-from .tasks import TaskKind, TaskSpec
+from .tasks import TaskSpec
 from .tokenizer import LearnedPositions, PatchEmbed
 
 __all__ = ["Medformer", "MedformerOutput"]
@@ -92,12 +93,13 @@ class Medformer(nn.Module):
             raise TypeError(f"add_task expects a TaskSpec, got {type(task).__name__}")
         if task.name in self.tasks:
             raise ValueError(f"task {task.name!r} already exists; names must be unique")
-        if task.kind in (TaskKind.SEGMENTATION, TaskKind.DETECTION) and self.output_adaptformer is None:
+        if kind_entry(task.kind).queries_per_output and self.output_adaptformer is None:
             raise ValueError(f"task {task.name!r} ({task.kind.value}) needs one query per class or box, which the "
                              "Output Adaptformer provides; build the model with output_adaptformer=True")
         self.tasks[task.name] = task
         cfg = self.config
-        head = build_head(task, cfg.embed_dim, cfg.in_chans, cfg.patch_size, cfg.seg_channels, len(self.feature_depths))
+        dims = HeadDims(cfg.embed_dim, cfg.in_chans, cfg.patch_size, cfg.seg_channels, len(self.feature_depths))
+        head = kind_entry(task.kind).build_head(task, dims)
         ref = self.norm.weight
         self.heads[task.name] = head.to(device=ref.device, dtype=ref.dtype)
         if self.output_adaptformer is not None:

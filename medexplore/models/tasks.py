@@ -2,23 +2,37 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from enum import Enum
 
-__all__ = ["TaskKind", "TaskSpec", "Domain", "DIMENSIONALITIES"]
+__all__ = ["TaskKind", "TaskSpec", "Domain", "DIMENSIONALITIES", "KINDS"]
 
 DIMENSIONALITIES = ("2d", "3d")
+KINDS: dict = {}  # kind name -> KindEntry, filled by medexplore.models.kinds (the one table of task kinds)
 
 
-class TaskKind(str, Enum):
-    """What a task predicts; decides its head, its loss and its metrics."""
+class TaskKind(str):
+    """The name of a registered task kind (:mod:`medexplore.models.kinds`): decides its head, loss and metrics.
 
-    BINARY = "binary"
-    MULTICLASS = "multiclass"
-    MULTILABEL = "multilabel"
-    ORDINAL = "ordinal"
-    REGRESSION = "regression"
-    SEGMENTATION = "segmentation"
-    DETECTION = "detection"
+    The built-in kinds are class attributes (``TaskKind.BINARY == "binary"``).
+    """
+
+    BINARY: "TaskKind"
+    MULTICLASS: "TaskKind"
+    MULTILABEL: "TaskKind"
+    ORDINAL: "TaskKind"
+    REGRESSION: "TaskKind"
+    SEGMENTATION: "TaskKind"
+    DETECTION: "TaskKind"
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+    def __repr__(self) -> str:
+        return f"TaskKind({str(self)!r})"
+
+
+for _name in ("binary", "multiclass", "multilabel", "ordinal", "regression", "segmentation", "detection"):
+    setattr(TaskKind, _name.upper(), TaskKind(_name))
 
 
 @dataclass(frozen=True)
@@ -65,7 +79,7 @@ class TaskSpec:
 
     Example:
         >>> TaskSpec("pneumonia", "binary", 1, dimensionalities=("2d",)).kind
-        <TaskKind.BINARY: 'binary'>
+        TaskKind('binary')
     """
 
     name: str
@@ -82,18 +96,17 @@ class TaskSpec:
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"TaskSpec.name must be a non-empty identifier, got {self.name!r}")
-        try:
-            object.__setattr__(self, "kind", TaskKind(self.kind))
-        except ValueError:
-            kinds = [k.value for k in TaskKind]
-            raise ValueError(f"task {self.name!r}: unknown kind {self.kind!r}; expected one of {kinds}") from None
+        if str(self.kind) not in KINDS:
+            raise ValueError(f"task {self.name!r}: unknown kind {self.kind!r}; expected one of {sorted(KINDS)}")
+        object.__setattr__(self, "kind", TaskKind(self.kind))
+        entry = KINDS[self.kind]
         for attr in ("dimensionalities", "modalities", "body_parts", "label_names"):
             object.__setattr__(self, attr, tuple(getattr(self, attr)))
         bad = [d for d in self.dimensionalities if d not in DIMENSIONALITIES]
         if bad or not self.dimensionalities:
             raise ValueError(f"task {self.name!r}: dimensionalities must be a non-empty subset of {DIMENSIONALITIES}, "
                              f"got {self.dimensionalities}")
-        minimum = 2 if self.kind in (TaskKind.MULTICLASS, TaskKind.ORDINAL, TaskKind.SEGMENTATION) else 1
+        minimum = entry.min_outputs
         if self.kind == TaskKind.BINARY and self.num_outputs not in (1, 2):
             raise ValueError(f"task {self.name!r}: a binary task has num_outputs 1 (or 2), got {self.num_outputs}")
         if self.num_outputs < minimum:
@@ -102,11 +115,11 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}: {len(self.label_names)} label_names for num_outputs={self.num_outputs}")
         if self.num_queries < 0:
             raise ValueError(f"task {self.name!r}: num_queries must be >= 0, got {self.num_queries}")
-        if self.kind in (TaskKind.SEGMENTATION, TaskKind.DETECTION) and 0 < self.num_queries < self.num_outputs:
-            what = "class" if self.kind == TaskKind.SEGMENTATION else "box"
+        if entry.queries_per_output and 0 < self.num_queries < self.num_outputs:
+            what = "box" if entry.output == "boxes" else "class"
             raise ValueError(f"task {self.name!r}: a {self.kind.value} task needs one query per {what} "
                              f"(num_queries >= num_outputs = {self.num_outputs}), got {self.num_queries}")
-        losses = {TaskKind.REGRESSION: ("", "huber", "mse", "l1")}.get(self.kind, ("",))
+        losses = entry.losses
         if self.loss not in losses:
             raise ValueError(f"task {self.name!r}: loss {self.loss!r} not available for {self.kind.value}; choose from {losses}")
         if not self.weight >= 0:
@@ -117,9 +130,7 @@ class TaskSpec:
         """Latent queries in the Output Adaptformer: one per box or class where that is natural."""
         if self.num_queries:
             return self.num_queries
-        if self.kind in (TaskKind.DETECTION, TaskKind.SEGMENTATION):
-            return self.num_outputs
-        return 1
+        return self.num_outputs if KINDS[self.kind].queries_per_output else 1
 
     def applies_to(self, domain: Domain) -> bool:
         return (

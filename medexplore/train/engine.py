@@ -23,16 +23,16 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.sample import collate
 from ..data.sampling import WeightedBatchSampler, balanced_weights, labels_of
 from ..data.transforms import Augment
+from ..models.kinds import kind_entry, monitor_metrics
 from ..models.medformer import Medformer
 from ..models.packing import PACKING_MODES, Batch
-from ..models.tasks import TaskKind
 from ..ssl import Expander, TwoViews, VICRegLoss
 from ..typed import coerce_fields
 from .balancing import BALANCER_LR_SCALE, LOSS_BALANCES, make_balancer
 from .checkpoint import load_checkpoint, load_into, rng_state, save_checkpoint, set_rng_state, snapshot_name
 from .evaluate import evaluate
 
-__all__ = ["metrics_of_kind", "TrainConfig", "Trainer", "Event", "RunControl", "NonFiniteLossError", "resolve_device",
+__all__ = ["TrainConfig", "Trainer", "Event", "RunControl", "NonFiniteLossError", "resolve_device",
            "RunResult",
            "init_distributed"]
 
@@ -42,23 +42,6 @@ BALANCE = ("none", "source", "label")
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; the message names the step and the task(s)."""
-
-
-def metrics_of_kind(kind: TaskKind) -> tuple[str, ...]:
-    """The validation metrics (higher is better) a task of ``kind`` reports."""
-    if kind == TaskKind.MULTILABEL:
-        return ("auc", "acc", "f1_macro")
-    if kind in (TaskKind.BINARY, TaskKind.MULTICLASS, TaskKind.ORDINAL):
-        return ("auc", "acc", "balanced_acc", "f1_macro")
-    if kind == TaskKind.SEGMENTATION:
-        return ("dice",)
-    if kind == TaskKind.DETECTION:
-        return ("mean_iou", "map@0.25", "map@0.5", "map@0.75")
-    return ()
-
-
-HEADLINE = ("auc", "dice", "map@0.5")  # a task's headline metric: the first of these it reports
-MONITOR_METRICS = ("headline",) + tuple(dict.fromkeys(m for kind in TaskKind for m in metrics_of_kind(kind)))
 
 
 @dataclass(frozen=True)
@@ -136,8 +119,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"TrainConfig.batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}")
-        if self.monitor not in MONITOR_METRICS:
-            raise ValueError(f"train.monitor must be one of {MONITOR_METRICS} (a validation metric where "
+        if self.monitor not in monitor_metrics():
+            raise ValueError(f"train.monitor must be one of {monitor_metrics()} (a validation metric where "
                              f"higher is better), got {self.monitor!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
@@ -436,8 +419,8 @@ class Trainer:
     def _augmented(self, batch: Batch, step: int) -> Batch:
         """``batch`` with every image augmented (labels moved along), reproducible from (seed, step, rank)."""
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step * 7919 + self.rank + 17)
-        spatial = {name: "mask" if t.kind == TaskKind.SEGMENTATION else "boxes"
-                   for name, t in self.model.tasks.items() if t.kind in (TaskKind.SEGMENTATION, TaskKind.DETECTION)}
+        outputs = {name: kind_entry(t.kind).output for name, t in self.model.tasks.items()}
+        spatial = {name: output for name, output in outputs.items() if output != "vector"}
         targets = {name: list(labels) for name, labels in batch.targets.items()}
         groups = []
         for images, ids in zip(batch.groups, batch.group_samples):
@@ -513,8 +496,9 @@ class Trainer:
         return metrics
 
     def _monitor_value(self, metrics: dict) -> float | None:
-        if self.config.monitor == "headline":
-            values = [next((m[k] for k in HEADLINE if k in m), None) for m in metrics.values()]
+        if self.config.monitor == "headline":  # each task's headline where higher is better
+            kinds = {name: kind_entry(self.model.tasks[name].kind) for name in metrics}
+            values = [m.get(kinds[name].headline) for name, m in metrics.items() if kinds[name].higher_is_better]
         else:
             values = [m.get(self.config.monitor) for m in metrics.values()]
         values = [v for v in values if v is not None and v == v]

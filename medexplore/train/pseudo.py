@@ -18,9 +18,9 @@ from ..data.annotations import AnnotationView, pseudo_label_key, save_pseudo_lab
 from ..data.registry import build_dataset, dataset_parts
 from ..data.sample import collate
 from ..models.heads import SegmentationHead
+from ..models.kinds import kind_entry, per_sample_predictions, score_task
 from ..models.medformer import Medformer
-from ..models.tasks import TaskKind, TaskSpec
-from .evaluate import per_sample_predictions, score_task
+from ..models.tasks import TaskSpec
 
 __all__ = ["PseudoLabels", "pseudo_label", "hard_label"]
 
@@ -45,24 +45,7 @@ def hard_label(spec: TaskSpec, item, logits: torch.Tensor | None = None) -> tupl
     ``item``: the task's per-sample prediction (:func:`~medexplore.train.evaluate.per_sample_predictions`);
     ``logits``: the raw ``(C, *spatial)`` map for segmentation.
     """
-    kind = spec.kind
-    if kind == TaskKind.BINARY:
-        p = float(item.reshape(-1)[0])
-        return int(p > 0.5), max(p, 1 - p)
-    if kind == TaskKind.MULTILABEL:
-        return (item > 0.5).float(), float(torch.maximum(item, 1 - item).min())
-    if kind in (TaskKind.MULTICLASS, TaskKind.ORDINAL):
-        return int(item.argmax()), float(item.max())
-    if kind == TaskKind.REGRESSION:
-        return item.float().clone(), 1.0
-    if kind == TaskKind.SEGMENTATION:
-        probs = logits.float().softmax(0)
-        return probs.argmax(0), float(probs.max(0).values.mean())
-    if kind == TaskKind.DETECTION:
-        boxes, scores = item
-        sure = torch.maximum(scores, 1 - scores)
-        return boxes[scores >= 0.5].float().clone(), float(sure.min()) if len(sure) else 1.0
-    raise ValueError(f"no pseudo-label for task kind {kind}")
+    return kind_entry(spec.kind).hard_label(spec, item, logits)
 
 
 @torch.no_grad()
@@ -87,7 +70,7 @@ def pseudo_label(model: Medformer, data: dict, threshold: float = 0.9, batch_siz
             for task, spec in model.tasks.items():
                 items = per_sample_predictions(spec.kind, out.predictions[task], len(samples))
                 logits = (SegmentationHead.per_sample(out.predictions[task], len(samples))
-                          if spec.kind == TaskKind.SEGMENTATION else [None] * len(samples))
+                          if kind_entry(spec.kind).output == "mask" else [None] * len(samples))
                 for k, sample, item, raw in zip(positions, samples, items, logits):
                     if item is None or not spec.applies_to(sample.domain) or task in view.labels_of(k):
                         continue

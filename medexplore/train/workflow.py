@@ -19,10 +19,11 @@ from ..data.registry import build_dataset, check_data_config, dataset_parts, dat
 from ..data.sample import collate
 from ..models import create_model
 from ..models.config import MedformerConfig
+from ..models.kinds import kind_entry
 from ..models.medformer import Medformer
 from ..typed import coerce_fields
 from .checkpoint import checkpoint_exists, final_checkpoint, init_from_checkpoint, load_model, recover_checkpoints
-from .engine import Event, RunControl, RunResult, TrainConfig, Trainer, metrics_of_kind, resolve_device
+from .engine import Event, RunControl, RunResult, TrainConfig, Trainer, resolve_device
 from .evaluate import evaluate
 from .runlock import LOCK_NAME, RunLock
 from .weights import adapt_model
@@ -73,7 +74,7 @@ def _absolute_paths(data: dict) -> dict:
 
 
 def _check_monitor(monitor: str, tasks) -> None:
-    produced = {m for t in tasks for m in metrics_of_kind(t.kind)} | ({"headline"} if tasks else set())
+    produced = {m for t in tasks for m in kind_entry(t.kind).metrics} | ({"headline"} if tasks else set())
     if tasks and monitor not in produced:
         raise ValueError(f"train.monitor {monitor!r} is not a validation metric of any task here "
                          f"({', '.join(f'{t.name}: {t.kind.value}' for t in tasks)}); choose one of {sorted(produced)}")

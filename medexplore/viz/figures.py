@@ -8,9 +8,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from ..models.kinds import headline_of
+
 __all__ = ["training_curves", "prediction_gallery", "read_metrics", "display_image"]
 
-HEADLINE = ("auc", "dice", "map@0.5", "mae")
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -30,7 +31,7 @@ def training_curves(records: list[dict]) -> Figure:
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title="loss per task")
     ax_loss.legend(fontsize=7)
     for task in sorted({t for r in records for t in r.get("val", {})}):
-        metric = next((m for m in HEADLINE if any(m in r["val"].get(task, {}) for r in records)), None)
+        metric = headline_of([r["val"].get(task, {}) for r in records])
         if metric:
             ax_val.plot(epochs, [r["val"].get(task, {}).get(metric, np.nan) for r in records], marker="o", ms=3,
                         label=f"{task} ({metric})")

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 
 from medexplore.analysis.inference import ImageInference
-from medexplore.models.tasks import Domain, TaskKind
+from medexplore.models.kinds import kind_entry
+from medexplore.models.tasks import Domain
 
 DOMAIN_KEY = "medexplore_domain"
 MAP_COLORMAPS = {"rollout": "inferno", "attention": "magma", "integrated_gradients": "turbo", "grad_cam": "turbo"}
@@ -66,9 +67,7 @@ def result_features(result: ImageInference, model) -> pd.DataFrame:
     rows = []
     for task, values in result.scores.items():
         spec = model.tasks[task]
-        names = list(spec.label_names) or [f"output {k}" for k in range(np.size(values))]
-        if spec.kind == TaskKind.BINARY:
-            names = [f"P({spec.label_names[-1] if spec.label_names else task})"]
+        names = kind_entry(spec.kind).output_names(spec, np.size(values))
         for name, value in zip(names, np.atleast_1d(values)):
             rows.append({"task": task, "kind": spec.kind.value, "output": name, "value": float(value)})
     for task, (boxes, scores) in result.boxes.items():

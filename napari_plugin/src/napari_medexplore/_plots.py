@@ -7,7 +7,7 @@ import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 
-from medexplore.viz.figures import HEADLINE
+from medexplore.models.kinds import headline_of
 
 
 class MplCanvas:
@@ -62,7 +62,7 @@ class CurvesCanvas(MplCanvas):
         self.ax_loss.set(xlabel="step", ylabel="training loss", yscale="log" if steps and min(y) > 0 else "linear")
         self.ax_val.clear()
         for task in sorted({t for e in evals for t in e.metrics}):
-            metric = next((m for m in HEADLINE if any(m in e.metrics.get(task, {}) for e in evals)), None)
+            metric = headline_of([e.metrics.get(task, {}) for e in evals])
             if metric:
                 self.ax_val.plot([e.epoch for e in evals], [e.metrics.get(task, {}).get(metric, np.nan) for e in evals],
                                  marker="o", ms=3, label=f"{task} ({metric})")

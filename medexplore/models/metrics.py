@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..models.boxes import box_iou
+from .boxes import box_iou
 
 __all__ = ["roc_auc", "classification_metrics", "dice_per_class", "detection_metrics", "regression_metrics",
            "ordinal_probabilities"]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.sample import collate
 from ..data.sampling import WeightedBatchSampler, balanced_weights, labels_of
 from ..data.transforms import Augment
-from ..models.kinds import kind_entry, monitor_metrics
+from ..models.kinds import headline_metric, kind_entry, monitor_metrics
 from ..models.medformer import Medformer
 from ..models.packing import PACKING_MODES, Batch
 from ..ssl import Expander, TwoViews, VICRegLoss
@@ -496,9 +496,9 @@ class Trainer:
         return metrics
 
     def _monitor_value(self, metrics: dict) -> float | None:
-        if self.config.monitor == "headline":  # each task's headline where higher is better
-            kinds = {name: kind_entry(self.model.tasks[name].kind) for name in metrics}
-            values = [m.get(kinds[name].headline) for name, m in metrics.items() if kinds[name].higher_is_better]
+        if self.config.monitor == "headline":  # each task's headline where higher is better (not regression's MAE)
+            found = [headline_metric(m) for m in metrics.values()]
+            values = [value for name, value in filter(None, found) if name in monitor_metrics()]
         else:
             values = [m.get(self.config.monitor) for m in metrics.values()]
         values = [v for v in values if v is not None and v == v]

@@ -65,7 +65,7 @@ def bench_latency(seconds: float) -> dict:
                 if len(cli_times) >= 40:
                     control.stop()
 
-        from medexplore.train.engine import RunControl
+        from medexplore.train import RunControl
 
         control = RunControl()
         run_training(config, Path(tmp) / "cli", callbacks=[count], control=control, test=False)

@@ -5,100 +5,20 @@ A thin layer over :mod:`medexplore.train.workflow`: parse, call the library, pri
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
 
-import yaml
-
-__all__ = ["main", "load_config"]
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit code 2."""
-
-
-def _parse_value(text: str):
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def load_config(path: str | None, overrides: list[str]) -> dict:
-    """Defaults, then the YAML file, then ``--set section.key=value`` overrides."""
-    from .train.workflow import DEFAULT_CONFIG
-
-    config = copy.deepcopy(DEFAULT_CONFIG)
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise CLIError(f"config file {p} not found")
-        if p.is_dir():
-            raise CLIError(f"config file {p} is a directory; give a YAML file (see configs/)")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise CLIError(f"config file {p}: invalid YAML: {' '.join(str(exc).split())}") from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CLIError(f"config file {p}: unreadable: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise CLIError(f"config file {p}: expected sections {sorted(DEFAULT_CONFIG)}, got a {type(loaded).__name__}")
-        unknown = set(loaded) - set(DEFAULT_CONFIG)
-        if unknown:
-            raise CLIError(f"config file {p}: unknown section(s) {sorted(unknown)}; expected {sorted(DEFAULT_CONFIG)}")
-        for section, values in loaded.items():
-            if values is not None and not isinstance(values, dict):
-                raise CLIError(f"config file {p}: section {section!r} must be a mapping, got {values!r}")
-            config[section].update(values or {})
-    for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise CLIError(f"--set expects section.key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        if section not in config:
-            raise CLIError(f"--set {item!r}: unknown section {section!r}; expected {sorted(config)}")
-        config[section][name] = _parse_value(value)
-    return config
-
-
-class ProgressPrinter:
-    """Prints engine events: a tqdm bar for steps, one line per epoch."""
-
-    def __init__(self, quiet: bool = False):
-        self.quiet, self.bar = quiet, None
-
-    def __call__(self, event) -> None:
-        from tqdm.auto import tqdm
-
-        if event.kind in ("adapted", "run"):
-            print(event.message, file=sys.stderr)
-        elif event.kind == "start" and not self.quiet:
-            self.bar = tqdm(total=event.total_steps, initial=event.step, unit="step", dynamic_ncols=True, file=sys.stderr)
-        elif event.kind == "step" and self.bar is not None:
-            self.bar.update(event.step - self.bar.n)
-            self.bar.set_postfix(loss=f"{event.losses.get('loss', float('nan')):.4f}", sps=f"{event.samples_per_s:.0f}")
-        elif event.kind == "epoch":
-            val = {t: {k: round(v, 4) for k, v in m.items() if k in ("auc", "acc", "dice", "mae", "map@0.5")}
-                   for t, m in event.metrics.items()}
-            line = f"epoch {event.epoch} step {event.step}/{event.total_steps} loss {event.losses.get('loss', float('nan')):.4f}"
-            (self.bar.write if self.bar else print)(line + (f" val {json.dumps(val)}" if val else ""))
-        elif event.kind in ("done", "stopped") and self.bar is not None:
-            self.bar.close()
-            self.bar = None
+__all__ = ["main", "build_parser"]
 
 
 # ---------------------------------------------------------------------------- commands
 def cmd_demo(args) -> int:
+    from .configs import parse_overrides
     from .experiments.demo import demo
+    from .train.progress import ProgressPrinter
 
-    model = {}
-    for item in args.model:
-        if "=" not in item:
-            raise CLIError(f"--model expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        model[key] = _parse_value(value)
+    model = parse_overrides(args.model, ["model"], flag="--model", section="model").get("model", {})
     epochs = {k: v for k, v in (("pretrain_epochs", args.pretrain_epochs), ("epochs", args.epochs)) if v is not None}
     summary = demo(args.out, model=model, callbacks=[ProgressPrinter(args.quiet)], **epochs)
     print(json.dumps(summary["test_metrics"], indent=1, default=float))
@@ -124,7 +44,9 @@ def cmd_datasets(args) -> int:
 
 
 def _run(args, mode: str) -> int:
-    from .train.engine import init_distributed
+    from .configs import load_config
+    from .train.device import init_distributed
+    from .train.progress import ProgressPrinter
     from .train.workflow import run_training
 
     init_distributed()  # a no-op unless launched by torchrun
@@ -161,13 +83,14 @@ def cmd_pretrain(args) -> int:
 def _checkpoint_data(args):
     """(model, device, dataset) for a checkpoint and the split it was trained on (``--data-path`` applied)."""
     from .data.registry import build_dataset
+    from .errors import UserError
     from .train.checkpoint import load_model
-    from .train.engine import resolve_device
+    from .train.device import resolve_device
 
     device = resolve_device(args.device)
     model, meta = load_model(Path(args.checkpoint), device)
     if not meta.get("data"):
-        raise CLIError(f"{args.checkpoint}: the checkpoint does not say which data it was trained on")
+        raise UserError(f"{args.checkpoint}: the checkpoint does not say which data it was trained on")
     data = dict(meta["data"])
     if args.data_path:
         data["path"] = args.data_path
@@ -187,11 +110,12 @@ def cmd_evaluate(args) -> int:
 
 def cmd_embed(args) -> int:
     from .analysis.embeddings import compute_embeddings
+    from .errors import UserError
 
     model, device, dataset = _checkpoint_data(args)
     output = Path(args.output)
     if output.is_dir():
-        raise CLIError(f"--output {output} is a directory; give a file name ending in .npz")
+        raise UserError(f"--output {output} is a directory; give a file name ending in .npz")
     embeddings = compute_embeddings(model, dataset, device=device, blocks=args.blocks, split=args.split,
                                     progress=not args.quiet, info={"checkpoint": str(Path(args.checkpoint).resolve())})
     embeddings.save(output)
@@ -201,13 +125,15 @@ def cmd_embed(args) -> int:
 
 
 def cmd_adapt_bench(args) -> int:
-    from .experiments.adapt_bench import DEFAULT_RECIPE, BenchSpec, run_adapt_bench
+    from .configs import load_config, load_recipe
+    from .experiments.adapt_bench import BenchSpec, run_adapt_bench
+    from .train.progress import ProgressPrinter
 
     config = load_config(args.config, args.set)
     spec = BenchSpec(medical=args.medical, general=args.general, datasets=tuple(args.datasets),
                      data={k: v for k, v in config["data"].items() if k != "datasets" and v is not None},
                      strategies=tuple(args.strategies), prompts=args.prompts, prompt_counts=tuple(args.prompt_counts),
-                     sweep=tuple(args.sweep), ood=not args.no_ood, train=config["train"] or dict(DEFAULT_RECIPE))
+                     sweep=tuple(args.sweep), ood=not args.no_ood, train=config["train"] or load_recipe("adapt_bench")["train"])
     table = run_adapt_bench(spec, args.out, callbacks=[ProgressPrinter(args.quiet)])
     print(f"{len(table)} cells; results in {Path(args.out) / 'results.csv'}, {Path(args.out) / 'results.md'}, "
           f"{Path(args.out) / 'adapt_bench.png'}")
@@ -215,18 +141,14 @@ def cmd_adapt_bench(args) -> int:
 
 
 def cmd_experiment(args) -> int:
+    from .configs import load_recipe, parse_overrides
     from .experiments import ExperimentSettings, run_experiment
+    from .train.progress import ProgressPrinter
 
     data = {"datasets": args.data}
     if args.root:
         data["root"] = args.root
-    overrides: dict = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not (sep and dot and name):
-            raise CLIError(f"--set expects SECTION.KEY=VALUE (model, train or pretrain), got {item!r}")
-        overrides.setdefault(section, {})[name] = _parse_value(value)
+    overrides = parse_overrides(args.set, load_recipe("experiments")[args.budget])
     settings = ExperimentSettings(data=data, budget=args.budget, seeds=tuple(args.seeds), device=args.device,
                                   overrides=overrides)
     out = args.out or f"runs/experiments/{args.name}"
@@ -323,33 +245,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; a user's mistake is one line on stderr and exit 2, a bug keeps its traceback."""
     args = build_parser().parse_args(argv)
-    from .experiments import ExperimentStopped
-    from .train.checkpoint import CheckpointError, checkpoint_exists
-    from .train.engine import NonFiniteLossError
-    from .train.runlock import RunLockedError
+    from .errors import RunStopped, UserError
+    from .train.checkpoint import checkpoint_exists
+    from .train.events import NonFiniteLossError
 
     try:
         return args.func(args)
     except NonFiniteLossError as exc:
         print(f"medexplore {args.command}: stopped: {exc}", file=sys.stderr)
         return 3
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            CheckpointError, RunLockedError, ExperimentStopped) as exc:
+    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
         print(f"medexplore {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk, a read-only folder...: the path and the reason, on one line
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"medexplore {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunStopped) as exc:
         out = getattr(args, "out", None)
         saved = out is not None and checkpoint_exists(Path(out) / "checkpoints" / "last")
         advice = "continue with --resume" if saved and args.command in ("train", "pretrain") else "nothing was saved"
         if args.command in ("adapt-bench", "experiment"):
             advice = ("finished cells are in results.csv" if args.command == "adapt-bench" else "finished runs are kept")
             advice += "; run the same command again to continue"
-        print(f"medexplore {args.command}: interrupted; {advice}", file=sys.stderr)
+        reason = f" ({exc})" if isinstance(exc, RunStopped) else ""
+        print(f"medexplore {args.command}: interrupted{reason}; {advice}", file=sys.stderr)
         return 130
 
 

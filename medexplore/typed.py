@@ -11,12 +11,14 @@ import math
 import types
 import typing
 
+from .errors import UserError
+
 __all__ = ["ConfigError", "coerce", "coerce_fields"]
 
 _TRUE, _FALSE, _NONE = ("true", "yes", "on", "1"), ("false", "no", "off", "0"), ("none", "null", "~", "")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value of the wrong type or an unknown key."""
 
 

@@ -3,10 +3,11 @@ import pandas as pd
 import pytest
 import torch
 
+from medexplore.errors import RunStopped
 from medexplore.experiments.adapt_bench import BenchSpec, bench_cells, run_adapt_bench
 from medexplore.models import create_model
+from medexplore.train import RunControl
 from medexplore.train.checkpoint import save_checkpoint
-from medexplore.train.engine import RunControl
 
 SIZE = dict(depth=2, patch_size=8, embed_dim=32, num_heads=2, seg_channels=8)
 RECIPE = {"epochs": 1, "steps_per_epoch": 3, "batch_size": 8, "lr": 1e-3, "eval_batch_size": 64}
@@ -47,7 +48,7 @@ def test_interrupted_bench_continues_and_reports(experts, tmp_path):
         if event.kind == "step" and seen.count("start") == 2:
             control.stop()
 
-    with pytest.raises(KeyboardInterrupt, match="embedded/gmoe"):
+    with pytest.raises(RunStopped, match="embedded/gmoe"):
         run_adapt_bench(spec, tmp_path, callbacks=[stop_in_second_cell], control=control, log=lambda _: None)
     assert list(pd.read_csv(tmp_path / "results.csv")["key"]) == ["embedded/lora"]
     table = run_adapt_bench(spec, tmp_path, log=lambda _: None)

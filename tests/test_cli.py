@@ -8,7 +8,8 @@ import torch
 from test_data import write_npz
 
 from medexplore.analysis import load_embeddings
-from medexplore.cli import load_config, main
+from medexplore.cli import main
+from medexplore.configs import load_config
 
 TINY = ["--set", "model.depth=1", "--set", "model.embed_dim=24", "--set", "model.num_heads=2",
         "--set", "train.epochs=1", "--set", "train.batch_size=4", "--set", "train.eval_batch_size=8", "--quiet"]
@@ -50,7 +51,7 @@ def test_pretrain_then_finetune(tmp_path, npz):
     (["--dataset", "pneumoniamnist", "--data-path", "{bad}"], "not a readable npz file"),
     (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--set", "train.lr=-1"], "lr must be a finite number > 0"),
     (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--set", "model.widht=3"], r"unknown option\(s\) \['widht'\]"),
-    (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--set", "nonsense"], "--set expects section.key=value"),
+    (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--set", "nonsense"], "--set expects SECTION.KEY=VALUE"),
     (["--dataset", "pneumoniamnist", "--data-path", "{npz}", "--config", "{missing}"], "config file .* not found"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, npz, capsys, args, message):

@@ -7,9 +7,9 @@ import torch
 
 from medexplore.data import (
     MEDMNIST,
-    DecentralizedView,
     MedMNIST,
     MixedDataset,
+    PerAnnotationView,
     Sample,
     WeightedBatchSampler,
     balanced_weights,
@@ -179,5 +179,5 @@ def test_mixed_dataset_and_decentralized_view(tmp_path):
     assert len(mixed) == 24 and mixed.source_of(11) == "p" and mixed.source_of(12) == "n"
     assert mixed[12].domain.dimensionality == "3d"
     multi = [Sample(torch.zeros(1, 4, 4), Domain("2d"), {"a": 1, "b": 0}), Sample(torch.zeros(1, 4, 4), Domain("2d"), {"a": 0})]
-    view = DecentralizedView(multi, ["a", "b"])
+    view = PerAnnotationView(multi, ["a", "b"])
     assert len(view) == 3 and [s.labels for s in view] == [{"a": 1}, {"b": 0}, {"a": 0}]

@@ -1,6 +1,5 @@
 """Training loop: exact resume, events, pause/stop, non-finite losses, checkpoints, VICReg mode."""
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from medexplore.train import (
     load_checkpoint,
     load_model,
 )
+from medexplore.train.callbacks import monitor_value
 
 TASKS = [TaskSpec("cls", "multiclass", 3), TaskSpec("reg", "regression", 1)]
 
@@ -275,10 +275,9 @@ def test_recover_checkpoints_restores_an_interrupted_rename_and_clears_temporari
 def test_headline_monitor_averages_each_tasks_headline_metric():
     metrics = {"lesion": {"auc": 0.9, "acc": 0.1}, "mask": {"dice": 0.6}, "boxes": {"mean_iou": 0.2, "map@0.5": 0.3},
                "count": {"mae": 0.5}, "empty": {"auc": float("nan")}}
-    judge = SimpleNamespace(config=TrainConfig(monitor="headline"))
-    assert Trainer._monitor_value(judge, metrics) == pytest.approx((0.9 + 0.6 + 0.3) / 3)
-    assert Trainer._monitor_value(SimpleNamespace(config=TrainConfig(monitor="auc")), metrics) == pytest.approx(0.9)
-    assert Trainer._monitor_value(judge, {"count": {"mae": 0.5}}) is None
+    assert monitor_value("headline", metrics) == pytest.approx((0.9 + 0.6 + 0.3) / 3)
+    assert monitor_value("auc", metrics) == pytest.approx(0.9)
+    assert monitor_value("headline", {"count": {"mae": 0.5}}) is None
 
 
 def test_uncertainty_weighting_known_answer_and_gradnorm_equalises_gradient_norms():

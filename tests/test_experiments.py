@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 
 from medexplore.cli import main
+from medexplore.errors import RunStopped
 from medexplore.experiments import (
     EXPERIMENTS,
     Experiment,
     ExperimentSettings,
-    ExperimentStopped,
     Report,
     mean_spread,
     run_experiment,
@@ -77,7 +77,7 @@ def test_imax_experiment_end_to_end_resumes_after_a_stop_and_reuses_finished_run
         if event.kind == "step" and len(started) == 2:
             control.stop()
 
-    with pytest.raises(ExperimentStopped, match="decentralized-seed0 was stopped"):
+    with pytest.raises(RunStopped, match="decentralized-seed0 was stopped"):
         run_experiment("imax-vs-dmax", tmp_path / "imax", settings, callbacks=[stop_in_the_second_run], control=control)
     stopped_run = tmp_path / "imax" / "runs" / "decentralized-seed0"
     first_part = json.loads((stopped_run / "seconds.json").read_text())["seconds"]

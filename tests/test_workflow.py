@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from medexplore.analysis import predict_samples
-from medexplore.data import DecentralizedView
+from medexplore.data import PerAnnotationView
 from medexplore.data.embedded import EMBEDDED_TASKS, EmbeddedConfig, EmbeddedDataset, build_embedded
 from medexplore.data.registry import dataset_tasks, vocab_for
 from medexplore.experiments.demo import demo, gallery_samples
@@ -43,7 +43,7 @@ def test_embedded_is_deterministic_and_multi_annotated(train_set):
 
 
 def test_image_centric_vs_decentralized_views(train_set):
-    view = DecentralizedView(train_set, ["lesion", "tissue"])
+    view = PerAnnotationView(train_set, ["lesion", "tissue"])
     n3d = sum(1 for dims, _ in train_set.index if dims == "3d")
     assert len(view) == len(train_set) + n3d
     assert all(len(view[k].labels) == 1 for k in range(0, len(view), 50))

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..models.packing import TokenLayout
 
 __all__ = ["ParallelAdapter", "LoRALinear", "PromptTokens", "GatedExperts", "StaticMixture"]
@@ -25,7 +26,7 @@ class ParallelAdapter(nn.Module):
     def __init__(self, base: nn.Module, dim: int, bottleneck: int, scale: float = 0.1):
         super().__init__()
         if bottleneck < 1:
-            raise ValueError(f"adapter bottleneck must be >= 1, got {bottleneck}")
+            raise UserError(f"adapter bottleneck must be >= 1, got {bottleneck}")
         self.base = base
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
@@ -47,7 +48,7 @@ class LoRALinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRA wraps nn.Linear, got {type(base).__name__}")
         if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+            raise UserError(f"LoRA rank must be >= 1, got {rank}")
         self.base = base
         self.rank = rank
         self.scaling = (alpha if alpha is not None else rank) / rank
@@ -84,7 +85,7 @@ class PromptTokens(nn.Module):
     def __init__(self, num_tokens: int, dim: int, depth: int, deep: bool = False):
         super().__init__()
         if num_tokens < 0:
-            raise ValueError(f"prompt tuning needs >= 0 prompt tokens, got {num_tokens}")
+            raise UserError(f"prompt tuning needs >= 0 prompt tokens, got {num_tokens}")
         self.num_tokens, self.deep = num_tokens, deep
         self.tokens = nn.Parameter(torch.empty(depth if deep else 1, num_tokens, dim))
         nn.init.trunc_normal_(self.tokens, std=0.02)
@@ -111,7 +112,7 @@ class GatedExperts(nn.Module):
     def __init__(self, experts: list[nn.Module], dim: int, per_token: bool = False):
         super().__init__()
         if len(experts) < 2:
-            raise ValueError(f"a mixture needs >= 2 experts, got {len(experts)}")
+            raise UserError(f"a mixture needs >= 2 experts, got {len(experts)}")
         self.experts = nn.ModuleList(experts)
         self.per_token = per_token
         self.gate = nn.Linear(dim, len(experts))
@@ -155,7 +156,7 @@ class StaticMixture(nn.Module):
     def __init__(self, experts: list[nn.Module]):
         super().__init__()
         if len(experts) < 2:
-            raise ValueError(f"a mixture needs >= 2 experts, got {len(experts)}")
+            raise UserError(f"a mixture needs >= 2 experts, got {len(experts)}")
         self.experts = nn.ModuleList(experts)
         self.logits = nn.Parameter(torch.zeros(len(experts)))
 

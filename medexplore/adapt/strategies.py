@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..models.medformer import Medformer
 from ..typed import coerce_fields
 from .modules import GatedExperts, LoRALinear, ParallelAdapter, PromptTokens, StaticMixture
@@ -73,19 +74,19 @@ class AdaptConfig:
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"adapt.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+            raise UserError(f"adapt.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         for name in ("blocks", "bottleneck", "rank"):
             if getattr(self, name) < 1:
-                raise ValueError(f"adapt.{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"adapt.{name} must be >= 1, got {getattr(self, name)}")
         if self.prompts < 0:
-            raise ValueError(f"adapt.prompts must be >= 0 (0: the frozen model), got {self.prompts}")
+            raise UserError(f"adapt.prompts must be >= 0 (0: the frozen model), got {self.prompts}")
         if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"adapt.alpha must be > 0, got {self.alpha}")
+            raise UserError(f"adapt.alpha must be > 0, got {self.alpha}")
 
     def check_sources(self) -> None:
         """The weights a run needs are named (``gmoe`` needs its general expert)."""
         if self.strategy == "gmoe" and not self.general:
-            raise ValueError("adapt.strategy gmoe needs adapt.general: the general expert's weights (a checkpoint "
+            raise UserError("adapt.strategy gmoe needs adapt.general: the general expert's weights (a checkpoint "
                              "folder, a timm weights file or a timm name)")
 
     @classmethod
@@ -136,23 +137,23 @@ def _wrap_lora(block: nn.Module, cfg: AdaptConfig) -> None:
 
 def _check_experts(model: Medformer, experts, names) -> None:
     if not experts:
-        raise ValueError("gmoe needs at least one more expert (e.g. the general-pretrained backbone)")
+        raise UserError("gmoe needs at least one more expert (e.g. the general-pretrained backbone)")
     if len(names) != 1 + len(experts):
-        raise ValueError(f"adapt.expert_names {list(names)} must name {1 + len(experts)} experts (the model's own first)")
+        raise UserError(f"adapt.expert_names {list(names)} must name {1 + len(experts)} experts (the model's own first)")
     for i, expert in enumerate(experts, 1):
         if not isinstance(expert, Medformer):
             raise TypeError(f"expert {i} must be a Medformer, got {type(expert).__name__}")
         differ = [f"{f}: {getattr(model.config, f)} vs {getattr(expert.config, f)}" for f in EXPERT_FIELDS
                   if getattr(model.config, f) != getattr(expert.config, f)]
         if differ:
-            raise ValueError(f"gmoe expert {i} has another architecture than the model ({'; '.join(differ)}); "
+            raise UserError(f"gmoe expert {i} has another architecture than the model ({'; '.join(differ)}); "
                              "experts must share width, depth, heads, patch size, channels and positions")
 
 
 def _build_structure(model: Medformer, cfg: AdaptConfig, experts) -> None:
     d = model.config.embed_dim
     if cfg.strategy == "partial" and cfg.blocks > len(model.blocks):
-        raise ValueError(f"adapt.blocks {cfg.blocks} exceeds the model's depth {len(model.blocks)}")
+        raise UserError(f"adapt.blocks {cfg.blocks} exceeds the model's depth {len(model.blocks)}")
     if cfg.strategy == "adapter":
         for block in model.blocks:
             _wrap_adapters(block, d, cfg)
@@ -216,7 +217,7 @@ def apply_strategy(model: Medformer, cfg: AdaptConfig | dict | str, experts=()) 
     if not isinstance(model, Medformer):
         raise TypeError(f"apply_strategy adapts a Medformer, got {type(model).__name__}")
     if model.adaptation is not None:
-        raise ValueError(f"the model is already adapted ({model.adaptation['strategy']}); start from the pretrained one")
+        raise UserError(f"the model is already adapted ({model.adaptation['strategy']}); start from the pretrained one")
     _build_structure(model, cfg, list(experts))
     _freeze(model, cfg)
     model.adaptation = {**cfg.to_dict(), "num_experts": 1 + len(experts) if cfg.strategy == "gmoe" else 1,
@@ -227,7 +228,7 @@ def apply_strategy(model: Medformer, cfg: AdaptConfig | dict | str, experts=()) 
 def model_from_spec(spec: dict) -> Medformer:
     """The model a checkpoint's ``meta["model"]`` describes, adapted structure included (weights aside)."""
     if not isinstance(spec, dict):
-        raise ValueError("model description must be a dict with 'config' and 'tasks'")
+        raise UserError("model description must be a dict with 'config' and 'tasks'")
     model = Medformer.from_spec_dict({k: v for k, v in spec.items() if k != "adaptation"})
     if spec.get("adaptation"):
         rebuild_adaptation(model, spec["adaptation"])
@@ -250,7 +251,7 @@ def rebuild_adaptation(model: Medformer, spec: dict) -> None:
 def merge_lora(model: Medformer) -> Medformer:
     """Fold every LoRA update into its Linear (same outputs, no extra cost at inference)."""
     if not model.adaptation or model.adaptation.get("strategy") != "lora":
-        raise ValueError("merge_lora: the model is not LoRA-adapted")
+        raise UserError("merge_lora: the model is not LoRA-adapted")
     for block in model.blocks:
         for name in LORA_TARGETS:
             layer = getattr(block.attn, name)

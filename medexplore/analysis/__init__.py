@@ -20,7 +20,7 @@ from .attribution import (
                           integrated_gradients,
                           token_map_to_image,
 )
-from .embeddings import EmbeddingSet, compute_embeddings, load_embeddings
+from .embeddings import EmbeddingSet, compute_embeddings, iter_compute_embeddings, load_embeddings
 from .fisher import (
                           FisherSpectrum,
                           fisher_over_checkpoints,
@@ -39,7 +39,7 @@ from .subspaces import SubspaceAnalysis, analyze_subspaces, linear_decodability,
 __all__ = ["ATTRIBUTION_METHODS", "EmbeddingSet", "Explanation", "FisherSpectrum", "MixingWeights", "Projection",
            "SubspaceAnalysis", "analyze_subspaces", "attention_map", "attention_rollout", "compute_embeddings",
            "domain_attention", "domain_attention_maps", "explain", "gate_weights", "fisher_over_checkpoints", "fisher_spectrum",
-           "grad_cam", "integrated_gradients", "last_blocks", "linear_decodability", "load_embeddings",
+           "grad_cam", "integrated_gradients", "iter_compute_embeddings", "last_blocks", "linear_decodability", "load_embeddings",
            "nearest_neighbours", "nearest_point", "pca", "per_sample_gradients", "points_in_box",
            "points_in_polygon", "predict_samples", "principal_angles", "principal_subspace", "project",
            "select_parameters", "spectrum_summary", "summarize_mixing", "token_map_to_image", "umap"]

@@ -14,14 +14,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.sample import Sample
+from ..errors import UserError
 from ..models.kinds import kind_entry
 from ..models.medformer import Medformer
 from ..models.packing import Batch
 
 __all__ = ["token_map_to_image", "task_outputs", "attention_rollout", "attention_map", "integrated_gradients",
-           "grad_cam", "explain", "ATTRIBUTION_METHODS", "Explanation"]
+           "grad_cam", "explain", "ATTRIBUTION_METHODS", "ATTRIBUTION_LABELS", "Explanation"]
 
-ATTRIBUTION_METHODS = ("rollout", "attention", "integrated_gradients", "grad_cam")
+ATTRIBUTION_LABELS = {"rollout": "attention rollout", "attention": "attention of one block/head",
+                      "integrated_gradients": "Integrated Gradients", "grad_cam": "LayerGradCam"}  # method: what a UI shows
+ATTRIBUTION_METHODS = tuple(ATTRIBUTION_LABELS)
 
 
 def token_map_to_image(values: Tensor, image_shape: tuple[int, ...]) -> Tensor:
@@ -33,9 +36,9 @@ def token_map_to_image(values: Tensor, image_shape: tuple[int, ...]) -> Tensor:
     """
     values = torch.as_tensor(values).float()
     if values.dim() != len(image_shape) or values.dim() not in (2, 3):
-        raise ValueError(f"token map of shape {tuple(values.shape)} does not match image shape {tuple(image_shape)}")
+        raise UserError(f"token map of shape {tuple(values.shape)} does not match image shape {tuple(image_shape)}")
     if any(s % g for s, g in zip(image_shape, values.shape)):
-        raise ValueError(f"image shape {tuple(image_shape)} is not a multiple of the token grid {tuple(values.shape)}")
+        raise UserError(f"image shape {tuple(image_shape)} is not a multiple of the token grid {tuple(values.shape)}")
     mode = "bilinear" if values.dim() == 2 else "trilinear"
     return F.interpolate(values[None, None], size=tuple(image_shape), mode=mode, align_corners=False)[0, 0]
 
@@ -62,7 +65,7 @@ class _TaskForward(nn.Module):
         if task not in model.tasks:
             raise KeyError(f"the model has no task {task!r}; tasks: {sorted(model.tasks)}")
         if not model.tasks[task].applies_to(domain):
-            raise ValueError(f"task {task!r} does not apply to a {domain.dimensionality} {domain.modality} image")
+            raise UserError(f"task {task!r} does not apply to a {domain.dimensionality} {domain.modality} image")
         self.model, self.task, self.domain = model, task, domain
 
     def forward(self, images: Tensor) -> Tensor:
@@ -97,9 +100,9 @@ def attention_rollout(model: Medformer, sample: Sample, head_fusion: str = "mean
     reads the patches with the resulting weights. ``discard_ratio`` zeroes the weakest links per row.
     """
     if head_fusion not in ("mean", "max", "min"):
-        raise ValueError(f"head_fusion must be mean, max or min, got {head_fusion!r}")
+        raise UserError(f"head_fusion must be mean, max or min, got {head_fusion!r}")
     if not 0 <= discard_ratio < 1:
-        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+        raise UserError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     attentions, grid = _segment_attention(model, sample, device)
     p = model.num_prefix_tokens
     rollout = None
@@ -122,10 +125,10 @@ def attention_map(model: Medformer, sample: Sample, block: int = -1, head: int |
     """Attention each patch receives in one block (one head, or the mean of heads), at image size."""
     attentions, grid = _segment_attention(model, sample, device)
     if not -len(attentions) <= block < len(attentions):
-        raise ValueError(f"block must be in {-len(attentions)}..{len(attentions) - 1}, got {block}")
+        raise UserError(f"block must be in {-len(attentions)}..{len(attentions) - 1}, got {block}")
     attn = attentions[block]
     if head is not None and not 0 <= head < attn.shape[0]:
-        raise ValueError(f"head must be in 0..{attn.shape[0] - 1}, got {head}")
+        raise UserError(f"head must be in 0..{attn.shape[0] - 1}, got {head}")
     a = attn.mean(0) if head is None else attn[head]
     p = model.num_prefix_tokens
     received = a[p:, p:].mean(0)
@@ -172,7 +175,7 @@ def grad_cam(model: Medformer, sample: Sample, task: str, target: int | None = N
 
     image, grid = _prepare(model, sample, device)
     if not -len(model.blocks) <= block < len(model.blocks):
-        raise ValueError(f"block must be in {-len(model.blocks)}..{len(model.blocks) - 1}, got {block}")
+        raise UserError(f"block must be in {-len(model.blocks)}..{len(model.blocks) - 1}, got {block}")
     forward = _TaskForward(model, task, sample.domain)
     probe = _TokenGridProbe()
     p, n = model.num_prefix_tokens, int(np.prod(grid))
@@ -209,12 +212,12 @@ def explain(model: Medformer, sample: Sample, method: str, task: str | None = No
             device="cpu", **options) -> Explanation:
     """One entry point for front-ends: ``rollout``, ``attention``, ``integrated_gradients`` or ``grad_cam``."""
     if method not in ATTRIBUTION_METHODS:
-        raise ValueError(f"method must be one of {ATTRIBUTION_METHODS}, got {method!r}")
+        raise UserError(f"method must be one of {ATTRIBUTION_METHODS}, got {method!r}")
     if method == "rollout":
         return Explanation(attention_rollout(model, sample, device=device, **options), method)
     if method == "attention":
         return Explanation(attention_map(model, sample, device=device, **options), method)
     if task is None:
-        raise ValueError(f"{method} explains one task: pass task= (one of {sorted(model.tasks)})")
+        raise UserError(f"{method} explains one task: pass task= (one of {sorted(model.tasks)})")
     func = integrated_gradients if method == "integrated_gradients" else grad_cam
     return Explanation(func(model, sample, task, target, device=device, **options), method, task, target)

@@ -9,18 +9,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from ..data.sample import Sample, collate
+from ..errors import UserError
 from ..models.kinds import kind_entry, per_sample_predictions
 from ..models.medformer import Medformer
 
-__all__ = ["EmbeddingSet", "compute_embeddings", "load_embeddings", "label_columns"]
+__all__ = ["EmbeddingSet", "compute_embeddings", "iter_compute_embeddings", "load_embeddings", "label_columns"]
 
 FORMAT = "medexplore-embeddings/1"
 
@@ -48,12 +50,12 @@ class EmbeddingSet:
     def __post_init__(self):
         n = len(self.pooled)
         if len(self.metadata) != n:
-            raise ValueError(f"EmbeddingSet: {n} embeddings but {len(self.metadata)} metadata rows")
+            raise UserError(f"EmbeddingSet: {n} embeddings but {len(self.metadata)} metadata rows")
         for name, array in self.tasks.items():
             if len(array) != n:
-                raise ValueError(f"EmbeddingSet: task {name!r} has {len(array)} rows, expected {n}")
+                raise UserError(f"EmbeddingSet: task {name!r} has {len(array)} rows, expected {n}")
         if self.blocks is not None and len(self.blocks) != n:
-            raise ValueError(f"EmbeddingSet: blocks have {len(self.blocks)} rows, expected {n}")
+            raise UserError(f"EmbeddingSet: blocks have {len(self.blocks)} rows, expected {n}")
 
     def __len__(self) -> int:
         return len(self.pooled)
@@ -103,12 +105,12 @@ def load_embeddings(path: str | Path) -> EmbeddingSet:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise ValueError(f"{path}: not a readable embeddings file ({exc})") from exc
+        raise UserError(f"{path}: not a readable embeddings file ({exc})") from exc
     if "header" not in arrays or "pooled" not in arrays:
-        raise ValueError(f"{path}: not a medexplore embeddings file (no 'header'/'pooled' entries)")
+        raise UserError(f"{path}: not a medexplore embeddings file (no 'header'/'pooled' entries)")
     header = json.loads(str(arrays.pop("header")))
     if header.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+        raise UserError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
     metadata = pd.read_json(io.StringIO(header["metadata"]), orient="split")
     tasks = {k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith("task:")}
     return EmbeddingSet(arrays["pooled"], metadata, tasks, arrays.get("blocks"), header.get("info", {}))
@@ -140,36 +142,53 @@ class _Hooks:
             h.remove()
 
 
-@torch.no_grad()
 def compute_embeddings(model: Medformer, dataset: Dataset | Sequence[Sample], batch_size: int = 128,
                        device="cpu", blocks: bool = False, tasks: bool = True, split: str | None = None,
-                       progress: bool = True, on_batch: Callable[[int, int], None] | None = None,
-                       info: dict | None = None) -> EmbeddingSet:
+                       progress: bool = True, info: dict | None = None) -> EmbeddingSet:
     """Embed every sample of ``dataset`` (streamed in batches) with its metadata and predictions.
 
     Args:
         blocks: also keep each block's pooled tokens, ``(N, depth, D)``.
         tasks: also keep each task's pooled Output-Adaptformer queries.
         split: written to the ``split`` column (default: ``dataset.split`` when it has one).
-        progress: show a tqdm bar; ``on_batch(done, total)`` is called after every batch (for GUIs).
+        progress: show a tqdm bar (GUIs iterate :func:`iter_compute_embeddings` instead).
     """
-    from tqdm.auto import tqdm
+    steps = iter_compute_embeddings(model, dataset, batch_size, device, blocks, tasks, split, info)
+    with tqdm(total=len(dataset), unit="img", desc="embedding", disable=not progress) as bar:
+        while True:
+            try:
+                done, _ = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            bar.update(done - bar.n)
 
+
+def iter_compute_embeddings(model: Medformer, dataset: Dataset | Sequence[Sample], batch_size: int = 128,
+                            device="cpu", blocks: bool = False, tasks: bool = True, split: str | None = None,
+                            info: dict | None = None) -> Iterator[tuple[int, int]]:
+    """Checks the arguments, then returns a generator that yields ``(images done, total)`` after every
+    batch and returns the :class:`EmbeddingSet` (see :func:`compute_embeddings`). Stop iterating (a GUI's
+    cancel) and nothing more is computed."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if len(dataset) == 0:
-        raise ValueError("compute_embeddings: the dataset is empty")
+        raise UserError("compute_embeddings: the dataset is empty")
     split = split if split is not None else getattr(dataset, "split", "")
+    return _embedding_steps(model, dataset, batch_size, device, blocks, tasks, split, info)
+
+
+def _embedding_steps(model, dataset, batch_size, device, blocks, tasks, split, info) -> Iterator[tuple[int, int]]:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     model.eval().to(device)
     hooks = _Hooks(model, blocks, tasks)
     pooled, per_task, per_block, rows = [], {}, [], []
     done, total = 0, len(dataset)
-    bar = tqdm(total=total, unit="img", desc="embedding", disable=not progress)
+    yield done, total
     try:
         for batch in loader:
             hooks.clear()
-            out = model(batch.to(device))
+            with torch.no_grad():
+                out = model(batch.to(device))
             pooled.append(out.embedding.float().cpu())
             for name, queries in hooks.tasks.items():
                 per_task.setdefault(name, []).append(queries.mean(1).float().cpu())
@@ -178,12 +197,9 @@ def compute_embeddings(model: Medformer, dataset: Dataset | Sequence[Sample], ba
                 per_block.append(torch.stack([pool(x) for x in hooks.blocks], 1).float().cpu())
             rows.extend(_metadata_rows(model, batch, out, split))
             done += batch.num_samples
-            bar.update(batch.num_samples)
-            if on_batch is not None:
-                on_batch(done, total)
+            yield done, total
     finally:
         hooks.remove()
-        bar.close()
     info = {"model": model.spec_dict(), **(info or {})}
     return EmbeddingSet(torch.cat(pooled).numpy(), pd.DataFrame(rows),
                         {k: torch.cat(v).numpy() for k, v in per_task.items()},

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..data.sample import Sample, collate
+from ..errors import UserError
 from ..models.medformer import Medformer
 from ..models.packing import Batch
 from ..models.tasks import TaskKind
@@ -72,14 +73,14 @@ def select_parameters(model: Medformer, prefixes: Sequence[str] | Callable[[str]
         prefixes = tuple(prefixes)
         chosen = {n: p for n, p in model.named_parameters() if n.startswith(prefixes)}
     if not chosen:
-        raise ValueError(f"no parameter matches {prefixes!r}; e.g. {[n for n, _ in model.named_parameters()][:5]}")
+        raise UserError(f"no parameter matches {prefixes!r}; e.g. {[n for n, _ in model.named_parameters()][:5]}")
     return chosen
 
 
 def last_blocks(model: Medformer, k: int = 2) -> list[str]:
     """Parameter-name prefixes of the last ``k`` blocks, e.g. ``['blocks.10.', 'blocks.11.']``."""
     if not 1 <= k <= len(model.blocks):
-        raise ValueError(f"k must be in 1..{len(model.blocks)}, got {k}")
+        raise UserError(f"k must be in 1..{len(model.blocks)}, got {k}")
     return [f"blocks.{i}." for i in range(len(model.blocks) - k, len(model.blocks))]
 
 
@@ -143,12 +144,12 @@ def per_sample_gradients(model: Medformer, samples: Sequence[Sample], params: di
     built per sample in Python). Dropout and stochastic depth are off (eval mode).
     """
     if method not in GRADIENT_METHODS:
-        raise ValueError(f"method must be one of {GRADIENT_METHODS}, got {method!r}")
+        raise UserError(f"method must be one of {GRADIENT_METHODS}, got {method!r}")
     if not samples:
-        raise ValueError("per_sample_gradients: no samples")
+        raise UserError("per_sample_gradients: no samples")
     unlabeled = [i for i, s in enumerate(samples) if not any(t in model.tasks for t in s.labels)]
     if unlabeled:
-        raise ValueError(f"sample(s) {unlabeled[:5]} carry no label of the model's tasks {sorted(model.tasks)}")
+        raise UserError(f"sample(s) {unlabeled[:5]} carry no label of the model's tasks {sorted(model.tasks)}")
     if method == "auto":
         used = {t for s in samples for t in s.labels if t in model.tasks}
         method = "vmap" if all(model.tasks[t].kind in CLASS_KINDS for t in used) else "loop"
@@ -180,7 +181,7 @@ def fisher_spectrum(model: Medformer, samples: Sequence[Sample], params: Sequenc
     chosen = select_parameters(model, params if params is not None else last_blocks(model, min(2, len(model.blocks))))
     jac = per_sample_gradients(model, list(samples), chosen, method, chunk)
     if not torch.isfinite(jac).all():
-        raise ValueError("per-sample gradients contain NaN/Inf; check the samples' labels and the checkpoint")
+        raise UserError("per-sample gradients contain NaN/Inf; check the samples' labels and the checkpoint")
     n = jac.shape[0]
     eigenvalues = torch.linalg.eigvalsh(_gram(jac) / n).flip(0).clamp_min(0).cpu().numpy()
     return FisherSpectrum(eigenvalues, jac.shape[1], n)

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from ..data.sample import Batch, Sample
-from ..data.transforms import normalize_intensity
+from ..data.transforms import normalize_intensity, prepare_image
+from ..errors import UserError
 from ..models.boxes import box_iou
 from ..models.heads import SegmentationHead
 from ..models.kinds import kind_entry, task_scores
@@ -59,7 +60,7 @@ def window_for(model: Medformer, spatial: Sequence[int], window: int | Sequence[
         return tuple(min(edge, f) for f in fit)
     size = (int(window),) * len(spatial) if np.isscalar(window) else tuple(int(w) for w in window)
     if len(size) != len(spatial) or any(w <= 0 or w % patch for w in size):
-        raise ValueError(f"window {window} must give {len(spatial)} positive multiples of the patch size {patch}")
+        raise UserError(f"window {window} must give {len(spatial)} positive multiples of the patch size {patch}")
     return tuple(min(w, f) for w, f in zip(size, fit))
 
 
@@ -78,17 +79,6 @@ def estimate_inference_memory(model: Medformer, image_shape: Sequence[int], wind
     if any(m in ("integrated_gradients", "grad_cam") for m in explain_methods):
         activations *= 3  # the backward pass keeps the forward's activations and their gradients
     return int(outputs + activations * batch_windows + image_shape[0] * voxels * _BYTES * 2)
-
-
-def _check_image(image, domain: Domain) -> Tensor:
-    image = torch.as_tensor(np.asarray(image) if not isinstance(image, Tensor) else image).float()
-    dims = 2 if domain.dimensionality == "2d" else 3
-    if image.dim() != dims + 1:
-        raise ValueError(f"a {domain.dimensionality} image must have shape (C, {'H, W' if dims == 2 else 'D, H, W'}), "
-                         f"got {tuple(image.shape)}")
-    if not torch.isfinite(image).all():
-        raise ValueError(f"image has {int((~torch.isfinite(image)).sum())} NaN/Inf values")
-    return image
 
 
 @torch.no_grad()
@@ -126,18 +116,18 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     raise here, before any step.
     """
     if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        raise UserError(f"overlap must be in [0, 1), got {overlap}")
     unknown = [m for m in explain_methods if m not in ATTRIBUTION_METHODS]
     if unknown:
-        raise ValueError(f"unknown explanation {unknown[0]!r}; choose from {ATTRIBUTION_METHODS}")
+        raise UserError(f"unknown explanation {unknown[0]!r}; choose from {ATTRIBUTION_METHODS}")
     applicable = [n for n, s in model.tasks.items() if s.applies_to(domain)]
     tasks = applicable if tasks is None else list(tasks)
     for name in tasks:
         if name not in applicable:
-            raise ValueError(f"task {name!r} does not apply to {domain} (tasks here: {applicable})")
+            raise UserError(f"task {name!r} does not apply to {domain} (tasks here: {applicable})")
     if any(m in ("integrated_gradients", "grad_cam") for m in explain_methods) and explain_task not in applicable:
-        raise ValueError(f"gradient explanations need explain_task, one of {applicable}; got {explain_task!r}")
-    image = _check_image(image, domain)
+        raise UserError(f"gradient explanations need explain_task, one of {applicable}; got {explain_task!r}")
+    image = prepare_image(image, domain, normalize=False)
     model.patch_embed.grid((image.shape[0], *(model.config.patch_size,) * (image.dim() - 1)), where="the image")
     if normalize:
         image = normalize_intensity(image, domain.modality)

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.sample import Sample, collate
+from ..errors import UserError
 from ..models.medformer import Medformer
 from .attribution import token_map_to_image
 from .embeddings import sample_rows
@@ -39,12 +40,12 @@ class MixingWeights:
     def __post_init__(self):
         self.weights = np.asarray(self.weights, dtype=np.float64)
         if self.weights.ndim != 2 or self.weights.shape[1] != len(self.names) or len(self.names) != len(self.groups):
-            raise ValueError(f"MixingWeights: weights {self.weights.shape}, {len(self.names)} names and "
+            raise UserError(f"MixingWeights: weights {self.weights.shape}, {len(self.names)} names and "
                              f"{len(self.groups)} groups do not match")
         if len(self.metadata) != len(self.weights):
-            raise ValueError(f"MixingWeights: {len(self.weights)} rows but {len(self.metadata)} metadata rows")
+            raise UserError(f"MixingWeights: {len(self.weights)} rows but {len(self.metadata)} metadata rows")
         if (self.weights < -1e-6).any():
-            raise ValueError("MixingWeights: weights must be non-negative")
+            raise UserError("MixingWeights: weights must be non-negative")
 
     def by_group(self) -> pd.DataFrame:
         """(N, groups) total weight of each group's components per sample."""
@@ -64,7 +65,7 @@ def summarize_mixing(mixing: MixingWeights, by: Sequence[str] | str = ("modality
     if missing:
         raise KeyError(f"metadata has no column(s) {missing}; columns: {list(mixing.metadata.columns)}")
     if per not in ("group", "component"):
-        raise ValueError(f"per must be 'group' or 'component', got {per!r}")
+        raise UserError(f"per must be 'group' or 'component', got {per!r}")
     values = mixing.by_group() if per == "group" else pd.DataFrame(mixing.weights, columns=mixing.names)
     keys = [mixing.metadata[c].astype(str).reset_index(drop=True) for c in by]
     grouped = values.groupby(keys, sort=True)
@@ -78,7 +79,7 @@ def summarize_mixing(mixing: MixingWeights, by: Sequence[str] | str = ("modality
 
 def _latent_groups(model: Medformer) -> tuple[list[str], list[str]]:
     if model.input_adaptformer is None:
-        raise ValueError("this model has no Input Adaptformer (input_adaptformer=False): no domain latents to show")
+        raise UserError("this model has no Input Adaptformer (input_adaptformer=False): no domain latents to show")
     names = list(model.input_adaptformer.latent_names)
     return names, [n.split("[")[0] for n in names]
 
@@ -97,7 +98,7 @@ def domain_attention(model: Medformer, dataset: Dataset | Sequence[Sample], batc
         weights.append(torch.stack([w.float().mean(0) for w in per_sample]).cpu())
         rows.extend(sample_rows(batch))
     if not rows:
-        raise ValueError("domain_attention: the dataset is empty")
+        raise UserError("domain_attention: the dataset is empty")
     return MixingWeights(torch.cat(weights).numpy(), names, groups, pd.DataFrame(rows))
 
 
@@ -105,7 +106,7 @@ def expert_names(model: Medformer) -> list[str]:
     """Names of a GMoE-adapted model's experts; a ValueError for any other model."""
     adaptation = model.adaptation or {}
     if adaptation.get("strategy") != "gmoe":
-        raise ValueError("this model has no gated experts (adapt it with strategy gmoe to get gate weights)")
+        raise UserError("this model has no gated experts (adapt it with strategy gmoe to get gate weights)")
     return list(adaptation["expert_names"])
 
 
@@ -127,7 +128,7 @@ def gate_weights(model: Medformer, dataset: Dataset | Sequence[Sample], batch_si
         weights.append(torch.cat([out.gates[b].float() for b in blocks], 1).cpu() / len(blocks))
         rows.extend(sample_rows(batch))
     if not rows:
-        raise ValueError("gate_weights: the dataset is empty")
+        raise UserError("gate_weights: the dataset is empty")
     names = [f"{b}:{e}" for b in blocks for e in experts]
     return MixingWeights(torch.cat(weights).numpy(), names, experts * len(blocks), pd.DataFrame(rows))
 

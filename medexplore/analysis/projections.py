@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..data.embedded import cache_dir
+from ..errors import UserError
 
 __all__ = ["Projection", "pca", "umap", "project", "projection_cache_dir"]
 
@@ -40,14 +41,14 @@ def projection_cache_dir() -> Path:
 def _check_features(x) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2:
-        raise ValueError(f"features must be a 2D (samples, features) array, got shape {x.shape}")
+        raise UserError(f"features must be a 2D (samples, features) array, got shape {x.shape}")
     if len(x) < 3:
-        raise ValueError(f"need at least 3 samples to project, got {len(x)}")
+        raise UserError(f"need at least 3 samples to project, got {len(x)}")
     if not np.issubdtype(x.dtype, np.number):
-        raise ValueError(f"features must be numeric, got dtype {x.dtype}")
+        raise UserError(f"features must be numeric, got dtype {x.dtype}")
     if not np.isfinite(x).all():
         rows = np.flatnonzero(~np.isfinite(x).all(1))
-        raise ValueError(f"features have NaN/Inf in {len(rows)} row(s), e.g. rows {rows[:5].tolist()}")
+        raise UserError(f"features have NaN/Inf in {len(rows)} row(s), e.g. rows {rows[:5].tolist()}")
     return x.astype(np.float32, copy=False)
 
 
@@ -55,9 +56,9 @@ def pca(features, n_components: int = 2, backend: str = "torch") -> Projection:
     """Principal components (coordinates centred; signs fixed so each axis' largest loading is positive)."""
     x = _check_features(features)
     if backend not in PCA_BACKENDS:
-        raise ValueError(f"PCA backend must be one of {PCA_BACKENDS}, got {backend!r}")
+        raise UserError(f"PCA backend must be one of {PCA_BACKENDS}, got {backend!r}")
     if not 1 <= n_components <= min(x.shape):
-        raise ValueError(f"n_components must be in 1..{min(x.shape)}, got {n_components}")
+        raise UserError(f"n_components must be in 1..{min(x.shape)}, got {n_components}")
     if backend == "sklearn":
         from sklearn.decomposition import PCA
 
@@ -82,7 +83,7 @@ def umap(features, n_components: int = 2, n_neighbors: int = 15, min_dist: float
     """UMAP (umap-learn). ``seed=None`` allows parallel, non-deterministic optimisation."""
     x = _check_features(features)
     if not 2 <= n_neighbors < len(x):
-        raise ValueError(f"n_neighbors must be in 2..{len(x) - 1} for {len(x)} samples, got {n_neighbors}")
+        raise UserError(f"n_neighbors must be in 2..{len(x) - 1} for {len(x)} samples, got {n_neighbors}")
     import warnings
 
     from umap import UMAP
@@ -111,7 +112,7 @@ def project(features, method: str = "pca", cache: bool | str | Path = True, **pa
     ``cache``: True (``$MEDEXPLORE_CACHE/projections``), a folder, or False.
     """
     if method not in METHODS:
-        raise ValueError(f"projection method must be one of {METHODS}, got {method!r}")
+        raise UserError(f"projection method must be one of {METHODS}, got {method!r}")
     x = _check_features(features)
     func = pca if method == "pca" else umap
     if cache is False:

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import UserError
+
 __all__ = ["nearest_neighbours", "points_in_polygon", "points_in_box", "nearest_point"]
 
 
@@ -17,7 +19,7 @@ def nearest_neighbours(features: np.ndarray, index: int, k: int = 8, metric: str
     if not 0 <= index < len(x):
         raise IndexError(f"index {index} out of range for {len(x)} samples")
     if metric not in ("cosine", "euclidean"):
-        raise ValueError(f"metric must be cosine or euclidean, got {metric!r}")
+        raise UserError(f"metric must be cosine or euclidean, got {metric!r}")
     if metric == "cosine":
         unit = x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
         distance = 1 - unit @ unit[index]
@@ -35,7 +37,7 @@ def points_in_polygon(coords: np.ndarray, vertices: Sequence[Sequence[float]]) -
 
     vertices = np.asarray(vertices, dtype=np.float64)
     if vertices.ndim != 2 or vertices.shape[1] != 2 or len(vertices) < 3:
-        raise ValueError(f"a lasso needs at least 3 (x, y) vertices, got shape {vertices.shape}")
+        raise UserError(f"a lasso needs at least 3 (x, y) vertices, got shape {vertices.shape}")
     return np.flatnonzero(Path(vertices).contains_points(np.asarray(coords)[:, :2]))
 
 

@@ -14,6 +14,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..errors import UserError
+
 __all__ = ["window_starts", "WindowBlender"]
 
 
@@ -47,11 +49,11 @@ class WindowBlender:
     def __init__(self, size: Sequence[int], window: Sequence[int], overlap: float, channels: Mapping[str, int],
                  mode: str = "gaussian"):
         if len(size) != len(window) or any(w <= 0 for w in window):
-            raise ValueError(f"window {tuple(window)} does not fit an image of size {tuple(size)}")
+            raise UserError(f"window {tuple(window)} does not fit an image of size {tuple(size)}")
         if not 0 <= overlap < 1:
-            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+            raise UserError(f"overlap must be in [0, 1), got {overlap}")
         if mode not in ("constant", "gaussian"):
-            raise ValueError(f"mode must be constant or gaussian, got {mode!r}")
+            raise UserError(f"mode must be constant or gaussian, got {mode!r}")
         self.size, self.window = tuple(int(s) for s in size), tuple(int(w) for w in window)
         axes = [window_starts(s, w, overlap) for s, w in zip(self.size, self.window)]
         grids = torch.meshgrid(*[torch.tensor(a) for a in axes], indexing="ij")

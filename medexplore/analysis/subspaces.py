@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..errors import UserError
+
 __all__ = ["SubspaceAnalysis", "principal_subspace", "principal_angles", "shared_subspace",
            "analyze_subspaces", "linear_decodability"]
 
@@ -24,22 +26,22 @@ def principal_subspace(x: np.ndarray, k: int | None = None, variance: float = 0.
     """
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"need a (samples >= 2, features) array, got shape {x.shape}")
+        raise UserError(f"need a (samples >= 2, features) array, got shape {x.shape}")
     _, s, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
     if k is None:
         if not 0 < variance <= 1:
-            raise ValueError(f"variance must be in (0, 1], got {variance}")
+            raise UserError(f"variance must be in (0, 1], got {variance}")
         energy = np.cumsum(s ** 2) / max((s ** 2).sum(), 1e-300)
         k = int(np.searchsorted(energy, variance - 1e-12) + 1)
     if not 1 <= k <= len(s):
-        raise ValueError(f"subspace dimension must be in 1..{len(s)}, got {k}")
+        raise UserError(f"subspace dimension must be in 1..{len(s)}, got {k}")
     return vt[:k].T
 
 
 def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Principal angles (degrees, ascending) between the spans of orthonormal bases ``a`` and ``b``."""
     if a.shape[0] != b.shape[0]:
-        raise ValueError(f"bases live in different spaces: {a.shape[0]} vs {b.shape[0]} dimensions")
+        raise UserError(f"bases live in different spaces: {a.shape[0]} vs {b.shape[0]} dimensions")
     cosines = np.linalg.svd(a.T @ b, compute_uv=False)
     return np.degrees(np.arccos(np.clip(cosines, -1.0, 1.0)))
 
@@ -51,7 +53,7 @@ def shared_subspace(bases: list[np.ndarray], threshold: float | None = None) -> 
     between 1 and (M-1)/M, the largest value a direction missing from one subspace can reach).
     """
     if len(bases) < 2:
-        raise ValueError(f"need the subspaces of at least 2 groups, got {len(bases)}")
+        raise UserError(f"need the subspaces of at least 2 groups, got {len(bases)}")
     m = len(bases)
     mean_projector = sum(b @ b.T for b in bases) / m
     evals, evecs = np.linalg.eigh(mean_projector)
@@ -130,13 +132,13 @@ def analyze_subspaces(features: np.ndarray, metadata: pd.DataFrame, group: str =
     """
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or len(features) != len(metadata):
-        raise ValueError(f"features {features.shape} and metadata ({len(metadata)} rows) do not match")
+        raise UserError(f"features {features.shape} and metadata ({len(metadata)} rows) do not match")
     if group not in metadata.columns:
         raise KeyError(f"metadata has no column {group!r}; columns: {list(metadata.columns)}")
     labels = metadata[group].astype(str).to_numpy()
     names = [g for g in dict.fromkeys(labels) if (labels == g).sum() >= min_samples]
     if len(names) < 2:
-        raise ValueError(f"need at least 2 {group} groups with >= {min_samples} samples, got {names}")
+        raise UserError(f"need at least 2 {group} groups with >= {min_samples} samples, got {names}")
     bases = {g: principal_subspace(features[labels == g], k, variance) for g in names}
     shared, evals = shared_subspace(list(bases.values()))
     outside_shared = np.eye(features.shape[1]) - shared @ shared.T

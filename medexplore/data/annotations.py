@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .sample import Sample
 from .sampling import labels_of
 
@@ -31,9 +32,9 @@ class AnnotationView(Dataset):
     def __init__(self, dataset: Dataset, index: Sequence[int], keep: Sequence[frozenset[str] | None],
                  extra: Mapping[int, dict] | None = None, tasks: Sequence[str] | None = None):
         if len(index) != len(keep):
-            raise ValueError(f"AnnotationView: {len(index)} images but {len(keep)} annotation sets")
+            raise UserError(f"AnnotationView: {len(index)} images but {len(keep)} annotation sets")
         if not index:
-            raise ValueError("AnnotationView: no image selected")
+            raise UserError("AnnotationView: no image selected")
         self.dataset, self.index, self.keep = dataset, list(index), list(keep)
         self.extra = {int(k): dict(v) for k, v in (extra or {}).items()}
         own = getattr(dataset, "tasks", ())
@@ -81,9 +82,9 @@ def select_annotations(dataset: Dataset, annotations: str = "full", label_fracti
     image index of ``dataset`` (pseudo-labels) added where an image kept no annotation of that task.
     """
     if annotations not in ANNOTATION_MODES:
-        raise ValueError(f"data.annotations must be one of {ANNOTATION_MODES}, got {annotations!r}")
+        raise UserError(f"data.annotations must be one of {ANNOTATION_MODES}, got {annotations!r}")
     if not (0 < label_fraction <= 1 and math.isfinite(label_fraction)):
-        raise ValueError(f"data.label_fraction must be in (0, 1], got {label_fraction}")
+        raise UserError(f"data.label_fraction must be in (0, 1], got {label_fraction}")
     if annotations == "full" and label_fraction == 1 and not extra:
         return dataset
     g = torch.Generator().manual_seed(seed)
@@ -124,7 +125,7 @@ def pseudo_label_key(part: str, index: int, task: str) -> str:
     """Key of one pseudo-label in a file: dataset name, image index in that dataset's training split, task."""
     for name, value in (("dataset", part), ("task", task)):
         if "/" in value:
-            raise ValueError(f"pseudo-label {name} name {value!r} must not contain '/'")
+            raise UserError(f"pseudo-label {name} name {value!r} must not contain '/'")
     return f"{part}/{int(index)}/{task}"
 
 
@@ -149,12 +150,12 @@ def load_pseudo_labels(path: str | Path) -> dict[str, dict[int, dict]]:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"data.pseudo_labels: {path} is not a pseudo-label file ({error})") from None
+        raise UserError(f"data.pseudo_labels: {path} is not a pseudo-label file ({error})") from None
     out: dict[str, dict[int, dict]] = {}
     for key, value in tensors.items():
         parts = key.split("/")
         if len(parts) != 3 or not parts[1].isdigit():
-            raise ValueError(f"data.pseudo_labels: {path} holds key {key!r}, expected 'dataset/index/task'")
+            raise UserError(f"data.pseudo_labels: {path} holds key {key!r}, expected 'dataset/index/task'")
         label = int(value) if value.dim() == 0 and not value.is_floating_point() else value
         out.setdefault(parts[0], {}).setdefault(int(parts[1]), {})[parts[2]] = label
     return out

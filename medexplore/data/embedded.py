@@ -23,6 +23,7 @@ import torch
 from scipy.special import expit
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from ..models.tasks import Domain, TaskSpec
 from .sample import Sample
 from .transforms import normalize_intensity
@@ -272,7 +273,7 @@ class EmbeddedDataset(Dataset):
 
     def __init__(self, split: str = "train", config: EmbeddedConfig = EmbeddedConfig(), root=None):
         if split not in self.SPLITS:
-            raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
+            raise UserError(f"split must be one of {self.SPLITS}, got {split!r}")
         self.split, self.config = split, config
         arrays = load_or_build(config, root)
         code = self.SPLITS.index(split)

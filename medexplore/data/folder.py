@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from ..models.tasks import Domain, TaskKind, TaskSpec
 from .readers import is_nifti, read_image
 from .sample import Sample, check_image
@@ -51,16 +52,16 @@ class FolderDataset(Dataset):
         for line, row in enumerate(rows, start=2):  # the header is line 1
             row["_line"] = line
         if "image" not in columns:
-            raise ValueError(f"{self.csv_path}: missing column 'image' (found {columns})")
+            raise UserError(f"{self.csv_path}: missing column 'image' (found {columns})")
         missing = [t.name for t in self.tasks if t.name not in columns]
         if missing:
-            raise ValueError(f"{self.csv_path}: missing task column(s) {missing}")
+            raise UserError(f"{self.csv_path}: missing task column(s) {missing}")
         if split is not None:
             if "split" not in columns:
-                raise ValueError(f"{self.csv_path}: split={split!r} asked but the table has no 'split' column")
+                raise UserError(f"{self.csv_path}: split={split!r} asked but the table has no 'split' column")
             rows = [r for r in rows if r["split"] == split]
         if not rows:
-            raise ValueError(f"{self.csv_path}: no rows{'' if split is None else f' for split {split!r}'}")
+            raise UserError(f"{self.csv_path}: no rows{'' if split is None else f' for split {split!r}'}")
         self.rows = rows
         self.labels = [self._parse_labels(r) for r in rows]
         self.domains = list(dict.fromkeys(self._domain(r) for r in rows))
@@ -82,7 +83,7 @@ class FolderDataset(Dataset):
                 elif task.kind in (TaskKind.REGRESSION, TaskKind.MULTILABEL):
                     values = [float(v) for v in cell.split(";")]
                     if len(values) != task.num_outputs:
-                        raise ValueError(f"{len(values)} values for {task.num_outputs} outputs")
+                        raise UserError(f"{len(values)} values for {task.num_outputs} outputs")
                     labels[task.name] = torch.tensor(values)
                 elif task.kind == TaskKind.SEGMENTATION:
                     labels[task.name] = self.csv_path.parent / cell
@@ -91,7 +92,7 @@ class FolderDataset(Dataset):
                     boxes = json.loads(text)
                     labels[task.name] = torch.tensor(boxes, dtype=torch.float32).reshape(len(boxes), -1)
             except (ValueError, json.JSONDecodeError, OSError) as exc:
-                raise ValueError(f"{where}, column {task.name!r}: cannot parse {cell!r}: {exc}") from exc
+                raise UserError(f"{where}, column {task.name!r}: cannot parse {cell!r}: {exc}") from exc
         return labels
 
     def __len__(self) -> int:
@@ -110,7 +111,7 @@ class FolderDataset(Dataset):
                 if isinstance(value, Path):
                     mask_shape = _header_shape(value, where)
                     if shape is not None and mask_shape is not None and mask_shape != shape:
-                        raise ValueError(f"{where}: mask {value} has shape {mask_shape}, its image "
+                        raise UserError(f"{where}: mask {value} has shape {mask_shape}, its image "
                                          f"{row['image']} has {shape}")
 
     def labels_of(self, i: int) -> dict:
@@ -131,7 +132,7 @@ class FolderDataset(Dataset):
             if isinstance(value, Path):
                 mask = read_image(value, label=True).array[0]
                 if mask.shape != spatial:
-                    raise ValueError(f"{value}: mask shape {mask.shape} differs from image {path} shape {spatial}")
+                    raise UserError(f"{value}: mask shape {mask.shape} differs from image {path} shape {spatial}")
                 value = fit_to_multiple(torch.from_numpy(mask).long()[None], self.multiple, "pad")[0]
             labels[name] = value
         return Sample(image, domain, labels, volume.spacing, row.get("patient_id") or None,
@@ -153,5 +154,5 @@ def _header_shape(path: Path, where: str) -> tuple[int, ...] | None:
 
             dcmread(str(path), stop_before_pixels=True)
     except Exception as exc:  # nibabel and pydicom raise many kinds for damaged headers
-        raise ValueError(f"{where}: {path}: unreadable header (corrupt or truncated?): {exc}") from exc
+        raise UserError(f"{where}: {path}: unreadable header (corrupt or truncated?): {exc}") from exc
     return None

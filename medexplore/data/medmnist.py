@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..models.tasks import Domain, TaskSpec
 from .sample import Sample
 
@@ -103,7 +104,7 @@ def default_root() -> Path:
 
 def _info(flag: str) -> MedMNISTInfo:
     if flag not in MEDMNIST:
-        raise ValueError(f"unknown MedMNIST dataset {flag!r}; available: {sorted(MEDMNIST)}")
+        raise UserError(f"unknown MedMNIST dataset {flag!r}; available: {sorted(MEDMNIST)}")
     return MEDMNIST[flag]
 
 
@@ -111,7 +112,7 @@ def medmnist_path(flag: str, size: int = 28, root: str | Path | None = None) -> 
     """Where the medmnist package keeps ``flag`` at ``size``: ``{root}/{flag}[_{size}].npz``."""
     info = _info(flag)
     if size not in info.sizes:
-        raise ValueError(f"{flag} is published at sizes {info.sizes}, not {size}")
+        raise UserError(f"{flag} is published at sizes {info.sizes}, not {size}")
     root = Path(root) if root is not None else default_root()
     return root / (f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz")
 
@@ -142,39 +143,39 @@ def _download(flag: str, size: int, root: Path) -> None:
 def load_medmnist_npz(path: str | Path, info: MedMNISTInfo, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of one split, validated; errors name the file and the array."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise UserError(f"split must be one of {SPLITS}, got {split!r}")
     path = Path(path)
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a readable npz file (corrupt, truncated, or not an npz archive)")
+        raise UserError(f"{path}: not a readable npz file (corrupt, truncated, or not an npz archive)")
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = set(data.files)
             need = {f"{split}_images", f"{split}_labels"}
             if not need <= keys:
-                raise ValueError(f"{path}: missing array(s) {sorted(need - keys)}; found {sorted(keys)}")
+                raise UserError(f"{path}: missing array(s) {sorted(need - keys)}; found {sorted(keys)}")
             images, labels = data[f"{split}_images"], data[f"{split}_labels"]
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         if str(path) in str(exc):
             raise
-        raise ValueError(f"{path}: not a readable npz file (corrupt or truncated?): {exc}") from exc
+        raise UserError(f"{path}: not a readable npz file (corrupt or truncated?): {exc}") from exc
     spatial = images.ndim - 1 - (1 if info.dims == 2 and info.channels == 3 else 0)
     if spatial != info.dims:
-        raise ValueError(f"{path}: {split}_images has shape {images.shape}; {info.flag} expects "
+        raise UserError(f"{path}: {split}_images has shape {images.shape}; {info.flag} expects "
                          f"{info.dims}D images{' with 3 channels last' if info.channels == 3 else ''}")
     if len(images) == 0:
-        raise ValueError(f"{path}: {split}_images is empty")
+        raise UserError(f"{path}: {split}_images is empty")
     if np.issubdtype(images.dtype, np.floating):
         bad = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(1))
         if len(bad):
-            raise ValueError(f"{path}: {split}_images has NaN/Inf pixels in {len(bad)} image(s), indices "
+            raise UserError(f"{path}: {split}_images has NaN/Inf pixels in {len(bad)} image(s), indices "
                              f"{bad[:10].tolist()}{' ...' if len(bad) > 10 else ''}")
     if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{path}: {split}_labels has {labels.shape[0]} rows for {images.shape[0]} images")
+        raise UserError(f"{path}: {split}_labels has {labels.shape[0]} rows for {images.shape[0]} images")
     width = len(info.labels) if info.kind == "multilabel" else 1
     if labels.reshape(len(labels), -1).shape[1] != width:
-        raise ValueError(f"{path}: {split}_labels has shape {labels.shape}; expected ({len(labels)}, {width})")
+        raise UserError(f"{path}: {split}_labels has shape {labels.shape}; expected ({len(labels)}, {width})")
     if info.kind != "multilabel" and (labels.min() < 0 or labels.max() >= len(info.labels)):
-        raise ValueError(f"{path}: {split}_labels values {labels.min()}..{labels.max()} outside 0..{len(info.labels) - 1}")
+        raise UserError(f"{path}: {split}_labels values {labels.min()}..{labels.max()} outside 0..{len(info.labels) - 1}")
     return images, labels.reshape(len(labels), -1)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from ..models.tasks import Domain
 from .sample import Sample
 
@@ -41,7 +42,7 @@ class NaturalImages(Dataset):
 
     def __init__(self, length: int = 4096, size: int = 28, seed: int = 0, names=NATURAL_IMAGES):
         if length < 1 or size < 4:
-            raise ValueError(f"NaturalImages: length must be >= 1 and size >= 4, got {length}, {size}")
+            raise UserError(f"NaturalImages: length must be >= 1 and size >= 4, got {length}, {size}")
         self.length, self.size, self.seed = length, size, seed
         self.photos = [torch.from_numpy(_load(n)).permute(2, 0, 1).contiguous() for n in names]
         self.names = tuple(names)

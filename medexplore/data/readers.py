@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+
 __all__ = ["Volume", "read_image", "read_nifti", "read_dicom", "is_nifti", "is_dicom_path", "DICOM_MODALITIES"]
 
 
@@ -72,14 +74,14 @@ def read_nifti(path: str | Path, label: bool = False) -> Volume:
         canonical = nib.as_closest_canonical(img)
         data = np.asarray(canonical.dataobj, dtype=np.float32)
     except Exception as exc:  # nibabel raises many kinds for damaged files
-        raise ValueError(f"{path}: cannot read NIfTI (corrupt or truncated?): {exc}") from exc
+        raise UserError(f"{path}: cannot read NIfTI (corrupt or truncated?): {exc}") from exc
     zooms = tuple(float(z) for z in canonical.header.get_zooms()[:3])
     if data.ndim == 4:
         channels = np.moveaxis(data, -1, 0)
     elif data.ndim in (2, 3):
         channels = data[None]
     else:
-        raise ValueError(f"{path}: NIfTI with {data.ndim} dimensions {data.shape}; expected 2, 3 or 4")
+        raise UserError(f"{path}: NIfTI with {data.ndim} dimensions {data.shape}; expected 2, 3 or 4")
     if channels.ndim == 4 and channels.shape[-1] == 1:  # a 2D image stored as (x, y, 1)
         channels, zooms = channels[..., 0], zooms[:2]
     # nibabel arrays are (x, y, z); medexplore uses (z, y, x)
@@ -95,7 +97,7 @@ def _dicom_pixels(ds, path: Path) -> np.ndarray:
     try:
         pixels = ds.pixel_array.astype(np.float32)
     except Exception as exc:
-        raise ValueError(f"{path}: DICOM without readable pixel data: {exc}") from exc
+        raise UserError(f"{path}: DICOM without readable pixel data: {exc}") from exc
     slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
     return pixels * slope + intercept
 
@@ -117,13 +119,13 @@ def read_dicom(path: str | Path) -> Volume:
         raise FileNotFoundError(f"{path}: no such DICOM file or folder")
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     if not files:
-        raise ValueError(f"{path}: empty DICOM series folder")
+        raise UserError(f"{path}: empty DICOM series folder")
     slices = []
     for f in files:
         try:
             slices.append((f, pydicom.dcmread(str(f))))
         except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError) as exc:
-            raise ValueError(f"{f}: not a readable DICOM file (corrupt or truncated?): {exc}") from exc
+            raise UserError(f"{f}: not a readable DICOM file (corrupt or truncated?): {exc}") from exc
     first = slices[0][1]
     row_col = tuple(float(v) for v in getattr(first, "PixelSpacing", (1.0, 1.0)))
     if len(slices) == 1:
@@ -146,7 +148,7 @@ def read_dicom(path: str | Path) -> Volume:
     arrays = [_dicom_pixels(ds, f) for f, ds in slices]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
-        raise ValueError(f"{path}: series slices differ in shape {sorted(shapes)}")
+        raise UserError(f"{path}: series slices differ in shape {sorted(shapes)}")
     positions = [position(ds) for _, ds in slices]
     gaps = np.diff(positions)
     z = float(np.median(gaps)) if len(gaps) and np.median(gaps) > 0 else float(getattr(first, "SliceThickness", 1.0) or 1.0)
@@ -160,4 +162,4 @@ def read_image(path: str | Path, label: bool = False) -> Volume:
         return read_nifti(path, label)
     if is_dicom_path(path):
         return read_dicom(path)
-    raise ValueError(f"{path}: unsupported image format; expected .nii, .nii.gz, .dcm or a DICOM series folder")
+    raise UserError(f"{path}: unsupported image format; expected .nii, .nii.gz, .dcm or a DICOM series folder")

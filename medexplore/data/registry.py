@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from ..models.config import DomainVocab
 from ..models.tasks import Domain, TaskSpec
 from ..typed import coerce_fields
@@ -54,7 +55,7 @@ def _one(name: str, data: dict, split: str) -> Dataset:
         return EmbeddedDataset(split, EmbeddedConfig(seed=int(data.get("seed", 0)), size_3d=int(volume)))
     if name == "folder":
         if not data.get("csv") or not data.get("tasks"):
-            raise ValueError("the 'folder' dataset needs data.csv (the label table) and data.tasks (task specs)")
+            raise UserError("the 'folder' dataset needs data.csv (the label table) and data.tasks (task specs)")
         tasks = [t if isinstance(t, TaskSpec) else TaskSpec.from_dict(t) for t in data["tasks"]]
         return FolderDataset(data["csv"], tasks, split=split, multiple=int(data.get("multiple", 16)))
     if name == "natural":  # unlabelled photographs for pretraining a general expert
@@ -62,7 +63,7 @@ def _one(name: str, data: dict, split: str) -> Dataset:
                              seed=int(data.get("seed", 0)) + ("train", "val", "test").index(split))
     if name in MEDMNIST:
         return MedMNIST(name, split, size=int(data.get("size", 28)), root=data.get("root"), path=data.get("path"))
-    raise ValueError(f"unknown dataset {name!r}; available: {available_datasets()}")
+    raise UserError(f"unknown dataset {name!r}; available: {available_datasets()}")
 
 
 def build_dataset(data: dict, split: str) -> Dataset:
@@ -81,24 +82,24 @@ def build_dataset(data: dict, split: str) -> Dataset:
     data = check_data_config(data)
     names = list(data.get("datasets") or [])
     if not names:
-        raise ValueError("data.datasets is empty: name at least one dataset")
+        raise UserError("data.datasets is empty: name at least one dataset")
     if data.get("path") and len(names) != 1:
-        raise ValueError("data.path names one npz file; give exactly one dataset with it")
+        raise UserError("data.path names one npz file; give exactly one dataset with it")
     pseudo = load_pseudo_labels(data["pseudo_labels"]) if data.get("pseudo_labels") else {}
     unknown = sorted(set(pseudo) - set(names))
     if unknown:
-        raise ValueError(f"data.pseudo_labels {data['pseudo_labels']}: labels for dataset(s) {unknown} "
+        raise UserError(f"data.pseudo_labels {data['pseudo_labels']}: labels for dataset(s) {unknown} "
                          f"not among data.datasets {names}")
     sets = {name: _one(name, data, split) for name in names}
     if data.get("keep_tasks"):
         known = {t.name for d in sets.values() for t in getattr(d, "tasks", ())}
         unknown = sorted(set(data["keep_tasks"]) - known)
         if unknown:
-            raise ValueError(f"data.keep_tasks: no dataset among {names} has task(s) {unknown}; tasks: {sorted(known)}")
+            raise UserError(f"data.keep_tasks: no dataset among {names} has task(s) {unknown}; tasks: {sorted(known)}")
         kept = {name: keep_tasks(d, data["keep_tasks"]) for name, d in sets.items()}
         sets = {name: d for name, d in kept.items() if d is not None}
         if not sets:
-            raise ValueError(f"data.keep_tasks {list(data['keep_tasks'])}: no dataset among {names} carries these tasks")
+            raise UserError(f"data.keep_tasks {list(data['keep_tasks'])}: no dataset among {names} carries these tasks")
     if split == "train":
         sets = {name: select_annotations(d, data.get("annotations", "full"), float(data.get("label_fraction", 1.0)),
                                          int(data.get("subset_seed", 0)), pseudo.get(name))

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..models.packing import Batch
 from ..models.tasks import Domain
 
@@ -40,14 +41,14 @@ class Sample:
 def check_image(image: Tensor, where: str, domain: Domain | None = None) -> None:
     """Raise a ValueError naming ``where`` for a non-tensor, a wrong rank or non-finite pixels."""
     if not isinstance(image, Tensor):
-        raise ValueError(f"{where}: image must be a torch.Tensor, got {type(image).__name__}")
+        raise UserError(f"{where}: image must be a torch.Tensor, got {type(image).__name__}")
     if image.dim() not in (3, 4):
-        raise ValueError(f"{where}: image must be (C, H, W) or (C, D, H, W), got shape {tuple(image.shape)}")
+        raise UserError(f"{where}: image must be (C, H, W) or (C, D, H, W), got shape {tuple(image.shape)}")
     if domain is not None and image.dim() - 1 != domain.dims:
-        raise ValueError(f"{where}: image shape {tuple(image.shape)} does not match its {domain.dimensionality} domain")
+        raise UserError(f"{where}: image shape {tuple(image.shape)} does not match its {domain.dimensionality} domain")
     if image.is_floating_point() and not torch.isfinite(image).all():
         bad = int((~torch.isfinite(image)).sum())
-        raise ValueError(f"{where}: image has {bad} NaN/Inf pixel(s)")
+        raise UserError(f"{where}: image has {bad} NaN/Inf pixel(s)")
 
 
 def collate(samples: Sequence[Sample], tasks: Sequence[str] | None = None) -> Batch:
@@ -56,7 +57,7 @@ def collate(samples: Sequence[Sample], tasks: Sequence[str] | None = None) -> Ba
     ``tasks`` fixes the label keys (default: every label name in the samples).
     """
     if not samples:
-        raise ValueError("collate: empty list of samples")
+        raise UserError("collate: empty list of samples")
     names = list(tasks) if tasks is not None else sorted({k for s in samples for k in s.labels})
     targets = {name: [s.labels.get(name) for s in samples] for name in names}
     meta = {"patient_id": [s.patient_id for s in samples], "spacing": [s.spacing for s in samples],

@@ -7,9 +7,10 @@ from typing import Hashable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .sample import Sample
 
-__all__ = ["WeightedBatchSampler", "balanced_weights", "MixedDataset", "DecentralizedView", "labels_of"]
+__all__ = ["WeightedBatchSampler", "balanced_weights", "MixedDataset", "PerAnnotationView", "labels_of"]
 
 
 def labels_of(dataset: Dataset, i: int) -> dict:
@@ -28,10 +29,10 @@ def balanced_weights(keys: Sequence[Hashable], key_weights: dict | None = None) 
         key_weights = {k: 1.0 for k in counts}
     unknown = set(key_weights) - set(counts)
     if unknown:
-        raise ValueError(f"balanced_weights: weights given for absent key(s) {sorted(map(str, unknown))}")
+        raise UserError(f"balanced_weights: weights given for absent key(s) {sorted(map(str, unknown))}")
     w = torch.tensor([key_weights.get(k, 0.0) / counts[k] for k in keys], dtype=torch.float64)
     if not w.sum() > 0:
-        raise ValueError("balanced_weights: all weights are zero")
+        raise UserError("balanced_weights: all weights are zero")
     return w / w.sum()
 
 
@@ -46,11 +47,11 @@ class WeightedBatchSampler(torch.utils.data.Sampler):
                  num_batches: int | None = None, seed: int = 0, drop_last: bool = True,
                  rank: int = 0, world_size: int = 1):
         if num_samples < 1:
-            raise ValueError("WeightedBatchSampler: the dataset is empty")
+            raise UserError("WeightedBatchSampler: the dataset is empty")
         if batch_size < 1 or batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} must be positive and divisible by world_size {world_size}")
+            raise UserError(f"batch_size {batch_size} must be positive and divisible by world_size {world_size}")
         if weights is not None and len(weights) != num_samples:
-            raise ValueError(f"WeightedBatchSampler: {len(weights)} weights for {num_samples} samples")
+            raise UserError(f"WeightedBatchSampler: {len(weights)} weights for {num_samples} samples")
         self.num_samples, self.batch_size, self.weights = num_samples, batch_size, weights
         full = num_samples // batch_size if drop_last else -(-num_samples // batch_size)
         self.num_batches = num_batches or max(1, full)
@@ -84,10 +85,10 @@ class MixedDataset(Dataset):
 
     def __init__(self, datasets: dict[str, Dataset]):
         if not datasets:
-            raise ValueError("MixedDataset: no datasets")
+            raise UserError("MixedDataset: no datasets")
         empty = [name for name, d in datasets.items() if len(d) == 0]
         if empty:
-            raise ValueError(f"MixedDataset: empty dataset(s) {empty}")
+            raise UserError(f"MixedDataset: empty dataset(s) {empty}")
         self.datasets = dict(datasets)
         self.names = list(datasets)
         self.offsets = torch.tensor([0] + [len(d) for d in datasets.values()]).cumsum(0)
@@ -116,14 +117,14 @@ class MixedDataset(Dataset):
 class ImageCentricView(Dataset):
     """Every image of a multi-annotation dataset with all of its annotations among ``tasks`` (others dropped).
 
-    The image-centric counterpart of :class:`DecentralizedView` over the same tasks.
+    The image-centric counterpart of :class:`PerAnnotationView` over the same tasks.
     """
 
     def __init__(self, dataset: Dataset, tasks: Sequence[str]):
         self.dataset, self.tasks = dataset, list(tasks)
         self.index = [i for i in range(len(dataset)) if any(t in labels_of(dataset, i) for t in self.tasks)]
         if not self.index:
-            raise ValueError(f"ImageCentricView: no sample carries any of the tasks {self.tasks}")
+            raise UserError(f"ImageCentricView: no sample carries any of the tasks {self.tasks}")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -138,18 +139,19 @@ class ImageCentricView(Dataset):
                       s.patient_id, dict(s.meta))
 
 
-class DecentralizedView(Dataset):
-    """Each (image, annotation) pair of a multi-annotation dataset as its own sample.
+class PerAnnotationView(Dataset):
+    """Each (image, annotation) pair of a multi-annotation dataset as its own sample: every label is kept,
+    each image repeated once per annotation, as if each task's annotations came from a separate dataset.
 
-    The image-centric view is the dataset itself (every annotation of an image together); this view
-    gives the same images and labels as if each task's annotations came from a separate dataset.
+    (``data.annotations=decentralized`` is another variant: each image keeps only ONE of its
+    annotations; see :func:`~medexplore.data.annotations.select_annotations`.)
     """
 
     def __init__(self, dataset: Dataset, tasks: Sequence[str]):
         self.dataset, self.tasks = dataset, list(tasks)
         self.pairs = [(i, t) for i in range(len(dataset)) for t in self.tasks if t in labels_of(dataset, i)]
         if not self.pairs:
-            raise ValueError(f"DecentralizedView: no sample carries any of the tasks {self.tasks}")
+            raise UserError(f"PerAnnotationView: no sample carries any of the tasks {self.tasks}")
 
     def __len__(self) -> int:
         return len(self.pairs)

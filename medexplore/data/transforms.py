@@ -1,11 +1,15 @@
 """Intensity normalisation per modality and spatial fitting to patch multiples (2D and 3D)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["normalize_intensity", "fit_to_multiple", "resize", "RGB_MODALITIES"]
+from ..errors import UserError
+from ..models.tasks import Domain
+
+__all__ = ["normalize_intensity", "fit_to_multiple", "resize", "prepare_image", "RGB_MODALITIES"]
 
 RGB_MODALITIES = ("fundus", "pathology", "dermatoscopy", "microscopy")
 CT_WINDOW = (-1000.0, 1000.0)
@@ -36,12 +40,12 @@ def fit_to_multiple(image: Tensor, multiple: int, mode: str = "crop") -> Tensor:
     """Centre-crop (``crop``) or zero-pad at the far end (``pad``, so pixel coordinates and boxes stay
     valid) the spatial axes of ``(C, *spatial)`` to multiples of ``multiple``."""
     if mode not in ("crop", "pad"):
-        raise ValueError(f"fit_to_multiple: mode must be 'crop' or 'pad', got {mode!r}")
+        raise UserError(f"fit_to_multiple: mode must be 'crop' or 'pad', got {mode!r}")
     spatial = image.shape[1:]
     if mode == "crop":
         target = [s - s % multiple for s in spatial]
         if min(target) == 0:
-            raise ValueError(f"image of spatial size {tuple(spatial)} is smaller than one {multiple}-pixel patch")
+            raise UserError(f"image of spatial size {tuple(spatial)} is smaller than one {multiple}-pixel patch")
         starts = [(s - t) // 2 for s, t in zip(spatial, target)]
         return image[(slice(None), *[slice(a, a + t) for a, t in zip(starts, target)])]
     pads = []
@@ -49,6 +53,22 @@ def fit_to_multiple(image: Tensor, multiple: int, mode: str = "crop") -> Tensor:
         extra = (-s) % multiple
         pads += [0, extra]
     return F.pad(image, pads)
+
+
+def prepare_image(image, domain: Domain, normalize: bool = True, pad_to: int | None = None) -> Tensor:
+    """An image as the model reads it: ``(C, *spatial)`` float checked against ``domain`` and for NaN/Inf,
+    normalised as in training for its modality, and zero-padded to a multiple of ``pad_to`` (the patch
+    size) when given. Inference and the napari widgets all prepare images here."""
+    image = torch.as_tensor(np.asarray(image) if not isinstance(image, Tensor) else image).float()
+    dims = 2 if domain.dimensionality == "2d" else 3
+    if image.dim() != dims + 1:
+        raise UserError(f"a {domain.dimensionality} image must have shape (C, {'H, W' if dims == 2 else 'D, H, W'}), "
+                        f"got {tuple(image.shape)}")
+    if not torch.isfinite(image).all():
+        raise UserError(f"image has {int((~torch.isfinite(image)).sum())} NaN/Inf values")
+    if normalize:
+        image = normalize_intensity(image, domain.modality)
+    return fit_to_multiple(image, pad_to, "pad") if pad_to else image
 
 
 def resize(image: Tensor, size: tuple[int, ...], label: bool = False) -> Tensor:
@@ -77,7 +97,7 @@ class Augment:
                  crop_scale: tuple[float, float] = (0.7, 1.0), contrast: tuple[float, float] = (0.85, 1.15),
                  brightness: float = 0.1, noise_std: float = 0.02):
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-            raise ValueError(f"Augment.crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
+            raise UserError(f"Augment.crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
         self.flip_axes, self.flip_p, self.crop_p, self.crop_scale = flip_axes, flip_p, crop_p, crop_scale
         self.contrast, self.brightness, self.noise_std = contrast, brightness, noise_std
 

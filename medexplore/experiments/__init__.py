@@ -6,15 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..errors import UserError
 from .adaptation import adaptation
-from .base import BUDGETS, RECIPES, Experiment, ExperimentSettings, ExperimentStopped
+from .base import BUDGETS, RECIPES, Experiment, ExperimentSettings
 from .imax import imax_vs_dmax
 from .multitask import multitask_vs_single
 from .packing import packing_vs_padding
 from .report import Report, mean_spread, summarise
 from .ssl import ssl_benefit
 
-__all__ = ["EXPERIMENTS", "run_experiment", "Experiment", "ExperimentSettings", "ExperimentStopped", "Report",
+__all__ = ["EXPERIMENTS", "run_experiment", "Experiment", "ExperimentSettings", "Report",
            "BUDGETS", "RECIPES", "mean_spread", "summarise"]
 
 
@@ -48,7 +49,7 @@ def run_experiment(name: str, out: str | Path, settings: ExperimentSettings | No
                    callbacks: Sequence = (), control=None) -> Path:
     """Run (or continue) experiment ``name`` into ``out``; returns the report's path."""
     if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
+        raise UserError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
     exp = Experiment(name, out, settings or ExperimentSettings(), callbacks, control)
     report = EXPERIMENTS[name](exp)
     changes = [f"`{section}.{key}={value}`" for section, values in exp.settings.overrides.items()

@@ -9,7 +9,6 @@ CSV at the end.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,24 +20,27 @@ from torch.utils.data import Dataset
 
 from ..adapt.strategies import STRATEGIES, AdaptConfig
 from ..analysis.mixing import gate_weights, summarize_mixing
+from ..configs import load_recipe
 from ..data.registry import build_dataset, dataset_domains, dataset_tasks
 from ..data.sample import collate
+from ..errors import RunStopped, UserError
+from ..models.kinds import kind_entry
+from ..train import Event, RunControl, TrainConfig
 from ..train.checkpoint import checkpoint_exists, final_checkpoint, load_model
-from ..train.engine import Event, RunControl, TrainConfig, Trainer
 from ..train.evaluate import evaluate
 from ..train.runlock import RunLock
 from ..train.weights import adapt_model
+from ..train.workflow import run_training
 from ..viz.adapt import plot_adapt_bench
 from .memory import step_memory
 from .protocol import PROMPT_COUNTS, patient_ids, patient_split
 
-__all__ = ["DEFAULT_RECIPE", "BenchSpec", "bench_cells", "run_adapt_bench", "write_report"]
+__all__ = ["BenchSpec", "bench_cells", "run_adapt_bench", "write_report"]
 
 RESULTS = "results.csv"
 COLUMNS = ("key", "dataset", "strategy", "prompts", "protocol", "auc", "acc", "dice", "trainable", "backbone_trainable",
            "total", "trainable_pct", "step_memory_mb", "activation_mb", "seconds", "resumed", "ood_auc", "ood_drop",
            "held_out", "gates", "metrics")
-DEFAULT_RECIPE = {"epochs": 8, "batch_size": 32, "lr": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -66,17 +68,17 @@ class BenchSpec:
     sweep: tuple[str, ...] = ()
     ood: bool = True
     holdout: float = 0.25
-    train: dict = field(default_factory=lambda: dict(DEFAULT_RECIPE))
+    train: dict = field(default_factory=lambda: load_recipe("adapt_bench")["train"])
 
     def __post_init__(self):
         unknown = sorted(set(self.strategies) - set(STRATEGIES))
         if unknown:
-            raise ValueError(f"adapt-bench: unknown strategies {unknown}; choose from {STRATEGIES}")
+            raise UserError(f"adapt-bench: unknown strategies {unknown}; choose from {STRATEGIES}")
         if not checkpoint_exists(self.medical):
-            raise ValueError(f"adapt-bench: medical expert {self.medical} is not a medexplore checkpoint")
+            raise UserError(f"adapt-bench: medical expert {self.medical} is not a medexplore checkpoint")
         missing = sorted(set(self.sweep) - set(self.datasets))
         if missing:
-            raise ValueError(f"adapt-bench: sweep datasets {missing} are not among the datasets {list(self.datasets)}")
+            raise UserError(f"adapt-bench: sweep datasets {missing} are not among the datasets {list(self.datasets)}")
         TrainConfig.from_dict(self.train)  # a bad recipe fails before anything runs
 
 
@@ -125,15 +127,16 @@ def _gate_shares(model, test: Dataset) -> dict:
 
 
 def _run_cell(spec: BenchSpec, cell: dict, splits: dict[str, Dataset], cell_dir: Path, callbacks, control) -> dict:
-    train, val, test = splits["train"], splits["val"], splits["test"]
-    ood_test = None
+    """Adapt the medical expert as ``cell`` says, measure a step's memory, train it with the bench's recipe
+    (:func:`~medexplore.train.workflow.run_training`, resumable) and score it; one row of ``results.csv``."""
+    run_splits, ood_test = splits, None
     if cell["protocol"] == "patient_ood":
         seen, unseen, held = patient_split(splits, spec.holdout, seed=int(spec.data.get("seed", 0)))
-        train, val, test = seen["train"], seen["val"], seen["test"]
+        run_splits = seen
         ood_test = [unseen[s][i] for s in unseen for i in range(len(unseen[s]))]
     model, _ = load_model(Path(spec.medical))
     if model.adaptation is not None:
-        raise ValueError(f"{spec.medical}: the medical expert is already adapted ({model.adaptation['strategy']})")
+        raise UserError(f"{spec.medical}: the medical expert is already adapted ({model.adaptation['strategy']})")
     domains = dataset_domains(splits["train"])
     model.extend_domains([d.modality for d in domains], [d.body_part for d in domains])
     for task in dataset_tasks(splits["train"]):
@@ -141,20 +144,18 @@ def _run_cell(spec: BenchSpec, cell: dict, splits: dict[str, Dataset], cell_dir:
             model.add_task(task)
     report = adapt_model(model, AdaptConfig(strategy=cell["strategy"], prompts=cell["prompts"],
                                             general=spec.general if cell["strategy"] == "gmoe" else None))
+    train = run_splits["train"]
     memory = step_memory(model, collate([train[i] for i in range(min(len(train), int(spec.train.get("batch_size", 32))))]))
-    config = TrainConfig.from_dict({**spec.train, "monitor": "auc", "mode": "supervised"})
     resume = checkpoint_exists(cell_dir / "checkpoints" / "last")
-    if not resume and cell_dir.exists():
-        shutil.rmtree(cell_dir)
-    trainer = Trainer(model, train, config, cell_dir, val_data=val, callbacks=callbacks, control=control,
-                      data_config={"datasets": [cell["dataset"]]})
+    scored = any("auc" in kind_entry(t.kind).metrics for t in model.tasks.values())
+    config = {"data": {"datasets": [cell["dataset"]]}, "train": {**spec.train, "monitor": "auc" if scored else "headline"}}
     start = time.perf_counter()
-    result = trainer.fit(resume=resume)
+    outcome = run_training(config, cell_dir, resume=True, callbacks=callbacks, control=control, datasets=run_splits,
+                           model=model)
     seconds = time.perf_counter() - start
-    if result.stopped:
-        raise KeyboardInterrupt(f"adapt-bench stopped during {cell['key']}")
-    best, _ = load_model(final_checkpoint(cell_dir))
-    metrics = evaluate(best, test)
+    if outcome.result.stopped:
+        raise RunStopped(f"adapt-bench stopped during {cell['key']}")
+    metrics = outcome.test_metrics
     row = {**{k: cell[k] for k in ("key", "dataset", "strategy", "prompts", "protocol")},
            "auc": _mean_metric(metrics, "auc"), "acc": _mean_metric(metrics, "acc"), "dice": _mean_metric(metrics, "dice"),
            "trainable": report.trainable, "backbone_trainable": report.backbone_trainable, "total": report.total,
@@ -162,12 +163,14 @@ def _run_cell(spec: BenchSpec, cell: dict, splits: dict[str, Dataset], cell_dir:
            "step_memory_mb": round(memory["total"] / 2 ** 20, 2),
            "activation_mb": round(memory["activations"] / 2 ** 20, 2), "seconds": round(seconds, 1),
            "resumed": resume, "metrics": json.dumps(metrics, default=float)}
-    if ood_test is not None:
-        ood = evaluate(best, ood_test)
-        row.update(ood_auc=_mean_metric(ood, "auc"), ood_drop=row["auc"] - _mean_metric(ood, "auc"),
-                   held_out=" ".join(held))
-    if cell["strategy"] == "gmoe":
-        row["gates"] = json.dumps(_gate_shares(best, splits["test"]))
+    if ood_test is not None or cell["strategy"] == "gmoe":
+        best, _ = load_model(final_checkpoint(cell_dir))
+        if ood_test is not None:
+            ood = evaluate(best, ood_test)
+            row.update(ood_auc=_mean_metric(ood, "auc"), ood_drop=row["auc"] - _mean_metric(ood, "auc"),
+                       held_out=" ".join(held))
+        if cell["strategy"] == "gmoe":
+            row["gates"] = json.dumps(_gate_shares(best, splits["test"]))
     return row
 
 
@@ -181,7 +184,7 @@ def run_adapt_bench(spec: BenchSpec, out: str | Path, callbacks: Sequence[Callab
         stored = json.loads(spec_file.read_text()) if spec_file.exists() else None
         if stored is not None and stored != json.loads(json.dumps(asdict(spec))):
             changed = sorted(k for k in stored if stored[k] != json.loads(json.dumps(asdict(spec))).get(k))
-            raise ValueError(f"{out}: holds a bench with other settings ({changed}); choose another --out")
+            raise UserError(f"{out}: holds a bench with other settings ({changed}); choose another --out")
         spec_file.write_text(json.dumps(asdict(spec), indent=2))
         splits = {name: _splits(spec, name) for name in spec.datasets}
         cells = bench_cells(spec, lambda name: _has_patients(splits[name]))

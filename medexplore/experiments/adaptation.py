@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..configs import load_recipe
 from ..viz.experiments import arm_bars
-from .adapt_bench import DEFAULT_RECIPE, BenchSpec, run_adapt_bench
+from .adapt_bench import BenchSpec, run_adapt_bench
 from .base import Experiment, spread_outcome, spread_verdict
 from .report import Report, mean_spread, summarise
 
@@ -44,7 +45,7 @@ def adaptation(exp: Experiment) -> Report:
 def _cell_recipe(exp: Experiment) -> dict:
     """What every adaptation cell trains with: the bench default, the budget's train recipe, its adapt changes."""
     recipe = exp.settings.recipe
-    return {**DEFAULT_RECIPE, **recipe["train"], **recipe["adapt"]}
+    return {**load_recipe("adapt_bench")["train"], **recipe["train"], **recipe["adapt"]}
 
 
 def _metric_column(rows: pd.DataFrame) -> str:

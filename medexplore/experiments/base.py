@@ -10,33 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..configs import load_recipe
 from ..data.registry import build_dataset, check_data_config, dataset_tasks
 from ..data.sample import collate
+from ..errors import RunStopped, UserError
 from ..models.kinds import headline_metric
+from ..train import Event, RunControl, resolve_device
 from ..train.checkpoint import final_checkpoint, load_model
-from ..train.engine import Event, RunControl, resolve_device
 from ..train.workflow import run_training
 
-__all__ = ["BUDGETS", "RECIPES", "ExperimentSettings", "Experiment", "ExperimentStopped", "task_rows",
+__all__ = ["BUDGETS", "RECIPES", "ExperimentSettings", "Experiment", "task_rows",
            "inference_ms", "higher_is_better", "arm_gaps", "spread_outcome", "spread_verdict"]
 
-BUDGETS = ("small", "full")
-RECIPES = {  # model and training recipe per budget; "small" keeps every experiment within 20 CPU minutes
-    "small": {"model": {"name": "medformer_tiny", "patch_size": 4, "depth": 4, "embed_dim": 96, "num_heads": 4,
-                        "seg_channels": 16},
-              "train": {"batch_size": 32, "lr": 1e-3, "epochs": 8, "steps_per_epoch": 20, "monitor": "headline"},
-              "pretrain": {"batch_size": 64, "lr": 1e-3, "epochs": 3, "expander": [512, 512]},
-              "adapt": {"epochs": 6}},  # adaptation cells: changes to "train" (eight strategies per seed)
-    "full": {"model": {"name": "medformer_tiny", "patch_size": 4, "depth": 6, "embed_dim": 128, "num_heads": 4,
-                       "seg_channels": 16},
-             "train": {"batch_size": 32, "lr": 1e-3, "epochs": 30, "steps_per_epoch": 30, "monitor": "headline"},
-             "pretrain": {"batch_size": 64, "lr": 1e-3, "epochs": 10, "expander": [512, 512]},
-             "adapt": {}},
-}
-
-
-class ExperimentStopped(RuntimeError):
-    """A run of the experiment was stopped; running the same command again continues it."""
+RECIPES = load_recipe("experiments")  # model and training recipe per budget (medexplore/configs/experiments.yaml)
+BUDGETS = tuple(RECIPES)
 
 
 def inference_ms(exp: "Experiment", outcome: dict, batch_size: int = 32) -> float:
@@ -91,7 +78,7 @@ def arm_gaps(rows, by: Sequence[str], arm: str, reference: str, floor: float = 0
 
     by = list(by)
     if "metric" not in by:
-        raise ValueError(f"arm_gaps: group by the metric too (by={by})")
+        raise UserError(f"arm_gaps: group by the metric too (by={by})")
     stats = rows[rows.arm.isin([arm, reference])].groupby([*by, "arm"])["value"].agg(["mean", "std"])
     out = []
     for key, group in stats.groupby(level=by):
@@ -136,16 +123,16 @@ class ExperimentSettings:
 
     def __post_init__(self):
         if self.budget not in BUDGETS:
-            raise ValueError(f"--budget must be one of {BUDGETS}, got {self.budget!r}")
+            raise UserError(f"--budget must be one of {BUDGETS}, got {self.budget!r}")
         if not self.seeds:
-            raise ValueError("--seeds: give at least one seed")
+            raise UserError("--seeds: give at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"--seeds repeats a seed: {list(self.seeds)}")
+            raise UserError(f"--seeds repeats a seed: {list(self.seeds)}")
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         object.__setattr__(self, "data", check_data_config(self.data))
         unknown = sorted(set(self.overrides) - set(RECIPES[self.budget]))
         if unknown:
-            raise ValueError(f"recipe overrides for unknown section(s) {unknown}; sections: {sorted(RECIPES[self.budget])}")
+            raise UserError(f"recipe overrides for unknown section(s) {unknown}; sections: {sorted(RECIPES[self.budget])}")
 
     @property
     def recipe(self) -> dict:
@@ -224,7 +211,7 @@ class Experiment:
         outcome = self._timed(folder, lambda: run_training(config, folder, mode=mode, init=init, resume=True,
                                                            callbacks=self.callbacks, control=self.control))
         if outcome.result.stopped:
-            raise ExperimentStopped(f"{self.name}: run {key} was stopped (its last checkpoint is kept); "
+            raise RunStopped(f"{self.name}: run {key} was stopped (its last checkpoint is kept); "
                                     "run the same command again to continue")
 
         model, _ = load_model(final_checkpoint(folder))

@@ -6,21 +6,17 @@ import json
 from pathlib import Path
 
 from ..analysis.predictions import predict_samples
+from ..configs import load_recipe
 from ..data.registry import build_dataset
+from ..errors import UserError
 from ..models.kinds import kind_entry
 from ..train.checkpoint import final_checkpoint, load_model
 from ..train.workflow import run_training
 from ..viz.figures import prediction_gallery, read_metrics, training_curves
 
-__all__ = ["EXAMPLE_SIZES", "DEMO_RECIPE", "DEMO_EPOCHS", "demo", "example_run", "write_figures", "gallery_samples"]
+__all__ = ["EXAMPLE_SIZES", "DEMO_RECIPE", "demo", "example_run", "write_figures", "gallery_samples"]
 
-EXAMPLE_SIZES = {  # a multitask model on the embedded data for notebooks: CPU minutes, or a bigger one on a GPU
-    "small": {"model": {"name": "medformer_tiny", "patch_size": 4, "depth": 3, "embed_dim": 64, "num_heads": 2},
-              "train": {"epochs": 6, "batch_size": 32, "lr": 1e-3, "monitor": "auc"}},
-    "large": {"model": {"name": "medformer_tiny", "patch_size": 4},
-              "train": {"epochs": 30, "batch_size": 32, "lr": 5e-4, "monitor": "auc"}},
-}
-
+EXAMPLE_SIZES = load_recipe("example")  # the notebooks' example model: CPU minutes ("small") or a GPU ("large")
 
 
 def gallery_samples(dataset, mask_task: str, n: int = 8) -> list:
@@ -61,20 +57,15 @@ def write_figures(run_dir: str | Path, n_examples: int = 8) -> list[Path]:
     return written
 
 
-DEMO_RECIPE = {  # set-up plus demo within 10 minutes on 2 CPU cores (README); every task visibly learned
-    "model": {"name": "medformer_tiny", "patch_size": 4, "depth": 6, "embed_dim": 128, "num_heads": 4,
-              "seg_channels": 16},  # the decoders' convolutions were 58% of a step at 32 channels
-    "pretrain": {"batch_size": 64, "lr": 1e-3, "expander": [512, 512]},
-    "train": {"batch_size": 32, "lr": 1e-3, "monitor": "headline"},
-}
-DEMO_EPOCHS = (3, 55)  # VICReg, multitask
+DEMO_RECIPE = load_recipe("demo")  # model, pretrain and train sections, epochs included
 
 
-def demo(out: str | Path, pretrain_epochs: int = DEMO_EPOCHS[0], epochs: int = DEMO_EPOCHS[1],
+def demo(out: str | Path, pretrain_epochs: int | None = None, epochs: int | None = None,
          model: dict | None = None, seed: int = 0, callbacks=()) -> dict:
     """The main job: VICReg on the embedded images, multitask fine-tuning, test metrics and figures.
 
-    ``model`` overrides the demo model's options (e.g. ``{"depth": 2}`` for a quick run). The best
+    ``model`` overrides the demo model's options (e.g. ``{"depth": 2}`` for a quick run); the epochs
+    default to the recipe's (``medexplore/configs/demo.yaml``). The best
     checkpoint is chosen by the mean of every task's headline validation metric.
     """
     out = Path(out)
@@ -82,8 +73,11 @@ def demo(out: str | Path, pretrain_epochs: int = DEMO_EPOCHS[0], epochs: int = D
         raise FileExistsError(f"output directory {out} is not empty; choose another directory")
     model_cfg = {**DEMO_RECIPE["model"], **(model or {})}
     data = {"datasets": ["embedded"], "seed": seed}
-    pre = {"model": model_cfg, "data": data, "train": {**DEMO_RECIPE["pretrain"], "epochs": pretrain_epochs, "seed": seed}}
-    sup = {"model": model_cfg, "data": data, "train": {**DEMO_RECIPE["train"], "epochs": epochs, "seed": seed}}
+    pre = {"model": model_cfg, "data": data, "train": {**DEMO_RECIPE["pretrain"], "seed": seed}}
+    sup = {"model": model_cfg, "data": data, "train": {**DEMO_RECIPE["train"], "seed": seed}}
+    for section, value in ((pre, pretrain_epochs), (sup, epochs)):
+        if value is not None:
+            section["train"]["epochs"] = value
     pretrain = run_training(pre, out / "pretrain", mode="vicreg", callbacks=callbacks)
     finetune = run_training(sup, out / "multitask", init=pretrain.run_dir / "checkpoints" / "last", callbacks=callbacks)
     figures = write_figures(finetune.run_dir)
@@ -99,7 +93,7 @@ def example_run(out: str | Path = "runs/example", size: str = "small", seed: int
     Returns the checkpoint folder (``best``, else ``last``). An interrupted run is resumed.
     """
     if size not in EXAMPLE_SIZES:
-        raise ValueError(f"size must be one of {sorted(EXAMPLE_SIZES)}, got {size!r}")
+        raise UserError(f"size must be one of {sorted(EXAMPLE_SIZES)}, got {size!r}")
     out = Path(out)
     recipe = EXAMPLE_SIZES[size]
     config = {"model": dict(recipe["model"]), "data": {"datasets": ["embedded"], "seed": seed},

@@ -10,6 +10,7 @@ import pandas as pd
 from ..analysis.fisher import fisher_over_checkpoints
 from ..data.registry import build_dataset
 from ..data.sampling import labels_of
+from ..errors import UserError
 from ..train.checkpoint import list_snapshots, load_model
 from ..train.pseudo import pseudo_label
 from ..viz.analysis import fisher_curves
@@ -28,7 +29,7 @@ def _check_multi_annotation(exp: Experiment) -> None:
     train = build_dataset(exp.settings.data, "train")
     most = max(len(labels_of(train, i)) for i in range(min(len(train), 256)))
     if most < 2:
-        raise ValueError(f"imax-vs-dmax needs images with several annotations (e.g. --data embedded, or a folder "
+        raise UserError(f"imax-vs-dmax needs images with several annotations (e.g. --data embedded, or a folder "
                          f"dataset with several tasks); {exp.settings.datasets} give one label per image")
 
 

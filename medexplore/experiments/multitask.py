@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..errors import UserError
 from ..train.balancing import LOSS_BALANCES
 from ..train.checkpoint import final_checkpoint
 from ..viz.experiments import arm_bars
@@ -16,7 +17,7 @@ __all__ = ["multitask_vs_single"]
 def multitask_vs_single(exp: Experiment) -> Report:
     tasks = exp.tasks()
     if len(tasks) < 2:
-        raise ValueError(f"multitask-vs-single needs at least two tasks; {exp.settings.datasets} have "
+        raise UserError(f"multitask-vs-single needs at least two tasks; {exp.settings.datasets} have "
                          f"{[t.name for t in tasks]}")
     rows, costs = [], []
     for seed in exp.settings.seeds:

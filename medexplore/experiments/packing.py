@@ -9,6 +9,7 @@ import torch
 
 from ..data.registry import build_dataset
 from ..data.sample import collate
+from ..errors import UserError
 from ..models.kinds import kind_entry
 from ..train.checkpoint import load_model
 from ..viz.experiments import arm_bars
@@ -45,7 +46,7 @@ def packing_vs_padding(exp: Experiment) -> Report:
     train_set = build_dataset({**exp.settings.data, **data}, "train")
     shapes = {tuple(train_set[i].image.shape[1:]) for i in range(0, len(train_set), max(1, len(train_set) // 64))}
     if len({len(s) for s in shapes}) < 2:
-        raise ValueError(f"packing compares mixed 2D/3D batches; {exp.settings.datasets} hold only {shapes}")
+        raise UserError(f"packing compares mixed 2D/3D batches; {exp.settings.datasets} hold only {shapes}")
     several = len(exp.settings.datasets) > 1
     rows, costs = [], []
     g = torch.Generator().manual_seed(0)

@@ -8,6 +8,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..errors import UserError
+
 __all__ = ["Report", "mean_spread", "summarise", "markdown_table"]
 
 
@@ -31,7 +33,7 @@ def summarise(rows: Sequence[dict] | pd.DataFrame, by: Sequence[str], values: Se
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     missing = [c for c in (*by, *values) if c not in frame.columns]
     if missing:
-        raise ValueError(f"summarise: rows have no column(s) {missing}")
+        raise UserError(f"summarise: rows have no column(s) {missing}")
     out = []
     for key, group in frame.groupby(list(by), sort=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -66,7 +68,7 @@ class Report:
         marks = {True: "HELD", False: "DID NOT HOLD", "not shown": "NOT SHOWN (within the seed spread)",
                  None: "NOT TESTED"}
         if held not in marks:
-            raise ValueError(f"verdict: held must be one of {list(marks)}, got {held!r}")
+            raise UserError(f"verdict: held must be one of {list(marks)}, got {held!r}")
         mark = marks[held]
         self.verdicts.append(f"- **{mark}**: {claim} ({evidence})")
 

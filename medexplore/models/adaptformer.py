@@ -7,6 +7,7 @@ import torch
 from timm.layers import Mlp
 from torch import Tensor, nn
 
+from ..errors import UserError
 from .config import DomainVocab
 from .packing import TokenLayout
 from .tasks import DIMENSIONALITIES, TaskSpec
@@ -64,7 +65,7 @@ class InputAdaptformer(nn.Module):
         for attr, old_names, new_names in (("modality_latents", old.modalities, new.modalities),
                                            ("body_part_latents", old.body_parts, new.body_parts)):
             if new_names[:len(old_names)] != old_names:
-                raise ValueError(f"extend_vocab: {attr} must keep the existing order {old_names}, got {new_names}")
+                raise UserError(f"extend_vocab: {attr} must keep the existing order {old_names}, got {new_names}")
             table = getattr(self, attr)
             added = table[:1].expand(len(new_names) - len(old_names), -1, -1)
             setattr(self, attr, nn.Parameter(torch.cat([table, added.clone()])))

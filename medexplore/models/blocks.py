@@ -5,6 +5,7 @@ import torch
 from timm.layers import Mlp
 from torch import Tensor, nn
 
+from ..errors import UserError
 from .packing import TokenLayout
 from .rope import apply_rotary
 
@@ -20,7 +21,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"Attention: dim {dim} not divisible by num_heads {num_heads}")
+            raise UserError(f"Attention: dim {dim} not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)

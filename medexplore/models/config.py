@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from ..errors import UserError
 from .tasks import DIMENSIONALITIES, Domain
 
 __all__ = ["DomainVocab", "MedformerConfig", "UNKNOWN"]
@@ -28,7 +29,7 @@ class DomainVocab:
         for attr in ("modalities", "body_parts"):
             values = tuple(v for v in getattr(self, attr) if v != UNKNOWN)
             if len(set(values)) != len(values):
-                raise ValueError(f"DomainVocab.{attr} has duplicates: {values}")
+                raise UserError(f"DomainVocab.{attr} has duplicates: {values}")
             object.__setattr__(self, attr, values)
 
     @property
@@ -108,19 +109,19 @@ class MedformerConfig:
         positive = ("embed_dim", "depth", "num_heads", "patch_size", "in_chans", "domain_latents", "seg_channels")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"MedformerConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"MedformerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"MedformerConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise UserError(f"MedformerConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.pos_embed not in POS_EMBED_CHOICES:
-            raise ValueError(f"MedformerConfig.pos_embed must be one of {POS_EMBED_CHOICES}, got {self.pos_embed!r}")
+            raise UserError(f"MedformerConfig.pos_embed must be one of {POS_EMBED_CHOICES}, got {self.pos_embed!r}")
         if "rope" in self.pos_embed and self.head_dim < 6:
-            raise ValueError(f"MedformerConfig: rotary positions need head_dim >= 6, got {self.head_dim}")
+            raise UserError(f"MedformerConfig: rotary positions need head_dim >= 6, got {self.head_dim}")
         if len(self.pos_grid) != 3 or min(self.pos_grid) < 1:
-            raise ValueError(f"MedformerConfig.pos_grid must be three positive ints (z, y, x), got {self.pos_grid}")
+            raise UserError(f"MedformerConfig.pos_grid must be three positive ints (z, y, x), got {self.pos_grid}")
         if not self.mlp_ratio > 0:
-            raise ValueError(f"MedformerConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
+            raise UserError(f"MedformerConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
         if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"MedformerConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+            raise UserError(f"MedformerConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
     @property
     def head_dim(self) -> int:
@@ -133,7 +134,7 @@ class MedformerConfig:
     def replace(self, **overrides) -> "MedformerConfig":
         unknown = set(overrides) - {f.name for f in fields(self)}
         if unknown:
-            raise ValueError(f"MedformerConfig: unknown option(s) {sorted(unknown)}")
+            raise UserError(f"MedformerConfig: unknown option(s) {sorted(unknown)}")
         return replace(self, **overrides)
 
     def to_dict(self) -> dict:
@@ -147,5 +148,5 @@ class MedformerConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"MedformerConfig: unknown field(s) {sorted(unknown)} (checkpoint from another version?)")
+            raise UserError(f"MedformerConfig: unknown field(s) {sorted(unknown)} (checkpoint from another version?)")
         return cls(**d)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UserError
 from .boxes import center_size_to_corners, generalized_box_iou
 from .packing import Batch, TokenLayout
 from .segmentation import MultiScaleDecoder
@@ -21,7 +22,7 @@ from .tasks import TaskKind, TaskSpec
 __all__ = ["HeadContext", "TaskHead", "VectorHead", "OrdinalHead", "SegmentationHead", "DetectionHead", "LabelError"]
 
 
-class LabelError(ValueError):
+class LabelError(UserError):
     """A label whose shape, type or value does not fit its task."""
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from .heads import DetectionHead, OrdinalHead, SegmentationHead, TaskHead, VectorHead
 from .metrics import classification_metrics, detection_metrics, dice_per_class, ordinal_probabilities, regression_metrics
 from .tasks import KINDS, TaskSpec
@@ -86,22 +87,22 @@ class KindEntry:
 
     def __post_init__(self):
         if self.output not in OUTPUTS:
-            raise ValueError(f"kind {self.name!r}: output must be one of {OUTPUTS}, got {self.output!r}")
+            raise UserError(f"kind {self.name!r}: output must be one of {OUTPUTS}, got {self.output!r}")
         if self.headline not in (*self.metrics, "mae"):
-            raise ValueError(f"kind {self.name!r}: headline {self.headline!r} is not among its metrics {self.metrics}")
+            raise UserError(f"kind {self.name!r}: headline {self.headline!r} is not among its metrics {self.metrics}")
 
 
 def register_kind(entry: KindEntry) -> KindEntry:
     """Add ``entry`` to the table (a new kind name; built-in kinds cannot be replaced)."""
     if entry.name in KINDS:
-        raise ValueError(f"task kind {entry.name!r} is already registered")
+        raise UserError(f"task kind {entry.name!r} is already registered")
     KINDS[entry.name] = entry
     return entry
 
 
 def kind_entry(kind: str) -> KindEntry:
     if str(kind) not in KINDS:
-        raise ValueError(f"unknown task kind {str(kind)!r}; registered: {sorted(KINDS)}")
+        raise UserError(f"unknown task kind {str(kind)!r}; registered: {sorted(KINDS)}")
     return KINDS[str(kind)]
 
 
@@ -109,7 +110,7 @@ def task_scores(kind: str, prediction: Tensor) -> Tensor:
     """Probabilities (classification) or values (regression) from a vector head's raw output."""
     entry = kind_entry(kind)
     if entry.scores is None:
-        raise ValueError(f"task kind {entry.name!r} has no vector scores (its output is {entry.output})")
+        raise UserError(f"task kind {entry.name!r} has no vector scores (its output is {entry.output})")
     return entry.scores(prediction)
 
 
@@ -272,7 +273,7 @@ def _segmentation_score(spec, labels, preds):
 
 def _segmentation_outputs(prediction):
     if len(prediction) != 1:
-        raise ValueError("segmentation outputs of several image groups cannot be explained together")
+        raise UserError("segmentation outputs of several image groups cannot be explained together")
     ids, logits = prediction[0]
     return logits.flatten(2).mean(-1)[ids.argsort()]
 

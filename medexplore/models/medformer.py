@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
 from .adaptformer import InputAdaptformer, OutputAdaptformer
 from .blocks import Block
 from .config import DomainVocab, MedformerConfig
@@ -92,9 +93,9 @@ class Medformer(nn.Module):
         if not isinstance(task, TaskSpec):
             raise TypeError(f"add_task expects a TaskSpec, got {type(task).__name__}")
         if task.name in self.tasks:
-            raise ValueError(f"task {task.name!r} already exists; names must be unique")
+            raise UserError(f"task {task.name!r} already exists; names must be unique")
         if kind_entry(task.kind).queries_per_output and self.output_adaptformer is None:
-            raise ValueError(f"task {task.name!r} ({task.kind.value}) needs one query per class or box, which the "
+            raise UserError(f"task {task.name!r} ({task.kind.value}) needs one query per class or box, which the "
                              "Output Adaptformer provides; build the model with output_adaptformer=True")
         self.tasks[task.name] = task
         cfg = self.config
@@ -176,6 +177,9 @@ class Medformer(nn.Module):
         if self.input_adaptformer is not None:
             x, input_attention = self.input_adaptformer(x, layout, self.domain_index(batch), need_weights)
         rope = self.rope(layout.coords, layout.is_prefix) if self.rope is not None else None
+        # ``features`` collects the token sequence after the blocks listed in ``feature_depths`` (shallow to
+        # deep, one per decoder scale); the deepest entry is replaced by the normed output, so the
+        # decoders and task heads read the same final tokens.
         features, attentions = [], []
         for i, block in enumerate(self.blocks):
             if self.prompts is not None:
@@ -195,7 +199,7 @@ class Medformer(nn.Module):
         if tasks is not None:
             unknown = sorted(set(tasks) - set(self.heads))
             if unknown:
-                raise ValueError(f"unknown task(s) {unknown}; the model has {sorted(self.heads)}")
+                raise UserError(f"unknown task(s) {unknown}; the model has {sorted(self.heads)}")
         x, layout, features, input_attention, attentions = self.forward_features(batch, packing, return_attention)
         embedding = layout.prefix_pool(x) if self.cls_token is not None else layout.mean_pool(x)
         if self.output_adaptformer is not None:
@@ -248,9 +252,9 @@ class Medformer(nn.Module):
         """The plain model a :meth:`spec_dict` describes; an adapted one is rebuilt by
         :func:`medexplore.adapt.model_from_spec`, which adds the adaptation on top."""
         if not isinstance(spec, dict) or "config" not in spec:
-            raise ValueError("model description must be a dict with 'config' and 'tasks'")
+            raise UserError("model description must be a dict with 'config' and 'tasks'")
         if spec.get("adaptation"):
-            raise ValueError(f"the model is adapted ({spec['adaptation'].get('strategy')}); rebuild it with "
+            raise UserError(f"the model is adapted ({spec['adaptation'].get('strategy')}); rebuild it with "
                              "medexplore.adapt.model_from_spec")
         return cls(MedformerConfig.from_dict(spec["config"]), [TaskSpec.from_dict(t) for t in spec.get("tasks", [])])
 

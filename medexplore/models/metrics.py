@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .boxes import box_iou
 
 __all__ = ["roc_auc", "classification_metrics", "dice_per_class", "detection_metrics", "regression_metrics",
@@ -59,7 +60,7 @@ def classification_metrics(kind: str, y_true: np.ndarray, score: np.ndarray) -> 
     y_true = np.asarray(y_true)
     score = np.asarray(score, dtype=np.float64)
     if len(y_true) == 0:
-        raise ValueError("classification_metrics: no samples")
+        raise UserError("classification_metrics: no samples")
     if kind == "binary":
         pos = score[:, -1] if score.ndim == 2 else score
         y = y_true.ravel().astype(int)
@@ -88,7 +89,7 @@ def classification_metrics(kind: str, y_true: np.ndarray, score: np.ndarray) -> 
         if kind == "ordinal":
             out["mae_grade"] = float(np.abs(pred - y).mean())
         return out
-    raise ValueError(f"classification_metrics: kind {kind!r} is not a classification kind")
+    raise UserError(f"classification_metrics: kind {kind!r} is not a classification kind")
 
 
 def _ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
@@ -113,7 +114,7 @@ def regression_metrics(y_true: np.ndarray, pred: np.ndarray) -> dict:
 def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float]:
     """Dice of each class between two integer masks of the same shape (NaN where both are empty)."""
     if pred.shape != target.shape:
-        raise ValueError(f"dice_per_class: shapes differ, {tuple(pred.shape)} vs {tuple(target.shape)}")
+        raise UserError(f"dice_per_class: shapes differ, {tuple(pred.shape)} vs {tuple(target.shape)}")
     out = []
     for c in range(num_classes):
         p, t = pred == c, target == c
@@ -129,7 +130,7 @@ def detection_metrics(predictions: list[tuple[torch.Tensor, torch.Tensor]], targ
     ``predictions``: per image ``(boxes (K, 2d), scores (K,))``; ``targets``: per image ``(M, 2d)``.
     """
     if len(predictions) != len(targets):
-        raise ValueError(f"detection_metrics: {len(predictions)} predictions for {len(targets)} targets")
+        raise UserError(f"detection_metrics: {len(predictions)} predictions for {len(targets)} targets")
     n_targets = sum(len(t) for t in targets)
     best_ious = []
     for (boxes, _), t in zip(predictions, targets):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UserError
 from .tasks import Domain
 
 __all__ = ["Batch", "TokenLayout", "Segment", "Group", "PACKING_MODES"]
@@ -60,23 +61,23 @@ class Batch:
         if isinstance(domains, Domain):
             domains = [domains] * len(images)
         if len(images) == 0:
-            raise ValueError("Batch.from_images: no images given")
+            raise UserError("Batch.from_images: no images given")
         if len(domains) != len(images):
-            raise ValueError(f"Batch.from_images: {len(images)} images but {len(domains)} domains")
+            raise UserError(f"Batch.from_images: {len(images)} images but {len(domains)} domains")
         by_shape: dict[tuple, list[int]] = {}
         for i, (img, dom) in enumerate(zip(images, domains)):
             if not isinstance(img, Tensor) or img.dim() not in (3, 4):
                 shape = tuple(getattr(img, "shape", ()))
-                raise ValueError(f"image {i}: expected a (C, H, W) or (C, D, H, W) tensor, got shape {shape}")
+                raise UserError(f"image {i}: expected a (C, H, W) or (C, D, H, W) tensor, got shape {shape}")
             if img.dim() - 1 != dom.dims:
-                raise ValueError(f"image {i}: shape {tuple(img.shape)} is {img.dim() - 1}D but its domain says {dom.dimensionality}")
+                raise UserError(f"image {i}: shape {tuple(img.shape)} is {img.dim() - 1}D but its domain says {dom.dimensionality}")
             by_shape.setdefault(tuple(img.shape), []).append(i)
         groups = [torch.stack([images[i] for i in idx]) for idx in by_shape.values()]
         group_samples = [torch.tensor(idx, dtype=torch.long) for idx in by_shape.values()]
         targets = {k: list(v) for k, v in (targets or {}).items()}
         for name, labels in targets.items():
             if len(labels) != len(images):
-                raise ValueError(f"targets[{name!r}]: {len(labels)} labels for {len(images)} images")
+                raise UserError(f"targets[{name!r}]: {len(labels)} labels for {len(images)} images")
         return cls(groups, group_samples, list(domains), targets, dict(meta or {}))
 
     @property
@@ -218,14 +219,20 @@ class TokenLayout:
         ``padded``: one segment for the whole batch, padding stored in the sequence (the reference path).
         """
         if mode not in PACKING_MODES:
-            raise ValueError(f"packing mode must be one of {PACKING_MODES}, got {mode!r}")
+            raise UserError(f"packing mode must be one of {PACKING_MODES}, got {mode!r}")
         lengths = [num_prefix + _prod(g) for g in grids]
         sizes = [len(ids) for ids in group_samples]
         buckets = ([list(range(len(grids)))] if mode == "padded"
                    else _buckets_by_length(lengths, sizes, max_padding))
+        # Each bucket of groups becomes one attention segment of rows of ``n`` slots (its longest row).
+        # Within it the groups' rows are laid one after another: ``row`` counts rows, ``offset`` counts
+        # positions in the packed sequence (a compact segment stores each row at its own length, a
+        # padded one at ``n``). Per-token metadata (sample id, (z, y, x), prefix flag) is built once per
+        # segment over all its rows, then the padding slots are dropped for compact segments; ``gather``
+        # maps each of the ``n`` slots of a row back to a real token for attention.
         segments, sample_idx, coords, prefix = [], [], [], []
         groups: list[Group | None] = [None] * len(grids)
-        start = 0
+        start = 0  # where the current segment starts in the packed sequence
         for bucket in buckets:
             n = max(lengths[g] for g in bucket)
             padded = any(lengths[g] != n for g in bucket)
@@ -336,7 +343,7 @@ class TokenLayout:
                       and (len(self.segments) > 1 or self.segments[0].key_mask is not None))
         if varlen:
             if need_weights or self.row_offsets is None:
-                raise ValueError("varlen attention needs a compact layout (packing='grouped') and no weights")
+                raise UserError("varlen attention needs a compact layout (packing='grouped') and no weights")
             return self.varlen_attention(q, k, v), []
         outs, weights = [], []
         for seg, *qkv in zip(self.segments, *(self.segment_rows(t) for t in (q, k, v))):

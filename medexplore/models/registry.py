@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..errors import UserError
 from .config import MedformerConfig
 from .medformer import Medformer
 from .tasks import TaskSpec
@@ -44,10 +45,10 @@ def create_model(name: str, tasks: list[TaskSpec] = (), **overrides) -> Medforme
         2
     """
     if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {list_models()}")
+        raise UserError(f"unknown model {name!r}; available: {list_models()}")
     config = _MODELS[name]().replace(**overrides)
     tasks = [t if isinstance(t, TaskSpec) else TaskSpec.from_dict(t) for t in tasks]
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
-        raise ValueError(f"task names must be unique, got {names}")
+        raise UserError(f"task names must be unique, got {names}")
     return Medformer(config, tasks)

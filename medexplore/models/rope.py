@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 __all__ = ["Rotary3D", "apply_rotary"]
 
 
@@ -25,7 +27,7 @@ class Rotary3D(nn.Module):
     def __init__(self, head_dim: int, theta: float = 100.0):
         super().__init__()
         if head_dim % 2 or head_dim < 6:
-            raise ValueError(f"Rotary3D: head_dim must be even and >= 6, got {head_dim}")
+            raise UserError(f"Rotary3D: head_dim must be even and >= 6, got {head_dim}")
         pairs = head_dim // 2
         per_axis = pairs // 3
         freqs = theta ** (-torch.arange(per_axis, dtype=torch.float64) / per_axis)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 __all__ = ["MultiScaleDecoder", "feature_depths"]
 
 
@@ -33,7 +35,7 @@ class MultiScaleDecoder(nn.Module):
                  num_features: int, out_channels: int):
         super().__init__()
         if patch_size & (patch_size - 1):
-            raise ValueError(f"segmentation needs a power-of-two patch size, got {patch_size}")
+            raise UserError(f"segmentation needs a power-of-two patch size, got {patch_size}")
         self.dims, self.in_chans = dims, in_chans
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         up = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..errors import UserError
+
 __all__ = ["TaskKind", "TaskSpec", "Domain", "DIMENSIONALITIES", "KINDS"]
 
 DIMENSIONALITIES = ("2d", "3d")
@@ -50,7 +52,7 @@ class Domain:
 
     def __post_init__(self):
         if self.dimensionality not in DIMENSIONALITIES:
-            raise ValueError(
+            raise UserError(
                 f"Domain.dimensionality must be one of {DIMENSIONALITIES}, got {self.dimensionality!r}"
             )
 
@@ -95,35 +97,35 @@ class TaskSpec:
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"TaskSpec.name must be a non-empty identifier, got {self.name!r}")
+            raise UserError(f"TaskSpec.name must be a non-empty identifier, got {self.name!r}")
         if str(self.kind) not in KINDS:
-            raise ValueError(f"task {self.name!r}: unknown kind {self.kind!r}; expected one of {sorted(KINDS)}")
+            raise UserError(f"task {self.name!r}: unknown kind {self.kind!r}; expected one of {sorted(KINDS)}")
         object.__setattr__(self, "kind", TaskKind(self.kind))
         entry = KINDS[self.kind]
         for attr in ("dimensionalities", "modalities", "body_parts", "label_names"):
             object.__setattr__(self, attr, tuple(getattr(self, attr)))
         bad = [d for d in self.dimensionalities if d not in DIMENSIONALITIES]
         if bad or not self.dimensionalities:
-            raise ValueError(f"task {self.name!r}: dimensionalities must be a non-empty subset of {DIMENSIONALITIES}, "
+            raise UserError(f"task {self.name!r}: dimensionalities must be a non-empty subset of {DIMENSIONALITIES}, "
                              f"got {self.dimensionalities}")
         minimum = entry.min_outputs
         if self.kind == TaskKind.BINARY and self.num_outputs not in (1, 2):
-            raise ValueError(f"task {self.name!r}: a binary task has num_outputs 1 (or 2), got {self.num_outputs}")
+            raise UserError(f"task {self.name!r}: a binary task has num_outputs 1 (or 2), got {self.num_outputs}")
         if self.num_outputs < minimum:
-            raise ValueError(f"task {self.name!r}: kind {self.kind.value} needs num_outputs >= {minimum}, got {self.num_outputs}")
+            raise UserError(f"task {self.name!r}: kind {self.kind.value} needs num_outputs >= {minimum}, got {self.num_outputs}")
         if self.label_names and len(self.label_names) != self.num_outputs and self.kind != TaskKind.BINARY:
-            raise ValueError(f"task {self.name!r}: {len(self.label_names)} label_names for num_outputs={self.num_outputs}")
+            raise UserError(f"task {self.name!r}: {len(self.label_names)} label_names for num_outputs={self.num_outputs}")
         if self.num_queries < 0:
-            raise ValueError(f"task {self.name!r}: num_queries must be >= 0, got {self.num_queries}")
+            raise UserError(f"task {self.name!r}: num_queries must be >= 0, got {self.num_queries}")
         if entry.queries_per_output and 0 < self.num_queries < self.num_outputs:
             what = "box" if entry.output == "boxes" else "class"
-            raise ValueError(f"task {self.name!r}: a {self.kind.value} task needs one query per {what} "
+            raise UserError(f"task {self.name!r}: a {self.kind.value} task needs one query per {what} "
                              f"(num_queries >= num_outputs = {self.num_outputs}), got {self.num_queries}")
         losses = entry.losses
         if self.loss not in losses:
-            raise ValueError(f"task {self.name!r}: loss {self.loss!r} not available for {self.kind.value}; choose from {losses}")
+            raise UserError(f"task {self.name!r}: loss {self.loss!r} not available for {self.kind.value}; choose from {losses}")
         if not self.weight >= 0:
-            raise ValueError(f"task {self.name!r}: weight must be >= 0, got {self.weight}")
+            raise UserError(f"task {self.name!r}: weight must be >= 0, got {self.weight}")
 
     @property
     def queries(self) -> int:
@@ -148,5 +150,5 @@ class TaskSpec:
     def from_dict(cls, d: dict) -> "TaskSpec":
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"TaskSpec: unknown field(s) {sorted(unknown)}")
+            raise UserError(f"TaskSpec: unknown field(s) {sorted(unknown)}")
         return cls(**d)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from .medformer import Medformer
 
 __all__ = ["timm_to_medformer", "load_timm_weights"]
@@ -14,14 +15,14 @@ _DROPPED_PREFIXES = ("head.", "fc_norm.", "attn_pool.")
 def _check_variant(state_dict: dict[str, Tensor], model: Medformer) -> None:
     """Refuse, in one line, the timm ViT variants whose computation a Medformer does not reproduce."""
     if "reg_token" in state_dict:
-        raise ValueError(f"timm ViT with {state_dict['reg_token'].shape[1]} register tokens (reg_tokens) cannot be "
+        raise UserError(f"timm ViT with {state_dict['reg_token'].shape[1]} register tokens (reg_tokens) cannot be "
                          "loaded: a Medformer has no register tokens")
     if "fc_norm.weight" in state_dict and "norm.weight" not in state_dict:
-        raise ValueError("timm ViT with global_pool='avg' (fc_norm after pooling, no final norm) cannot be loaded "
+        raise UserError("timm ViT with global_pool='avg' (fc_norm after pooling, no final norm) cannot be loaded "
                          "exactly: a Medformer normalises tokens before pooling; use a class-token ViT")
     has_cls = "cls_token" in state_dict
     if has_cls != (model.cls_token is not None):
-        raise ValueError(f"timm ViT {'has' if has_cls else 'has no'} class token but the model was built with "
+        raise UserError(f"timm ViT {'has' if has_cls else 'has no'} class token but the model was built with "
                          f"class_token={model.cls_token is not None}; build it with class_token={has_cls}")
 
 
@@ -84,12 +85,12 @@ def load_timm_weights(model: Medformer, state_dict: dict[str, Tensor], strict_bo
     shapes = [f"{k}: timm {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in mapped.items()
               if k in own and own[k].shape != v.shape]
     if shapes:
-        raise ValueError(f"timm weights do not fit this model (width, depth or patch size differ): {shapes[:3]}")
+        raise UserError(f"timm weights do not fit this model (width, depth or patch size differ): {shapes[:3]}")
     result = model.load_state_dict(mapped, strict=False)
     if result.unexpected_keys:
-        raise ValueError(f"timm weights have keys the Medformer lacks: {result.unexpected_keys[:5]}")
+        raise UserError(f"timm weights have keys the Medformer lacks: {result.unexpected_keys[:5]}")
     body = [k for k in result.missing_keys
             if k.startswith(("patch_embed.proj.", "blocks.", "norm.")) or k == "cls_token"]
     if strict_body and body:
-        raise ValueError(f"timm weights lack body parameters: {body[:5]}")
+        raise UserError(f"timm weights lack body parameters: {body[:5]}")
     return result.missing_keys, result.unexpected_keys

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 __all__ = ["PatchEmbed", "LearnedPositions"]
 
 
@@ -27,12 +29,12 @@ class PatchEmbed(nn.Module):
         """Token grid of a ``(C, *spatial)`` image, with a ValueError for unsupported shapes."""
         channels, spatial = shape[0], tuple(shape[1:])
         if len(spatial) not in (2, 3):
-            raise ValueError(f"{where}: expected (C, H, W) or (C, D, H, W), got shape {tuple(shape)}")
+            raise UserError(f"{where}: expected (C, H, W) or (C, D, H, W), got shape {tuple(shape)}")
         if channels not in (1, self.in_chans):
-            raise ValueError(f"{where}: shape {tuple(shape)} has {channels} channels; this model takes "
+            raise UserError(f"{where}: shape {tuple(shape)} has {channels} channels; this model takes "
                              f"{self.in_chans} (or 1, treated as grey)")
         if any(s % self.patch_size or s == 0 for s in spatial):
-            raise ValueError(f"{where}: spatial size {spatial} is not divisible by the patch size "
+            raise UserError(f"{where}: spatial size {spatial} is not divisible by the patch size "
                              f"{self.patch_size}; crop or resize to a multiple of {self.patch_size}")
         return tuple(s // self.patch_size for s in spatial)
 
@@ -79,7 +81,7 @@ class LearnedPositions(nn.Module):
         limits = torch.tensor(self.grid, device=coords.device)
         if (coords >= limits).any():
             worst = coords.amax(0).tolist()
-            raise ValueError(f"token grid up to (z, y, x) = {tuple(v + 1 for v in worst)} exceeds the learned "
+            raise UserError(f"token grid up to (z, y, x) = {tuple(v + 1 for v in worst)} exceeds the learned "
                              f"position grid {self.grid}; use pos_embed='rope' or a larger pos_grid")
         index = self.num_prefix + (coords[:, 0] * gy + coords[:, 1]) * gx + coords[:, 2]
         index = torch.where(is_prefix, 0, index)  # the class token (at most one prefix token)

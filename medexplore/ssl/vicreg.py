@@ -6,6 +6,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 __all__ = ["VICRegLoss", "Expander", "gather_with_grad", "off_diagonal"]
 
 
@@ -57,11 +59,11 @@ class VICRegLoss(nn.Module):
 
     def terms(self, z1: Tensor, z2: Tensor) -> dict[str, Tensor]:
         if z1.shape != z2.shape or z1.dim() != 2:
-            raise ValueError(f"VICRegLoss: expected two (N, D) embeddings of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+            raise UserError(f"VICRegLoss: expected two (N, D) embeddings of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
         invariance = F.mse_loss(z1, z2)
         z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
         if z1.shape[0] < 2:
-            raise ValueError(f"VICRegLoss: needs at least 2 embeddings across all ranks, got {z1.shape[0]}")
+            raise UserError(f"VICRegLoss: needs at least 2 embeddings across all ranks, got {z1.shape[0]}")
         n, d = z1.shape
         z1, z2 = z1 - z1.mean(0), z2 - z2.mean(0)
         std1, std2 = (torch.sqrt(z.var(0) + self.eps) for z in (z1, z2))
@@ -89,7 +91,7 @@ class Expander(nn.Module):
     def __init__(self, in_dim: int, sizes: tuple[int, ...] = (2048, 2048, 2048)):
         super().__init__()
         if not sizes or min(sizes) < 1:
-            raise ValueError(f"Expander: sizes must be a non-empty tuple of positive ints, got {sizes}")
+            raise UserError(f"Expander: sizes must be a non-empty tuple of positive ints, got {sizes}")
         dims = (in_dim, *sizes)
         layers: list[nn.Module] = []
         for a, b in zip(dims[:-2], dims[1:-1]):

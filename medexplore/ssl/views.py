@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UserError
+
 __all__ = ["ViewAugment", "TwoViews"]
 
 
@@ -37,14 +39,14 @@ class ViewAugment:
     def __post_init__(self):
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"ViewAugment.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+            raise UserError(f"ViewAugment.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
         for name in ("flip_p", "blur_p", "noise_p"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"ViewAugment.{name} must be a probability, got {getattr(self, name)}")
+                raise UserError(f"ViewAugment.{name} must be a probability, got {getattr(self, name)}")
 
     def __call__(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if image.dim() not in (3, 4):
-            raise ValueError(f"ViewAugment: expected (C, H, W) or (C, D, H, W), got shape {tuple(image.shape)}")
+            raise UserError(f"ViewAugment: expected (C, H, W) or (C, D, H, W), got shape {tuple(image.shape)}")
         g = generator
         rand = lambda: float(torch.rand((), generator=g))  # noqa: E731
         x = self._crop(image.float(), rand)

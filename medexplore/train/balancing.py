@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 __all__ = ["LOSS_BALANCES", "BALANCER_LR_SCALE", "LossBalancer", "UncertaintyWeighting", "GradNorm", "make_balancer"]
 
 LOSS_BALANCES = ("fixed", "uncertainty", "gradnorm")
@@ -96,7 +98,7 @@ class GradNorm(LossBalancer):
 def make_balancer(name: str, task_weights: dict[str, float]) -> LossBalancer | None:
     """The balancer ``train.loss_balance`` names (None for ``fixed``)."""
     if name not in LOSS_BALANCES:
-        raise ValueError(f"train.loss_balance must be one of {LOSS_BALANCES}, got {name!r}")
+        raise UserError(f"train.loss_balance must be one of {LOSS_BALANCES}, got {name!r}")
     if name == "fixed":
         return None
     return {"uncertainty": UncertaintyWeighting, "gradnorm": GradNorm}[name](task_weights)

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..adapt.strategies import model_from_spec
+from ..errors import UserError
 from ..models.medformer import Medformer
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "CheckpointError", "rng_state", "set_rng_state",
@@ -29,7 +30,7 @@ __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "CheckpointError"
 FORMAT = "medexplore-checkpoint/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt or incompatible with the requested model."""
 
 

@@ -17,6 +17,7 @@ import torch
 from ..data.annotations import AnnotationView, pseudo_label_key, save_pseudo_labels
 from ..data.registry import build_dataset, dataset_parts
 from ..data.sample import collate
+from ..errors import UserError
 from ..models.heads import SegmentationHead
 from ..models.kinds import kind_entry, per_sample_predictions, score_task
 from ..models.medformer import Medformer
@@ -54,7 +55,7 @@ def pseudo_label(model: Medformer, data: dict, threshold: float = 0.9, batch_siz
     """Label every annotation the training images of ``data`` (a data section, e.g. with
     ``annotations: decentralized``) lack, keeping predictions with confidence >= ``threshold``."""
     if not 0 <= threshold <= 1:
-        raise ValueError(f"pseudo-label threshold must be in [0, 1], got {threshold}")
+        raise UserError(f"pseudo-label threshold must be in [0, 1], got {threshold}")
     data = {**copy.deepcopy(data), "pseudo_labels": None}
     names = list(data["datasets"])
     model.eval().to(device)

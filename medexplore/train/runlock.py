@@ -5,12 +5,14 @@ import fcntl
 import os
 from pathlib import Path
 
+from ..errors import UserError
+
 __all__ = ["RunLock", "RunLockedError", "LOCK_NAME"]
 
 LOCK_NAME = ".lock"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError):
     """Another process is running in this folder."""
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .engine import Event
+from .events import Event
 
 __all__ = ["TensorBoardLogger"]
 

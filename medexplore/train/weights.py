@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..adapt.strategies import AdaptConfig, AdaptReport, apply_strategy
+from ..errors import UserError
 from ..models.medformer import Medformer
 from ..models.timm_weights import load_timm_weights
 from .checkpoint import CheckpointError, init_from_checkpoint
@@ -18,7 +19,7 @@ __all__ = ["load_backbone_weights", "read_weights_file", "WeightsError", "adapt_
 TIMM_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """Weights that cannot be found, read or fitted; the message names the source."""
 
 

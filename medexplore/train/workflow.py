@@ -10,32 +10,33 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
+from torch.utils.data import Dataset
 
 from ..adapt.strategies import AdaptConfig
+from ..configs import load_recipe
 from ..data.registry import build_dataset, check_data_config, dataset_parts, dataset_tasks, vocab_for
 from ..data.sample import collate
+from ..errors import UserError
 from ..models import create_model
 from ..models.config import MedformerConfig
 from ..models.kinds import kind_entry
 from ..models.medformer import Medformer
 from ..typed import coerce_fields
 from .checkpoint import checkpoint_exists, final_checkpoint, init_from_checkpoint, load_model, recover_checkpoints
-from .engine import Event, RunControl, RunResult, TrainConfig, Trainer, resolve_device
+from .config import TrainConfig
+from .device import is_distributed, resolve_device
+from .engine import Trainer
 from .evaluate import evaluate
+from .events import Event, EventKind, RunControl, RunResult
 from .runlock import LOCK_NAME, RunLock
 from .weights import adapt_model
 
 __all__ = ["DEFAULT_CONFIG", "check_adapt_config", "find_runs", "build_model", "run_training", "RunOutcome"]
 
-DEFAULT_CONFIG = {
-    "model": {"name": "medformer_tiny", "patch_size": 4},
-    "data": {"datasets": ["embedded"], "size": 28, "root": None, "path": None},
-    "train": {},
-    "adapt": {},
-}
+DEFAULT_CONFIG = load_recipe("defaults")  # every run config starts from it (medexplore/configs/defaults.yaml)
 
 
 @dataclass
@@ -76,7 +77,7 @@ def _absolute_paths(data: dict) -> dict:
 def _check_monitor(monitor: str, tasks) -> None:
     produced = {m for t in tasks for m in kind_entry(t.kind).metrics} | ({"headline"} if tasks else set())
     if tasks and monitor not in produced:
-        raise ValueError(f"train.monitor {monitor!r} is not a validation metric of any task here "
+        raise UserError(f"train.monitor {monitor!r} is not a validation metric of any task here "
                          f"({', '.join(f'{t.name}: {t.kind.value}' for t in tasks)}); choose one of {sorted(produced)}")
 
 
@@ -94,12 +95,12 @@ def check_adapt_config(section: dict | None, init: str | Path | None = None):
     """The ``adapt`` section as an AdaptConfig (None when no strategy is asked for), checked against ``init``."""
     if not section or not section.get("strategy"):
         if section:
-            raise ValueError(f"adapt section {sorted(section)} without adapt.strategy; name one (e.g. lora)")
+            raise UserError(f"adapt section {sorted(section)} without adapt.strategy; name one (e.g. lora)")
         return None
     cfg = AdaptConfig.from_dict(section)
     cfg.check_sources()
     if not (init or cfg.weights):
-        raise ValueError(f"adapt.strategy {cfg.strategy} adapts a pretrained model: give --init CHECKPOINT "
+        raise UserError(f"adapt.strategy {cfg.strategy} adapts a pretrained model: give --init CHECKPOINT "
                          "or adapt.weights (--weights)")
     return cfg
 
@@ -113,7 +114,7 @@ def _prepare_run_dir(out: Path, resume: bool, data: dict) -> bool:
         before = json.loads(stored.read_text()).get("data", {})
         changed = sorted(k for k in set(before) | set(data) if before.get(k) != data.get(k))
         if changed:
-            raise ValueError(f"{out}: --resume with other data than the run used: "
+            raise UserError(f"{out}: --resume with other data than the run used: "
                              + "; ".join(f"data.{k} was {before.get(k)!r}, now {data.get(k)!r}" for k in changed))
     if has_checkpoint:
         if not resume:
@@ -131,49 +132,67 @@ def _prepare_run_dir(out: Path, resume: bool, data: dict) -> bool:
     return False
 
 
+def _splits(data: dict, mode: str, test: bool) -> dict[str, Dataset]:
+    """The splits a run reads: train always; val and (unless ``test`` is off) test for supervised runs."""
+    wanted = ["train"] + (["val"] + (["test"] if test else []) if mode == "supervised" else [])
+    return {split: build_dataset(data, split) for split in wanted}
+
+
 def run_training(config: dict, out: str | Path, mode: str = "supervised", init: str | Path | None = None,
                  resume: bool = False, callbacks: Sequence[Callable[[Event], None]] = (),
-                 control: RunControl | None = None, test: bool = True) -> RunOutcome:
+                 control: RunControl | None = None, test: bool = True,
+                 datasets: Mapping[str, Dataset] | None = None, model: Medformer | None = None) -> RunOutcome:
     """Train (or pretrain) as ``config`` says, then score the best checkpoint on the test split.
 
     Everything that can fail on bad input (config types, data, images against the model, the init
     checkpoint) is checked before the run directory is touched. The directory is locked for the run's
     life; a folder left by a run that never saved a checkpoint is taken over, and ``resume`` of such
     a folder starts from the beginning.
-    """
-    import torch.distributed as dist
 
-    is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    Callers that built their own data or model pass them: ``datasets`` maps ``train`` (and ``val``,
+    ``test``) to datasets (e.g. a patient-level split), replacing what the config's ``data`` section
+    would build (the section is then only recorded with the run); ``model`` replaces building one from
+    the ``model`` section (e.g. an expert already adapted and measured).
+    """
+    is_main = not is_distributed() or torch.distributed.get_rank() == 0
     config = copy.deepcopy(config)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file, not a directory")
-    config["data"] = _absolute_paths(check_data_config(config["data"]))
+    data = dict(config.get("data") or {})
+    config["data"] = data if datasets is not None else _absolute_paths(check_data_config(data))
     if config.get("train", {}).get("mode", mode) != mode:
-        raise ValueError(f"train.mode is set by the command ({mode}); remove train.mode={config['train']['mode']!r}")
+        raise UserError(f"train.mode is set by the command ({mode}); remove train.mode={config['train']['mode']!r}")
     train_cfg = TrainConfig.from_dict({**config.get("train", {}), "mode": mode})
     adapt_cfg = check_adapt_config(config.get("adapt"), init)
     resolve_device(train_cfg.device)  # an unknown or absent device fails before the folder is touched
-    train_set = build_dataset(config["data"], "train")
-    val_set = build_dataset(config["data"], "val") if mode == "supervised" else None
-    test_set = build_dataset(config["data"], "test") if mode == "supervised" and test else None
-    tasks = dataset_tasks(train_set) if mode == "supervised" else []
-    if mode == "supervised":
-        _check_monitor(train_cfg.monitor, tasks)
-    torch.manual_seed(train_cfg.seed)  # the model's initial weights follow train.seed too
-    model = build_model(config["model"], tasks, vocab_for(train_set))
+    splits = dict(datasets) if datasets is not None else _splits(config["data"], mode, test)
+    if "train" not in splits:
+        raise UserError(f"run_training: datasets must include a train split, got {sorted(splits)}")
+    supervised = mode == "supervised"
+    train_set = splits["train"]
+    val_set = splits.get("val") if supervised else None
+    test_set = splits.get("test") if supervised and test else None
+    if model is None:
+        tasks = dataset_tasks(train_set) if supervised else []
+        if supervised:
+            _check_monitor(train_cfg.monitor, tasks)
+        torch.manual_seed(train_cfg.seed)  # the model's initial weights follow train.seed too
+        model = build_model(config["model"], tasks, vocab_for(train_set))
+    elif supervised:
+        _check_monitor(train_cfg.monitor, list(model.tasks.values()))
     _check_images(model, train_set, val_set, test_set)
     if init:
         init_from_checkpoint(model, init)
     if adapt_cfg is not None:
         report = adapt_model(model, adapt_cfg)
         for callback in callbacks:
-            callback(Event("adapted", message=str(report)))
+            callback(Event(EventKind.ADAPTED, message=str(report)))
     with RunLock(out) if is_main else contextlib.nullcontext():
         resume = _prepare_run_dir(out, resume, config["data"]) if is_main else resume
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
             flag = torch.tensor([int(resume)])
-            dist.broadcast(flag, 0)
+            torch.distributed.broadcast(flag, 0)
             resume = bool(flag.item())
         trainer = Trainer(model, train_set, train_cfg, out, val_data=val_set, callbacks=callbacks, control=control,
                           data_config=config["data"])

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..errors import UserError
 from .figures import display_image
 
 __all__ = ["OKABE_ITO", "category_colors", "scatter", "principal_angle_heatmap", "variance_bars",
@@ -53,7 +54,7 @@ def scatter(coords: np.ndarray, metadata: pd.DataFrame | None = None, color_by: 
     """
     coords = np.asarray(coords)
     if coords.ndim != 2 or coords.shape[1] < 2:
-        raise ValueError(f"coords must be (N, >=2), got shape {coords.shape}")
+        raise UserError(f"coords must be (N, >=2), got shape {coords.shape}")
     fig, ax = _new_ax(ax)
     size = size if size is not None else float(np.clip(3000 / max(len(coords), 1), 2, 30))
     if color_by is None or metadata is None:
@@ -251,7 +252,7 @@ def orthoslice_overlay(volume: np.ndarray, overlay: np.ndarray | None = None, po
     (C, D, H, W) volume, each with the map (D, H, W) and optional mask outline on top."""
     volume = np.asarray(volume, dtype=np.float32)
     if volume.ndim != 4:
-        raise ValueError(f"volume must be (C, D, H, W), got shape {volume.shape}")
+        raise UserError(f"volume must be (C, D, H, W), got shape {volume.shape}")
     spatial = volume.shape[1:]
     if point is None:
         point = np.unravel_index(np.argmax(overlay), spatial) if overlay is not None else [s // 2 for s in spatial]

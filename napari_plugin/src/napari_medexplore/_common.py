@@ -3,11 +3,14 @@ choice, a model cache and error reporting. magicgui widgets only; no model logic
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 from pathlib import Path
 
 from magicgui.widgets import ComboBox, Container, FileEdit, LineEdit, PushButton
 from psygnal import Signal
 
+from medexplore.errors import UserError
 from medexplore.models.tasks import Domain
 from medexplore.train.checkpoint import CheckpointError, final_checkpoint, load_model
 from medexplore.train.workflow import find_runs
@@ -24,10 +27,15 @@ def runs_root() -> Path:
 
 
 def report_error(exc: BaseException, what: str) -> str:
-    """Show ``exc`` as a napari error notification naming what failed; returns the message."""
+    """Show ``exc`` as a napari error notification naming what failed; returns the message. A user's
+    mistake (``UserError``, a missing or unwritable file) is its one-line message; anything else is a
+    bug: its type is named and its traceback goes to stderr."""
     from napari.utils.notifications import show_error
 
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not isinstance(exc, (UserError, OSError)):
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        text = f"{type(exc).__name__}: {text} (a bug: the traceback is on stderr)"
     message = f"medexplore {what} failed: {text}"
     show_error(message)
     return message

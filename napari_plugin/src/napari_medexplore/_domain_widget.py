@@ -6,12 +6,12 @@ For a GMoE-adapted checkpoint the gate's weight on each expert, per block, is dr
 from __future__ import annotations
 
 import numpy as np
-import torch
 from magicgui.widgets import ComboBox, Container, Label, PushButton
 
 from medexplore.analysis.mixing import domain_attention, domain_attention_maps, gate_weights, summarize_mixing
 from medexplore.data.sample import Sample
-from medexplore.data.transforms import fit_to_multiple, normalize_intensity
+from medexplore.data.transforms import prepare_image
+from medexplore.errors import UserError
 from medexplore.viz.analysis import mixing_bars
 
 from ._common import CheckpointPicker, DomainFields, image_layers, report_error
@@ -43,14 +43,13 @@ class DomainLatentWidget(Container):
         try:
             source = self.layer.value
             if source is None:
-                raise ValueError("no image layer chosen")
+                raise UserError("no image layer chosen")
             model, _ = self.checkpoint.load()
             domain = self.domain.domain
             image, _ = layer_image(source, domain, self.viewer.dims.current_step)
             spatial = image.shape[1:]
-            tensor = fit_to_multiple(normalize_intensity(torch.from_numpy(image), domain.modality),
-                                     model.config.patch_size, "pad")
-            sample = Sample(tensor, domain, meta={"source": source.name})
+            sample = Sample(prepare_image(image, domain, pad_to=model.config.patch_size), domain,
+                            meta={"source": source.name})
             maps = domain_attention_maps(model, sample)
             mixing = domain_attention(model, [sample])
             gates = gate_weights(model, [sample]) if (model.adaptation or {}).get("strategy") == "gmoe" else None

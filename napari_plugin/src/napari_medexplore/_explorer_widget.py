@@ -7,20 +7,17 @@ through that stack highlights the point of the image shown. Embeddings, projecti
 """
 from __future__ import annotations
 
-import queue
-import threading
-
 import numpy as np
-import torch
 from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
 from matplotlib.widgets import LassoSelector
 
-from medexplore.analysis.embeddings import compute_embeddings
+from medexplore.analysis.embeddings import iter_compute_embeddings
 from medexplore.analysis.projections import project
 from medexplore.analysis.selection import nearest_point, points_in_polygon
 from medexplore.data.embedded import EmbeddedDataset
 from medexplore.data.sample import Sample
-from medexplore.data.transforms import fit_to_multiple, normalize_intensity
+from medexplore.data.transforms import prepare_image
+from medexplore.errors import UserError
 from medexplore.viz.analysis import scatter
 
 from ._common import CheckpointPicker, image_layers, report_error
@@ -40,10 +37,9 @@ def layer_samples(viewer, patch_size: int) -> list[Sample]:
             continue
         domain = layer_domain(layer)
         image, _ = layer_image(layer, domain, viewer.dims.current_step)
-        tensor = normalize_intensity(torch.from_numpy(image), domain.modality)
-        samples.append(Sample(fit_to_multiple(tensor, patch_size, "pad"), domain, meta={"source": layer.name}))
+        samples.append(Sample(prepare_image(image, domain, pad_to=patch_size), domain, meta={"source": layer.name}))
     if not samples:
-        raise ValueError("no image layers to embed")
+        raise UserError("no image layers to embed")
     return samples
 
 
@@ -130,31 +126,14 @@ class ExplorerWidget(Container):
         try:
             model, _ = self.checkpoint.load()
             dataset = self._dataset(model.config.patch_size)
+            steps = iter_compute_embeddings(model, dataset)
         except Exception as exc:
             self.status.value = report_error(exc, "embedding")
             return None
 
         @thread_worker
-        def work():  # compute_embeddings runs in a thread of its own; this generator relays its progress
-            done, result = queue.Queue(), {}
-
-            def run():
-                try:
-                    result["set"] = compute_embeddings(model, dataset, progress=False,
-                                                       on_batch=lambda d, t: done.put((d, t)))
-                except Exception as exc:  # re-raised in the worker, so napari reports it
-                    result["error"] = exc
-
-            thread = threading.Thread(target=run, daemon=True)
-            thread.start()
-            while thread.is_alive() or not done.empty():
-                try:
-                    yield done.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            if "error" in result:
-                raise result["error"]
-            return result["set"]
+        def work():  # yields (done, total) after every batch; returns the EmbeddingSet
+            return (yield from steps)
 
         worker = work()
         worker.yielded.connect(lambda step: (setattr(self.progress, "max", step[1]), setattr(self.progress, "value", step[0])))

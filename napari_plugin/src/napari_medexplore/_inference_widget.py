@@ -8,13 +8,12 @@ from __future__ import annotations
 import psutil
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox, Table
 
+from medexplore.analysis.attribution import ATTRIBUTION_LABELS
 from medexplore.analysis.inference import estimate_inference_memory, iter_infer_image, window_for
+from medexplore.errors import UserError
 
 from ._common import DEVICES, CheckpointPicker, DomainFields, image_layers, report_error
 from ._layers import layer_image, result_features, result_layers
-
-EXPLANATIONS = (("rollout", "attention rollout"), ("attention", "attention of one block/head"),
-                ("integrated_gradients", "Integrated Gradients"), ("grad_cam", "LayerGradCam"))
 
 
 class InferenceWidget(Container):
@@ -28,7 +27,7 @@ class InferenceWidget(Container):
         self.device = ComboBox(label="device", choices=DEVICES, value="auto")
         self.window = SpinBox(label="window (0 = auto)", value=0, min=0, max=4096, step=4)
         self.box_threshold = FloatSpinBox(label="box score threshold", value=0.5, min=0.0, max=1.0, step=0.05)
-        self.explain_boxes = {key: CheckBox(text=text, value=key == "rollout") for key, text in EXPLANATIONS}
+        self.explain_boxes = {key: CheckBox(text=text, value=key == "rollout") for key, text in ATTRIBUTION_LABELS.items()}
         self.block = SpinBox(label="block", value=-1, min=-64, max=63)
         self.head = SpinBox(label="head (-1 = mean)", value=-1, min=-1, max=63)
         self.explain_task = ComboBox(label="explain task", choices=lambda _w: self._tasks, nullable=True)
@@ -85,9 +84,9 @@ class InferenceWidget(Container):
         model, _ = self.checkpoint.load()
         source = self.layer.value
         if source is None:
-            raise ValueError("no image layer chosen")
+            raise UserError("no image layer chosen")
         if source not in self.viewer.layers:
-            raise ValueError(f"layer {source.name!r} is no longer in the viewer")
+            raise UserError(f"layer {source.name!r} is no longer in the viewer")
         domain = self.domain.domain
         image, _ = layer_image(source, domain, self.viewer.dims.current_step)
         methods = [key for key, box in self.explain_boxes.items() if box.value]
@@ -100,7 +99,7 @@ class InferenceWidget(Container):
             raise MemoryError(f"this job needs about {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB are free; "
                               f"use a smaller window or fewer explanations")
         options = {"attention": {"block": self.block.value, "head": None if self.head.value < 0 else self.head.value}}
-        from medexplore.train.engine import resolve_device
+        from medexplore.train import resolve_device
 
         steps = iter_infer_image(model, image, domain, explain_methods=methods, explain_task=task,
                                  explain_options=options, window=window, box_threshold=self.box_threshold.value,

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from medexplore.analysis.inference import ImageInference
+from medexplore.errors import UserError
 from medexplore.models.kinds import kind_entry
 from medexplore.models.tasks import Domain
 
@@ -44,7 +45,7 @@ def layer_image(layer, domain: Domain, current_step: tuple[int, ...] = ()) -> tu
     dims = 2 if domain.dimensionality == "2d" else 3
     spatial_ndim = data.ndim - (1 if rgb else 0)
     if spatial_ndim < dims:
-        raise ValueError(f"layer {layer.name!r} has shape {data.shape}; a {domain.dimensionality} model needs "
+        raise UserError(f"layer {layer.name!r} has shape {data.shape}; a {domain.dimensionality} model needs "
                          f"{dims} spatial axes")
     lead = tuple(int(i) for i in current_step[:spatial_ndim - dims]) if spatial_ndim > dims else ()
     if len(lead) < spatial_ndim - dims:

@@ -8,6 +8,7 @@ import pandas as pd
 
 from medexplore.data.medmnist import MEDMNIST, SPLITS, load_medmnist_npz
 from medexplore.data.readers import Volume, is_nifti, read_image
+from medexplore.errors import UserError
 from medexplore.models.tasks import Domain
 
 from ._layers import domain_metadata
@@ -68,12 +69,12 @@ def read_npz(path) -> list[tuple]:
     path = Path(path[0] if isinstance(path, list) else path)
     info = _medmnist_info(path)
     if info is None:
-        raise ValueError(f"{path}: not a MedMNIST file name (expected e.g. pneumoniamnist.npz or "
+        raise UserError(f"{path}: not a MedMNIST file name (expected e.g. pneumoniamnist.npz or "
                          f"organmnist3d_64.npz; known: {', '.join(sorted(MEDMNIST))})")
     with np.load(path, allow_pickle=False) as data:
         present = [s for s in SPLITS if f"{s}_images" in data.files]
     if not present:
-        raise ValueError(f"{path}: no <split>_images arrays; expected train/val/test_images and _labels")
+        raise UserError(f"{path}: no <split>_images arrays; expected train/val/test_images and _labels")
     layers = []
     for k, split in enumerate(present):
         images, labels = load_medmnist_npz(path, info, split)

@@ -14,20 +14,18 @@ from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label,
 from qtpy.QtCore import QTimer
 
 from medexplore.adapt.strategies import STRATEGIES
+from medexplore.configs import load_recipe
 from medexplore.data.registry import available_datasets
+from medexplore.errors import UserError
+from medexplore.train import RunControl
 from medexplore.train.checkpoint import final_checkpoint
-from medexplore.train.engine import RunControl
 from medexplore.train.workflow import check_adapt_config, run_training
 
 from ._common import DEVICES, RUNS, report_error, runs_root
 from ._plots import CurvesCanvas
 
 NO_STRATEGY = "none (every weight learns)"
-MODEL_SIZES = {  # name: model section of the config
-    "micro (CPU minutes)": {"name": "medformer_tiny", "patch_size": 4, "depth": 3, "embed_dim": 64, "num_heads": 2},
-    "tiny": {"name": "medformer_tiny", "patch_size": 4},
-    "small": {"name": "medformer_small", "patch_size": 4},
-}
+MODEL_SIZES = load_recipe("model_sizes")  # label: the config's model section (medexplore/configs/model_sizes.yaml)
 
 
 class TrainingWidget(Container):
@@ -81,7 +79,7 @@ class TrainingWidget(Container):
         path = str(self.data_path.value or "").strip()
         if name == "folder":
             if path in ("", "."):
-                raise ValueError("the folder dataset needs a CSV file (MedMNIST folder / CSV)")
+                raise UserError("the folder dataset needs a CSV file (MedMNIST folder / CSV)")
             data["csv"] = path
         elif name != "embedded" and path not in ("", "."):
             data["root"] = path
@@ -103,7 +101,7 @@ class TrainingWidget(Container):
     def out_dir(self) -> Path:
         name = self.run_name.value.strip()
         if not name or "/" in name or name.startswith("."):
-            raise ValueError(f"run name {name!r}: use a plain folder name")
+            raise UserError(f"run name {name!r}: use a plain folder name")
         return runs_root() / name
 
     # ------------------------------------------------------------------ run control

@@ -1,0 +1,72 @@
+"""The parts a :class:`~medexplore.train.engine.Trainer` is built from: optimizer, learning-rate
+schedule, batch sampler and the DDP wrapper, each a function of the config."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..data.sampling import WeightedBatchSampler, balanced_weights, labels_of
+from ..errors import UserError
+from .config import TrainConfig
+
+__all__ = ["cosine_schedule", "build_optimizer", "build_scheduler", "build_sampler", "sampling_keys", "wrap_ddp"]
+
+
+def cosine_schedule(total: int, warmup: int, min_fraction: float) -> Callable[[int], float]:
+    """Learning-rate factor per step: linear warm-up over ``warmup`` steps, then cosine down to ``min_fraction``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_optimizer(modules: Sequence[nn.Module], config: TrainConfig, extra_groups: Sequence[dict] = ()
+                    ) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``modules``: weight decay on matrices (group 0), none on
+    vectors (group 1); ``extra_groups`` follow (e.g. a loss balancer's, with its own learning rate)."""
+    params = [p for module in modules for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}, *extra_groups]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    warmup = int(config.warmup_fraction * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total_steps, warmup, config.min_lr_fraction))
+
+
+def sampling_keys(dataset: Dataset, balance: str) -> list:
+    """What ``train.balance`` makes equally likely, per sample: its source dataset, or its labels."""
+    if balance == "source":
+        source_of = getattr(dataset, "source_of", None)
+        if source_of is None:
+            raise UserError("train.balance=source needs a MixedDataset (several sources)")
+        return [source_of(i) for i in range(len(dataset))]
+    keys = []
+    for i in range(len(dataset)):
+        labels = labels_of(dataset, i)
+        keys.append(tuple(sorted((k, int(v)) for k, v in labels.items() if torch.as_tensor(v).numel() == 1)))
+    return keys
+
+
+def build_sampler(dataset: Dataset, config: TrainConfig, steps_per_epoch: int, rank: int = 0, world: int = 1
+                  ) -> WeightedBatchSampler:
+    """Micro-batches of this rank's share, ``steps_per_epoch * accum_steps`` per epoch, balanced as asked."""
+    micro = config.batch_size // config.accum_steps
+    if micro % world:
+        raise UserError(f"micro-batch {micro} is not divisible by {world} processes")
+    weights = None if config.balance == "none" else balanced_weights(sampling_keys(dataset, config.balance))
+    return WeightedBatchSampler(len(dataset), micro, weights, num_batches=steps_per_epoch * config.accum_steps,
+                                seed=config.seed, rank=rank, world_size=world)
+
+
+def wrap_ddp(module: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
+    """``module`` under DistributedDataParallel, on ``device`` (its CUDA index when there is one)."""
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, find_unused_parameters=find_unused, device_ids=ids)

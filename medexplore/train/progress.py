@@ -1,0 +1,36 @@
+"""Run events as text: a tqdm bar for steps and one line per epoch (the CLI's and notebooks' display)."""
+from __future__ import annotations
+
+import json
+import sys
+
+from tqdm.auto import tqdm
+
+from .events import Event, EventKind
+
+__all__ = ["ProgressPrinter"]
+
+SHOWN_METRICS = ("auc", "acc", "dice", "mae", "map@0.5")
+
+
+class ProgressPrinter:
+    """Prints engine events to stderr: a tqdm bar for steps (none when ``quiet``), one line per epoch."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet, self.bar = quiet, None
+
+    def __call__(self, event: Event) -> None:
+        if event.kind in (EventKind.ADAPTED, EventKind.RUN):
+            print(event.message, file=sys.stderr)
+        elif event.kind == EventKind.START and not self.quiet:
+            self.bar = tqdm(total=event.total_steps, initial=event.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        elif event.kind == EventKind.STEP and self.bar is not None:
+            self.bar.update(event.step - self.bar.n)
+            self.bar.set_postfix(loss=f"{event.losses.get('loss', float('nan')):.4f}", sps=f"{event.samples_per_s:.0f}")
+        elif event.kind == EventKind.EPOCH:
+            val = {t: {k: round(v, 4) for k, v in m.items() if k in SHOWN_METRICS} for t, m in event.metrics.items()}
+            line = f"epoch {event.epoch} step {event.step}/{event.total_steps} loss {event.losses.get('loss', float('nan')):.4f}"
+            (self.bar.write if self.bar else print)(line + (f" val {json.dumps(val)}" if val else ""))
+        elif event.kind in (EventKind.DONE, EventKind.STOPPED) and self.bar is not None:
+            self.bar.close()
+            self.bar = None

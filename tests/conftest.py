@@ -1,9 +1,11 @@
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
+from medexplore.data.medmnist import MEDMNIST
 from medexplore.data.sample import Sample
 from medexplore.models import Batch, Domain, DomainVocab, TaskSpec, create_model
 
@@ -107,3 +109,21 @@ def region_model():
     assert accuracy > 0.95
     positives = [Sample(x[i], REGION_DOMAIN) for i in torch.nonzero(y)[:3, 0].tolist()]
     return model, positives
+
+
+# ---------------------------------------------------------------------------- files in the MedMNIST layout
+def write_npz(path, flag, n=(12, 6, 6), seed=0):
+    """A small file in the medmnist layout for ``flag`` (labels correlate with brightness)."""
+    info = MEDMNIST[flag]
+    g = np.random.default_rng(seed)
+    shape = (28,) * info.dims + ((3,) if info.dims == 2 and info.channels == 3 else ())
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n):
+        if info.kind == "multilabel":
+            labels = g.integers(0, 2, (count, len(info.labels)))
+        else:
+            labels = g.integers(0, len(info.labels), (count, 1))
+        images = (g.random((count, *shape)) * 100 + labels[:, :1].reshape(-1, *[1] * len(shape)) * 100).astype(np.uint8)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels.astype(np.uint8)
+    np.savez(path, **arrays)
+    return path

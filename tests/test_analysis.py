@@ -317,3 +317,40 @@ def test_fisher_over_kept_checkpoints(tmp_path):
     assert (table["spectral_entropy"] <= np.log(len(samples)) + 1e-9).all()
     with pytest.raises(ValueError, match="no parameter"):
         A.fisher_over_checkpoints(snapshots, samples, params=["nothing."], progress=False)
+
+
+def test_iter_compute_embeddings_reports_progress_and_stops_when_asked(embedded_model, embedded_test):
+    subset = [embedded_test[i] for i in range(7)]
+    steps = A.iter_compute_embeddings(embedded_model, subset, batch_size=3)
+    progress = []
+    while True:
+        try:
+            progress.append(next(steps))
+        except StopIteration as stop:
+            streamed = stop.value
+            break
+    assert progress == [(0, 7), (3, 7), (6, 7), (7, 7)]
+    whole = A.compute_embeddings(embedded_model, subset, batch_size=3, progress=False)
+    assert np.allclose(streamed.pooled, whole.pooled, atol=1e-6)
+    cancelled = A.iter_compute_embeddings(embedded_model, subset, batch_size=3)
+    next(cancelled), next(cancelled)
+    cancelled.close()  # a GUI's cancel: nothing further is computed, the hooks are removed
+    assert not embedded_model.output_adaptformer._forward_hooks
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        A.iter_compute_embeddings(embedded_model, subset, batch_size=0)  # checked before the first step
+
+
+def test_prepare_image_checks_normalises_and_pads():
+    from medexplore.data.transforms import normalize_intensity, prepare_image
+    from medexplore.models import Domain
+
+    domain = Domain("2d", "xray", "chest")
+    image = np.random.default_rng(0).random((1, 10, 13)).astype(np.float32) * 200
+    out = prepare_image(image, domain, pad_to=4)
+    assert out.shape == (1, 12, 16) and torch.allclose(out[:, :10, :13], normalize_intensity(torch.from_numpy(image), "xray"))
+    assert torch.equal(prepare_image(image, domain, normalize=False), torch.from_numpy(image))
+    with pytest.raises(ValueError, match=r"a 2d image must have shape \(C, H, W\), got \(10, 13\)"):
+        prepare_image(image[0], domain)
+    image[0, 1, 2] = np.nan
+    with pytest.raises(ValueError, match="image has 1 NaN/Inf values"):
+        prepare_image(image, domain)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from test_data import write_npz
+from conftest import write_npz
 
 from medexplore.analysis import load_embeddings
 from medexplore.cli import main
@@ -123,3 +123,55 @@ def test_tensorboard_logging_is_an_option(tmp_path, npz):
     tags = events.Tags()["scalars"]
     assert "train/loss" in tags and "val/pneumoniamnist/auc" in tags
     assert len(events.Scalars("train/loss")) == 4  # 16 images, batch 4, one epoch
+
+
+def test_a_bug_keeps_its_traceback_while_a_user_error_is_one_line(tmp_path, npz, monkeypatch, capsys):
+    from medexplore.errors import UserError
+    from medexplore.train import workflow
+
+    def broken(*args, **kwargs):
+        raise ValueError("internal shape mismatch")  # not a UserError: a bug, which must not look like bad input
+
+    monkeypatch.setattr(workflow, "run_training", broken)
+    args = ["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(tmp_path / "r"), *TINY]
+    with pytest.raises(ValueError, match="internal shape mismatch"):
+        main(args)
+
+    def refused(*args, **kwargs):
+        raise UserError("data.size 13 is not published")
+
+    monkeypatch.setattr(workflow, "run_training", refused)
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "medexplore train: error: data.size 13 is not published"
+
+
+def test_recipes_are_data_that_builds_valid_runs():
+    from medexplore.configs import RECIPE_NAMES, load_recipe, parse_overrides
+    from medexplore.errors import UserError
+    from medexplore.models.config import MedformerConfig
+    from medexplore.train import TrainConfig
+    from medexplore.typed import coerce_fields
+
+    assert {"defaults", "experiments", "demo", "example", "adapt_bench", "model_sizes"} <= set(RECIPE_NAMES)
+    sections = [load_recipe("demo"), load_recipe("adapt_bench"), *load_recipe("experiments").values(),
+                *load_recipe("example").values()]
+    for recipe in sections:
+        for name in ("train", "pretrain"):
+            if name in recipe:
+                TrainConfig.from_dict(recipe[name])  # every value has its field's type
+        if "model" in recipe:
+            coerce_fields(MedformerConfig, recipe["model"], "model", extra={"name": str})
+    for model in load_recipe("model_sizes").values():
+        coerce_fields(MedformerConfig, model, "model", extra={"name": str})
+    first = load_recipe("demo")
+    first["train"]["lr"] = 99
+    assert load_recipe("demo")["train"]["lr"] == 1e-3  # each call is a fresh copy
+    assert parse_overrides(["train.lr=0.5", "model.depth=2"], ["model", "train"]) == {
+        "train": {"lr": 0.5}, "model": {"depth": 2}}
+    assert parse_overrides(["depth=2"], ["model"], flag="--model", section="model") == {"model": {"depth": 2}}
+    with pytest.raises(UserError, match=r"--set 'optim.lr=1': unknown section 'optim'"):
+        parse_overrides(["optim.lr=1"], ["model", "train"])
+    with pytest.raises(UserError, match="--model expects KEY=VALUE, got 'depth'"):
+        parse_overrides(["depth"], ["model"], flag="--model", section="model")
+    with pytest.raises(UserError, match="unknown recipe 'nope'"):
+        load_recipe("nope")

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_npz
 
 from medexplore.data import (
     MEDMNIST,
@@ -19,23 +20,6 @@ from medexplore.data import (
 from medexplore.models import Domain
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist.npz"
-
-
-def write_npz(path, flag, n=(12, 6, 6), seed=0):
-    """A small file in the medmnist layout for ``flag`` (labels correlate with brightness)."""
-    info = MEDMNIST[flag]
-    g = np.random.default_rng(seed)
-    shape = (28,) * info.dims + ((3,) if info.dims == 2 and info.channels == 3 else ())
-    arrays = {}
-    for split, count in zip(("train", "val", "test"), n):
-        if info.kind == "multilabel":
-            labels = g.integers(0, 2, (count, len(info.labels)))
-        else:
-            labels = g.integers(0, len(info.labels), (count, 1))
-        images = (g.random((count, *shape)) * 100 + labels[:, :1].reshape(-1, *[1] * len(shape)) * 100).astype(np.uint8)
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels.astype(np.uint8)
-    np.savez(path, **arrays)
-    return path
 
 
 def test_table_covers_18_datasets():

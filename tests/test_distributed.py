@@ -48,7 +48,7 @@ def test_torchrun_cli_two_processes(tmp_path):
     import subprocess
     import sys
 
-    from test_data import write_npz
+    from conftest import write_npz
     npz = write_npz(tmp_path / "pneumoniamnist.npz", "pneumoniamnist", n=(16, 8, 8))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "medexplore.cli", "train",
            "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(tmp_path / "run"), "--quiet",

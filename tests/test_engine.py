@@ -319,3 +319,34 @@ def test_loss_balance_and_padded_packing_train_and_resume(tmp_path):
         assert resumed.fit(resume=True).step == 9
     with pytest.raises(ValueError, match="train.packing must be one of"):
         TrainConfig(packing="dense")
+
+
+def test_event_kinds_are_an_enum_that_reads_as_text():
+    from medexplore.train import Event, EventKind
+
+    event = Event("step", 3)
+    assert event.kind is EventKind.STEP and event.kind == "step" and f"{event.kind} at {event.step}" == "step at 3"
+    with pytest.raises(ValueError):
+        Event("stepp")
+
+
+def test_the_trainer_is_assembled_from_parts(tmp_path):
+    """The run's own callbacks are parts: without BestCheckpoint no ``best`` is written, without MetricsLog
+    no metrics.jsonl, and the objective decides what is learned beside the model."""
+    from medexplore.train.callbacks import EpochCheckpoint, PauseWhenAsked, StepCheckpoints
+    from medexplore.train.objectives import SupervisedObjective, VICRegObjective
+
+    data = toy_data()
+    cfg = TrainConfig(epochs=2, batch_size=8, device="cpu", monitor="acc")
+    trainer = Trainer(toy_model(), data, cfg, tmp_path / "parts", val_data=data[:6],
+                      run_callbacks=[StepCheckpoints(), PauseWhenAsked(), EpochCheckpoint()])
+    assert isinstance(trainer.objective, SupervisedObjective) and trainer.objective.modules() == []
+    result = trainer.fit()
+    folder = tmp_path / "parts" / "checkpoints"
+    assert result.step == 6 and (folder / "last").exists() and not (folder / "best").exists()
+    assert not (tmp_path / "parts" / "metrics.jsonl").exists()
+    vicreg = Trainer(toy_model(tasks=[]), data, TrainConfig(mode="vicreg", batch_size=8, device="cpu"), tmp_path / "v")
+    assert isinstance(vicreg.objective, VICRegObjective)
+    expander = {id(p) for p in vicreg.objective.expander.parameters()}
+    optimised = {id(p) for group in vicreg.optimizer.param_groups for p in group["params"]}
+    assert expander and expander <= optimised

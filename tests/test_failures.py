@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_data import write_npz
+from conftest import write_npz
 
 pytestmark = pytest.mark.slow
 

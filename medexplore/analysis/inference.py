@@ -2,7 +2,7 @@
 
 Images larger than the model's input go through overlapping sliding windows with Gaussian blending
 (:class:`~medexplore.analysis.sliding.WindowBlender`, equal to MONAI's ``sliding_window_inference``
-without its 12-17 s import): segmentation probabilities and
+without its slow import): segmentation probabilities and
 explanation maps are blended per voxel, classification/regression outputs are averaged over the
 windows and detection boxes are moved to image coordinates and merged by non-maximum suppression.
 Front-ends (napari, notebooks) call :func:`infer_image`; it holds no UI code.

@@ -3,7 +3,7 @@
 The scan is MONAI's (step ``window x (1 - overlap)``, the last window flush with the border) and so
 are the blending modes (``constant``, ``gaussian`` with sigma = window / 8); with ``mode="constant"``
 the result equals ``monai.inferers.sliding_window_inference``. It lives here because importing MONAI
-costs 12-17 s on a 2-core CPU, more than the plugin's whole budget from Run to overlays, and because
+costs more than the plugin's whole budget from Run to overlays (docs/measurements.md), and because
 a window loop the caller drives can report progress and be cancelled between windows.
 """
 from __future__ import annotations

@@ -138,6 +138,20 @@ def _splits(data: dict, mode: str, test: bool) -> dict[str, Dataset]:
     return {split: build_dataset(data, split) for split in wanted}
 
 
+def _run_model(config: dict, train_cfg: TrainConfig, train_set: Dataset, model: Medformer | None) -> Medformer:
+    """The model a run trains: ``model`` as given, or built from the ``model`` section with one head per
+    task the training data carries (initial weights from ``train.seed``); ``train.monitor`` is checked
+    against its tasks first."""
+    supervised = train_cfg.mode == "supervised"
+    tasks = (list(model.tasks.values()) if model is not None else dataset_tasks(train_set)) if supervised else []
+    if supervised:
+        _check_monitor(train_cfg.monitor, tasks)
+    if model is None:
+        torch.manual_seed(train_cfg.seed)
+        model = build_model(config["model"], tasks, vocab_for(train_set))
+    return model
+
+
 def run_training(config: dict, out: str | Path, mode: str = "supervised", init: str | Path | None = None,
                  resume: bool = False, callbacks: Sequence[Callable[[Event], None]] = (),
                  control: RunControl | None = None, test: bool = True,
@@ -169,18 +183,10 @@ def run_training(config: dict, out: str | Path, mode: str = "supervised", init: 
     splits = dict(datasets) if datasets is not None else _splits(config["data"], mode, test)
     if "train" not in splits:
         raise UserError(f"run_training: datasets must include a train split, got {sorted(splits)}")
-    supervised = mode == "supervised"
     train_set = splits["train"]
-    val_set = splits.get("val") if supervised else None
-    test_set = splits.get("test") if supervised and test else None
-    if model is None:
-        tasks = dataset_tasks(train_set) if supervised else []
-        if supervised:
-            _check_monitor(train_cfg.monitor, tasks)
-        torch.manual_seed(train_cfg.seed)  # the model's initial weights follow train.seed too
-        model = build_model(config["model"], tasks, vocab_for(train_set))
-    elif supervised:
-        _check_monitor(train_cfg.monitor, list(model.tasks.values()))
+    val_set = splits.get("val") if mode == "supervised" else None
+    test_set = splits.get("test") if mode == "supervised" and test else None
+    model = _run_model(config, train_cfg, train_set, model)
     _check_images(model, train_set, val_set, test_set)
     if init:
         init_from_checkpoint(model, init)

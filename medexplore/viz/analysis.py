@@ -49,8 +49,8 @@ def scatter(coords: np.ndarray, metadata: pd.DataFrame | None = None, color_by: 
             highlight: Sequence[int] = (), legend_loc: str = "best") -> Figure:
     """2D scatter coloured by a metadata column (legend for categories, colour bar for values).
 
-    ``legend_loc="best"`` searches for the emptiest corner, which costs ~0.3 s per draw with 20,000 points;
-    interactive views pass a fixed location.
+    ``legend_loc="best"`` searches for the emptiest corner, which is slow with many points
+    (docs/measurements.md); interactive views pass a fixed location.
     """
     coords = np.asarray(coords)
     if coords.ndim != 2 or coords.shape[1] < 2:

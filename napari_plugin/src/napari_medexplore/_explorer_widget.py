@@ -45,7 +45,7 @@ def layer_samples(viewer, patch_size: int) -> list[Sample]:
 
 class ScatterCanvas(MplCanvas):
     """The scatter, drawn in full only when it changes; the highlight is blitted over a saved background
-    (a full redraw of 20,000 points costs ~0.5 s on a 2-core CPU, a blit a few ms)."""
+    (a full redraw of many points is slow, a blit is not: docs/measurements.md)."""
 
     def __init__(self):
         super().__init__((4.5, 4.0))

@@ -29,7 +29,7 @@ class MplCanvas:
 class CurvesCanvas(MplCanvas):
     """Live training loss per step and the headline validation metric per task per epoch.
 
-    A full draw costs ~50-150 ms of the GUI thread on a 2-core CPU, so the plot is redrawn at most every
+    A full draw holds the GUI thread for a noticeable time (docs/measurements.md), so the plot is redrawn at most every
     ``min_interval_s`` (and always for a new validation point), with a fixed layout instead of a solved one.
     """
 

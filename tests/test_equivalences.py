@@ -14,7 +14,9 @@ def _assert_close(a, b, tol=1e-5):
     assert (a - b).abs().max().item() <= tol, (a - b).abs().max().item()
 
 
-def test_packed_forward_equals_each_sample_alone(model, mixed_batch):
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_packed_forward_equals_each_sample_alone(stem, mixed_batch):
+    model = small_model(stem=stem)
     packed = model(mixed_batch)
     for i in range(mixed_batch.num_samples):
         g = next(g for g, ids in enumerate(mixed_batch.group_samples) if i in ids.tolist())

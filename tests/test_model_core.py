@@ -38,8 +38,9 @@ def test_prediction_shapes_for_every_kind(dims, task):
     assert torch.isfinite(loss) and set(per_task) == {task.name}
 
 
-def test_every_parameter_gets_a_gradient(mixed_batch):
-    model = small_model().train()
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_every_parameter_gets_a_gradient(stem, mixed_batch):
+    model = small_model(stem=stem).train()
     loss, per_task = model.compute_loss(model(mixed_batch), mixed_batch)
     assert set(per_task) == {t.name for t in ALL_KIND_TASKS}
     loss.backward()
@@ -324,3 +325,16 @@ def test_regression_loss_variants_known_values(loss, expected):
     assert head.loss(prediction, [torch.tensor([0.0]), torch.tensor([1.0])]).item() == pytest.approx(expected)
     with pytest.raises(ValueError, match="loss 'l2' not available"):
         TaskSpec("count", "regression", 1, loss="l2")
+
+
+def test_conv_stem_gives_the_patch_grid_and_treats_grey_as_replicated_grey():
+    from medexplore.models.tokenizer import ConvStem
+
+    stem = ConvStem(3, 3, 32, 4).eval()
+    grey = torch.rand(2, 1, 8, 12, 16)
+    assert stem(grey).shape == (2, 32, 2, 3, 4)
+    assert torch.allclose(stem(grey), stem(grey.expand(-1, 3, -1, -1, -1)), atol=1e-5)
+    with pytest.raises(ValueError, match="stem 'conv' needs a patch size that is a power of 2, got 6"):
+        small_model(stem="conv", patch_size=6)
+    with pytest.raises(ValueError, match="stem must be one of"):
+        small_model(stem="convolution")

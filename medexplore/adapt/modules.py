@@ -149,7 +149,7 @@ class GatedExperts(nn.Module):
 class StaticMixture(nn.Module):
     """``sum_e softmax(logits)_e * expert_e(x)`` with learned, input-independent logits (zero at start).
 
-    Used for the GMoE-Adapter's patch embedding; ``grid``, ``patches`` and ``project`` are forwarded
+    Used for the GMoE-Adapter's patch embedding; ``grid``, ``embed``, ``patches`` and ``project`` are forwarded
     so a mixture of patch embeddings stands in for one.
     """
 
@@ -165,6 +165,10 @@ class StaticMixture(nn.Module):
 
     def patches(self, images: Tensor) -> Tensor:
         return self.experts[0].patches(images)
+
+    def embed(self, groups) -> Tensor:
+        w = self.weights
+        return sum(w[e].to(groups[0].dtype) * expert.embed(groups) for e, expert in enumerate(self.experts))
 
     def project(self, patches: Tensor, *args) -> Tensor:
         w = self.weights

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..errors import UserError
 from .tasks import DIMENSIONALITIES, Domain
+from .tokenizer import STEMS
 
 __all__ = ["DomainVocab", "MedformerConfig", "UNKNOWN"]
 
@@ -69,6 +70,8 @@ class MedformerConfig:
     Args:
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the timm ViT body.
         patch_size: patch edge in pixels/voxels, shared by 2D and 3D.
+        stem: ``patch`` (linear patch embedding, loads timm weights) or ``conv`` (a few stride-2
+            convolutions per dimensionality before the projection; patch size a power of 2).
         in_chans: channels the model is built for; single-channel images are always accepted
             (treated as grey, i.e. the channel replicated).
         pos_embed: ``rope`` (3D rotary on queries/keys), ``learned`` (absolute, timm style),
@@ -90,6 +93,7 @@ class MedformerConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     patch_size: int = 16
+    stem: str = "patch"
     in_chans: int = 3
     pos_embed: str = "rope"
     pos_grid: tuple[int, int, int] = (1, 14, 14)
@@ -112,6 +116,10 @@ class MedformerConfig:
                 raise UserError(f"MedformerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.embed_dim % self.num_heads:
             raise UserError(f"MedformerConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.stem not in STEMS:
+            raise UserError(f"MedformerConfig.stem must be one of {STEMS}, got {self.stem!r}")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise UserError(f"MedformerConfig: stem 'conv' needs a patch size that is a power of 2, got {self.patch_size}")
         if self.pos_embed not in POS_EMBED_CHOICES:
             raise UserError(f"MedformerConfig.pos_embed must be one of {POS_EMBED_CHOICES}, got {self.pos_embed!r}")
         if "rope" in self.pos_embed and self.head_dim < 6:

@@ -65,7 +65,7 @@ class Medformer(nn.Module):
         self.config = config
         self.tasks: dict[str, TaskSpec] = {}
         d = config.embed_dim
-        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, d)
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, d, config.stem)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if config.class_token else None
         self.pos = (LearnedPositions(config.pos_grid, config.num_prefix_tokens, d)
                     if "learned" in config.pos_embed else None)
@@ -151,8 +151,7 @@ class Medformer(nn.Module):
             by_kind.setdefault((images.dim() - 2, images.shape[1]), []).append(g)
         x = None
         for (dims, channels), groups in by_kind.items():
-            pieces = [self.patch_embed.patches(batch.groups[g].to(dtype)).flatten(0, 1) for g in groups]
-            tokens = self.patch_embed.project(pieces[0] if len(pieces) == 1 else torch.cat(pieces), channels, dims)
+            tokens = self.patch_embed.embed([batch.groups[g].to(dtype) for g in groups])
             if len(tokens) == layout.num_tokens:  # patch tokens only, already in packed order
                 x = tokens
                 break

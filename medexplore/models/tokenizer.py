@@ -1,5 +1,9 @@
-"""Patch tokenizer for 2D and 3D images, with optional learned absolute positions."""
+"""Patch tokenizer for 2D and 3D images (a linear patch embedding or a convolutional stem), with
+optional learned absolute positions."""
 from __future__ import annotations
+
+import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -7,23 +11,73 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 
-__all__ = ["PatchEmbed", "LearnedPositions"]
+__all__ = ["PatchEmbed", "ConvStem", "LearnedPositions", "STEMS"]
+
+STEMS = ("patch", "conv")
+
+
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al., "Early convolutions help transformers see better", 2021) for one
+    dimensionality: ``log2(patch)`` stride-2 3x3 (3x3x3) convolutions with GroupNorm and GELU, widths
+    rising to ``embed_dim / 2``, then a 1x1 projection to ``embed_dim``. It gives the token grid of a
+    patch embedding of the same patch size, with the inductive bias of a small CNN in front.
+
+    Example:
+        >>> ConvStem(2, 3, 64, 4)(torch.randn(2, 3, 28, 28)).shape
+        torch.Size([2, 64, 7, 7])
+    """
+
+    def __init__(self, dims: int, in_chans: int, embed_dim: int, patch_size: int):
+        super().__init__()
+        stages = int(round(math.log2(patch_size)))
+        if 2 ** stages != patch_size or stages < 1:
+            raise UserError(f"stem 'conv' needs a patch size that is a power of 2 (>= 2), got {patch_size}")
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        widths = [max(8, embed_dim // 2 ** (stages - i)) for i in range(stages)]  # e.g. D/4, D/2 for patch 4
+        self.in_chans = in_chans
+        layers: list[nn.Module] = []
+        cin = in_chans
+        for width in widths:
+            layers += [conv(cin, width, 3, stride=2, padding=1, bias=False), nn.GroupNorm(math.gcd(8, width), width), nn.GELU()]
+            cin = width
+        self.convs = nn.Sequential(*layers)
+        self.proj = conv(cin, embed_dim, 1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``(B, C, *spatial)`` -> ``(B, embed_dim, *spatial / patch)``; grey images use the channel-summed
+        first kernel (the same as replicating grey into every channel)."""
+        first, rest = self.convs[0], self.convs[1:]
+        weight = first.weight
+        if images.shape[1] == 1 and self.in_chans != 1:
+            weight = weight.sum(1, keepdim=True)
+        conv = F.conv2d if images.dim() == 4 else F.conv3d
+        x = conv(images, weight, None, first.stride, first.padding)
+        return self.proj(rest(x))
 
 
 class PatchEmbed(nn.Module):
-    """Linear embedding of non-overlapping patches of 2D ``(B, C, H, W)`` and 3D ``(B, C, D, H, W)`` images.
+    """Tokens of 2D ``(B, C, H, W)`` and 3D ``(B, C, D, H, W)`` images, one per ``patch_size`` patch.
 
-    ``proj`` is a ``Conv2d`` (timm's ``patch_embed.proj``), ``proj_3d`` a ``Conv3d``; both run as one
-    matmul over unfolded patches. A single-channel image uses the channel-summed kernel, which is
-    the same as replicating grey into every channel.
+    ``stem="patch"`` (the default, timm-compatible): a linear embedding of non-overlapping patches;
+    ``proj`` is a ``Conv2d`` (timm's ``patch_embed.proj``), ``proj_3d`` a ``Conv3d``, both run as one
+    matmul over unfolded patches. ``stem="conv"``: a :class:`ConvStem` per dimensionality
+    (``stem_2d``, ``stem_3d``). A single-channel image uses the channel-summed kernel, which is the
+    same as replicating grey into every channel.
     """
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, stem: str = "patch"):
         super().__init__()
+        if stem not in STEMS:
+            raise UserError(f"stem must be one of {STEMS}, got {stem!r}")
         self.patch_size = patch_size
         self.in_chans = in_chans
-        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
-        self.proj_3d = nn.Conv3d(in_chans, embed_dim, patch_size, patch_size)
+        self.stem = stem
+        if stem == "patch":
+            self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+            self.proj_3d = nn.Conv3d(in_chans, embed_dim, patch_size, patch_size)
+        else:
+            self.stem_2d = ConvStem(2, in_chans, embed_dim, patch_size)
+            self.stem_3d = ConvStem(3, in_chans, embed_dim, patch_size)
 
     def grid(self, shape: tuple[int, ...], where: str = "image") -> tuple[int, ...]:
         """Token grid of a ``(C, *spatial)`` image, with a ValueError for unsupported shapes."""
@@ -57,9 +111,20 @@ class PatchEmbed(nn.Module):
             weight = weight.sum(1, keepdim=True)
         return F.linear(patches, weight.reshape(weight.shape[0], -1), conv.bias)
 
+    def embed(self, groups: Sequence[Tensor]) -> Tensor:
+        """``(sum of B_g * n_g, D)`` tokens of image groups of one dimensionality and channel count, group
+        after group, each in row-major (z, y, x) order (one matmul for all groups with the patch stem)."""
+        channels, dims = groups[0].shape[1], groups[0].dim() - 2
+        if self.stem == "patch":
+            pieces = [self.patches(images).flatten(0, 1) for images in groups]
+            return self.project(pieces[0] if len(pieces) == 1 else torch.cat(pieces), channels, dims)
+        stem = self.stem_2d if dims == 2 else self.stem_3d
+        pieces = [stem(images).flatten(2).transpose(1, 2).flatten(0, 1) for images in groups]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
     def forward(self, images: Tensor) -> Tensor:
         """(B, n, D) tokens in row-major (z, y, x) order."""
-        return self.project(self.patches(images), images.shape[1], images.dim() - 2)
+        return self.embed([images]).unflatten(0, (images.shape[0], -1))
 
 
 class LearnedPositions(nn.Module):

@@ -44,9 +44,10 @@ def cmd_datasets(args) -> int:
 
 
 def _run(args, mode: str) -> int:
-    from .configs import load_config
+    from .configs import load_config, parse_overrides
     from .train.device import init_distributed
     from .train.progress import ProgressPrinter
+    from .train.recipes import apply_medmnist_recipe, uses_medmnist_recipe
     from .train.workflow import run_training
 
     init_distributed()  # a no-op unless launched by torchrun
@@ -56,6 +57,9 @@ def _run(args, mode: str) -> int:
         config["data"]["path"] = args.data_path
     if args.dataset:
         config["data"]["datasets"] = [args.dataset]
+    if not args.config and uses_medmnist_recipe(config):
+        config, note = apply_medmnist_recipe(config, parse_overrides(args.set, config))
+        print(note, file=sys.stderr)
     for option in ("strategy", "weights", "general"):
         if getattr(args, option, None):
             config["adapt"][option] = getattr(args, option)

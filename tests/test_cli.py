@@ -175,3 +175,30 @@ def test_recipes_are_data_that_builds_valid_runs():
         parse_overrides(["depth"], ["model"], flag="--model", section="model")
     with pytest.raises(UserError, match="unknown recipe 'nope'"):
         load_recipe("nope")
+
+
+def test_medmnist_flags_without_a_config_train_with_the_recipe_for_their_size(tmp_path, npz):
+    from medexplore.configs import load_recipe
+    from medexplore.train.recipes import apply_medmnist_recipe, uses_medmnist_recipe
+
+    base = {"model": {"name": "medformer_tiny"}, "data": {"datasets": ["pneumoniamnist"], "path": str(npz)}, "train": {}}
+    assert uses_medmnist_recipe(base) and not uses_medmnist_recipe({"data": {"datasets": ["embedded"]}})
+    config, note = apply_medmnist_recipe(base)
+    recipe = load_recipe("medmnist")
+    assert config["model"] == recipe["model"] and config["model"]["stem"] == "conv"
+    assert config["train"]["epochs"] == round(recipe["samples"]["2d"] / 16)  # 16 training images in the file
+    assert "training images" in note
+    chosen, _ = apply_medmnist_recipe(base, {"train": {"epochs": 3}, "model": {"depth": 2}})
+    assert chosen["train"]["epochs"] == 3 and chosen["model"]["depth"] == 2 and chosen["model"]["stem"] == "conv"
+
+
+def test_progress_printer_estimates_the_run_after_five_steps(capsys):
+    from medexplore.train import Event
+    from medexplore.train.progress import ProgressPrinter
+
+    printer = ProgressPrinter(quiet=True)
+    printer(Event("start", 0, 100))
+    for step in range(1, 7):
+        printer(Event("step", step, 100, eta_s=(100 - step) * 1.2, losses={"loss": 1.0}))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "estimated" in line]
+    assert lines == ["estimated training time: 1.9 min for 95 more steps (from the first 5)"]

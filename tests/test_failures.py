@@ -73,7 +73,8 @@ def train(npz, out, *extra):
     ("train.steps_per_epoch=0", "train.steps_per_epoch must be >= 1"),
     ("train.device=tpu", "unknown device 'tpu'"),
     ("train.mode=vicreg", "train.mode is set by the command"),
-    ("model.patch_size=5", "not divisible by the patch size 5"),
+    ("model.patch_size=5", "stem 'conv' needs a patch size that is a power of 2, got 5"),
+    ("model.patch_size=8", "not divisible by the patch size 8"),
 ])
 def test_config_values_are_typed_and_checked(tmp_path, npz, setting, message):
     code, line = cli(*train(npz, tmp_path / "run", "--set", setting))

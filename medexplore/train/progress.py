@@ -11,26 +11,41 @@ from .events import Event, EventKind
 __all__ = ["ProgressPrinter"]
 
 SHOWN_METRICS = ("auc", "acc", "dice", "mae", "map@0.5")
+ESTIMATE_AFTER = 5  # timed steps before the run's length is estimated
 
 
 class ProgressPrinter:
-    """Prints engine events to stderr: a tqdm bar for steps (none when ``quiet``), one line per epoch."""
+    """Prints engine events to stderr: a tqdm bar for steps (none when ``quiet``), one line per epoch, and
+    after the first few steps one line estimating the training time (validation not included)."""
 
     def __init__(self, quiet: bool = False):
-        self.quiet, self.bar = quiet, None
+        self.quiet, self.bar, self.first_step = quiet, None, None
 
     def __call__(self, event: Event) -> None:
         if event.kind in (EventKind.ADAPTED, EventKind.RUN):
             print(event.message, file=sys.stderr)
-        elif event.kind == EventKind.START and not self.quiet:
-            self.bar = tqdm(total=event.total_steps, initial=event.step, unit="step", dynamic_ncols=True, file=sys.stderr)
-        elif event.kind == EventKind.STEP and self.bar is not None:
-            self.bar.update(event.step - self.bar.n)
-            self.bar.set_postfix(loss=f"{event.losses.get('loss', float('nan')):.4f}", sps=f"{event.samples_per_s:.0f}")
+        elif event.kind == EventKind.START:
+            self.first_step = event.step
+            if not self.quiet:
+                self.bar = tqdm(total=event.total_steps, initial=event.step, unit="step", dynamic_ncols=True,
+                                file=sys.stderr)
+        elif event.kind == EventKind.STEP:
+            if self.first_step is not None and event.step - self.first_step == ESTIMATE_AFTER and event.eta_s == event.eta_s:
+                self._print(f"estimated training time: {event.eta_s / 60:.1f} min for {event.total_steps - event.step} "
+                            f"more steps (from the first {ESTIMATE_AFTER})")
+            if self.bar is not None:
+                self.bar.update(event.step - self.bar.n)
+                self.bar.set_postfix(loss=f"{event.losses.get('loss', float('nan')):.4f}", sps=f"{event.samples_per_s:.0f}")
         elif event.kind == EventKind.EPOCH:
             val = {t: {k: round(v, 4) for k, v in m.items() if k in SHOWN_METRICS} for t, m in event.metrics.items()}
             line = f"epoch {event.epoch} step {event.step}/{event.total_steps} loss {event.losses.get('loss', float('nan')):.4f}"
-            (self.bar.write if self.bar else print)(line + (f" val {json.dumps(val)}" if val else ""))
+            self._print(line + (f" val {json.dumps(val)}" if val else ""))
         elif event.kind in (EventKind.DONE, EventKind.STOPPED) and self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)

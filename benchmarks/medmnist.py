@@ -1,0 +1,124 @@
+"""Medformer with its defaults against a ResNet-18 trained beside it, on every official MedMNIST file.
+
+For each dataset found under ``--root`` (28-px files in the medmnist layout) and each seed it trains:
+
+- **ours**: ``medexplore train --dataset FLAG`` with no config, i.e. the MedMNIST recipe
+  (``medexplore/configs/medmnist.yaml``: conv stem, patch 4, depth 6, width 128; epochs derived from
+  the dataset's size so that a run sees 32,000 training images in 2D and 8,000 in 3D), best
+  checkpoint by validation AUC, scored on the test split;
+- **the baseline**: ``benchmarks/baselines.py`` (ResNet-18, MedMNIST 28-px variant in 2D; torchvision
+  ``r3d_18`` with a one-channel stem in 3D), the same training images seen, best epoch by validation AUC.
+
+It prints and writes (``OUT/results.md``, ``OUT/results.json``) per dataset: test AUC / ACC of both
+(mean +- sd over the seeds), the published MedMNIST v2 ResNet-18 rows, wall minutes per run and
+parameters. Finished runs are reused, so an interrupted benchmark continues where it stopped.
+
+Usage: python benchmarks/medmnist.py --root ../shared/data/medmnist [--seeds 0 1 2] [--datasets breastmnist ...]
+       [--out runs/medmnist] [--no-baseline] [--set train.lr=5e-4 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import baselines
+
+from medexplore.data.medmnist import MEDMNIST
+from medexplore.train.checkpoint import final_checkpoint, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+# Published test AUC / ACC (MedMNIST v2, Scientific Data 2023): ResNet-18 (28) in 2D, ResNet-18 3D in 3D.
+PUBLISHED = {
+    "pneumoniamnist": (0.944, 0.854), "breastmnist": (0.901, 0.863), "retinamnist": (0.717, 0.524),
+    "adrenalmnist3d": (0.827, 0.721), "vesselmnist3d": (0.874, 0.877),
+}
+
+
+def train_ours(flag: str, root: Path, seed: int, out: Path, overrides: list[str]) -> dict:
+    """One default-recipe run through the CLI (reused when finished): test metrics, wall time, parameters."""
+    record = out / "outcome.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    cmd = [sys.executable, "-m", "medexplore.cli", "train", "--dataset", flag, "--out", str(out), "--quiet",
+           "--set", f"data.root={root}", "--set", f"train.seed={seed}", *sum([["--set", s] for s in overrides], [])]
+    if (out / "checkpoints" / "last").exists():
+        cmd.append("--resume")
+    spent = out / "wall_seconds.txt"
+    before = float(spent.read_text()) if spent.exists() else 0.0
+    start = time.perf_counter()
+    try:
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    finally:
+        out.mkdir(parents=True, exist_ok=True)
+        spent.write_text(f"{before + time.perf_counter() - start:.1f}\n")
+    model, _ = load_model(final_checkpoint(out))
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    result = {"dataset": flag, "seed": seed, "test": json.loads((out / "test_metrics.json").read_text())[flag],
+              "val_auc": max(e["val"][flag]["auc"] for e in epochs), "epochs": len(epochs),
+              "wall_s": float(spent.read_text()), "params": sum(p.numel() for p in model.parameters())}
+    record.write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
+
+
+def table(rows: dict[str, dict[str, list[dict]]], seeds: list[int]) -> str:
+    lines = [f"Test AUC / ACC on the official files, seeds {seeds} (mean +- sd); wall minutes per run on this machine.", "",
+             "| dataset | Medformer val AUC | Medformer AUC | Medformer ACC | ResNet-18 AUC (same run) | ResNet-18 ACC "
+             "| published R18 AUC / ACC | min ours / R18 | params ours / R18 |", "|---|---|---|---|---|---|---|---|---|"]
+    for flag, runs in rows.items():
+        ours, base = runs["ours"], runs["baseline"]
+        cells = [mean_sd([r["test"][k] for r in side]) for side in (ours, base) for k in ("auc", "acc")]
+        auc, acc = PUBLISHED.get(flag, (float("nan"), float("nan")))
+        minutes = " / ".join(f"{statistics.mean(r['wall_s'] for r in side) / 60:.1f}" if side else "-" for side in (ours, base))
+        params = " / ".join(f"{side[0]['params'] / 1e6:.2f}M" if side else "-" for side in (ours, base))
+        val = mean_sd([r["val_auc"] for r in ours])
+        lines.append(f"| {flag} | {val} | {' | '.join(cells)} | {auc:.3f} / {acc:.3f} | {minutes} | {params} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "medmnist"), help="folder of the npz files")
+    p.add_argument("--datasets", nargs="+", help="MedMNIST flags (default: every official 28-px file under --root)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="runs/medmnist")
+    p.add_argument("--no-baseline", action="store_true", help="train only Medformer")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change the recipe")
+    args = p.parse_args()
+    root, out = Path(args.root).resolve(), Path(args.out)
+    flags = args.datasets or [f for f in MEDMNIST if (root / f"{f}.npz").exists()]
+    missing = [f for f in flags if not (root / f"{f}.npz").exists()]
+    if not flags or missing:
+        sys.exit(f"{root}: no official MedMNIST file for {missing or 'any dataset'}; pass --root")
+    rows = {f: {"ours": [], "baseline": []} for f in flags}
+    for seed in args.seeds:
+        for flag in flags:
+            ours = train_ours(flag, root, seed, out / f"medformer-{flag}-seed{seed}", args.set)
+            rows[flag]["ours"].append(ours)
+            line = f"{flag} seed {seed}: Medformer AUC {ours['test']['auc']:.3f} ACC {ours['test']['acc']:.3f} " \
+                   f"({ours['wall_s'] / 60:.1f} min)"
+            if not args.no_baseline:
+                base = baselines.run_cached(flag, root, seed, out / "baselines", log=lambda s: None)
+                rows[flag]["baseline"].append(base)
+                line += f"; ResNet-18 AUC {base['test']['auc']:.3f} ACC {base['test']['acc']:.3f} ({base['wall_s'] / 60:.1f} min)"
+            print(line, flush=True)
+    text = table(rows, args.seeds)
+    print("\n" + text)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps(rows, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

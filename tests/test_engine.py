@@ -350,3 +350,28 @@ def test_the_trainer_is_assembled_from_parts(tmp_path):
     expander = {id(p) for p in vicreg.objective.expander.parameters()}
     optimised = {id(p) for group in vicreg.optimizer.param_groups for p in group["params"]}
     assert expander and expander <= optimised
+
+
+def test_weight_average_is_what_validation_and_best_see_and_resumes_exactly(tmp_path):
+    data = toy_data()
+    one = Trainer(toy_model(), data, TrainConfig(epochs=1, batch_size=8, device="cpu", monitor="acc", ema_decay=0.9),
+                  tmp_path / "one", val_data=data[:6])
+    one.fit()  # one epoch: best is written at its end, from the average
+    trained = load_model(tmp_path / "one" / "checkpoints" / "last")[0].state_dict()
+    best = load_model(tmp_path / "one" / "checkpoints" / "best")[0].state_dict()
+    assert all(torch.equal(best[k], one.average.shadow[k]) for k in best)
+    assert any(not torch.equal(trained[k], best[k]) for k in trained)  # the average is not the last weights
+    assert all(torch.equal(one.model.state_dict()[k], trained[k]) for k in trained)  # own weights back after use
+
+    cfg = TrainConfig(**{**CFG.to_dict(), "ema_decay": 0.9})
+    full = Trainer(toy_model(), data, cfg, tmp_path / "full", val_data=data[:6])
+    full.fit()
+    with pytest.raises(Crash):
+        Trainer(toy_model(), data, cfg, tmp_path / "cut", val_data=data[:6], callbacks=[crash_at(5)]).fit()
+    resumed = Trainer(toy_model(seed=123), data, cfg, tmp_path / "cut", val_data=data[:6])
+    resumed.fit(resume=True)
+    assert all(torch.equal(full.average.shadow[k], resumed.average.shadow[k]) for k in full.average.shadow)
+    lines = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    with pytest.raises(ValueError, match=r"train.ema_decay must be in \[0, 1\)"):
+        TrainConfig(ema_decay=1.0)

@@ -10,6 +10,7 @@ from medexplore.models.metrics import (
     detection_metrics,
     dice_per_class,
     ordinal_probabilities,
+    ordinal_rank,
     regression_metrics,
     roc_auc,
 )
@@ -39,6 +40,17 @@ def test_ordinal_probabilities_sum_to_one():
     p = ordinal_probabilities(torch.tensor([[3.0, 0.0, -3.0], [-5.0, -6.0, -7.0]]))
     assert torch.allclose(p.sum(1), torch.ones(2)) and p.shape == (2, 4)
     assert p[1].argmax() == 0 and p[0].argmax() in (1, 2)
+
+
+def test_ordinal_grade_is_the_coral_rank_not_the_argmax():
+    # P(y > k) = 0.6, 0.55, 0.5, 0.45: grade 2 by CORAL's rule (two thresholds above 0.5), while the class
+    # probabilities (0.4, 0.05, 0.05, 0.05, 0.45) have their maximum at the extreme grade 4
+    cumulative = torch.logit(torch.tensor([[0.6, 0.55, 0.5, 0.45], [0.9, 0.8, 0.3, 0.1]]))
+    p = ordinal_probabilities(cumulative)
+    assert p[0].argmax() == 4 and ordinal_rank(p).tolist() == [2, 2]
+    assert ordinal_rank(p.numpy()).tolist() == [2, 2]
+    m = classification_metrics("ordinal", np.array([2, 2]), p.numpy())
+    assert m["acc"] == 1.0 and m["acc_argmax"] == 0.5 and m["mae_grade"] == 0.0
 
 
 def test_dice_regression_and_detection():

@@ -22,7 +22,14 @@ from torch import Tensor
 
 from ..errors import UserError
 from .heads import DetectionHead, OrdinalHead, SegmentationHead, TaskHead, VectorHead
-from .metrics import classification_metrics, detection_metrics, dice_per_class, ordinal_probabilities, regression_metrics
+from .metrics import (
+    classification_metrics,
+    detection_metrics,
+    dice_per_class,
+    ordinal_probabilities,
+    ordinal_rank,
+    regression_metrics,
+)
 from .tasks import KINDS, TaskSpec
 
 __all__ = ["KindEntry", "KINDS", "register_kind", "kind_entry", "task_scores", "per_sample_predictions", "score_task",
@@ -173,6 +180,11 @@ def _class_index_label(spec, item, logits) -> tuple[object, float]:
     return int(item.argmax()), float(item.max())
 
 
+def _ordinal_hard_label(spec, item, logits) -> tuple[object, float]:
+    grade = int(ordinal_rank(item))
+    return grade, float(item[grade])
+
+
 def _first_output(outputs: Tensor) -> int:
     return 0
 
@@ -238,10 +250,10 @@ register_kind(KindEntry(
 register_kind(KindEntry(
     "ordinal", lambda spec, d: OrdinalHead(spec, d.dim), "vector", _CLASSIFICATION, "auc",
     per_sample=_vector_items(_ordinal), score=_classification_score, label_cell=_scalar,
-    prediction_cell=lambda item: int(item.argmax()),
+    prediction_cell=lambda item: int(ordinal_rank(item)),
     agreement=lambda label, pred: ("correct", bool(pred == int(label))),
     explain_outputs=lambda prediction: prediction, default_target=_first_output,
-    hard_label=_class_index_label, scores=_ordinal, min_outputs=2))
+    hard_label=_ordinal_hard_label, scores=_ordinal, min_outputs=2))
 
 
 def _regression_label_cell(value):

@@ -43,6 +43,9 @@ class TrainConfig:
             (:mod:`medexplore.train.balancing`).
         packing: how batches are packed for attention: ``grouped`` (compact segments) or ``padded``
             (one padded segment, the reference).
+        ema_decay: keep an exponential moving average of the weights (e.g. 0.999; 0: off). Validation,
+            ``best`` and snapshots then hold the averaged weights; ``last`` keeps the trained ones (and the
+            average, for an exact resume).
 
     With ``accum_steps > 1`` each task's loss is averaged per micro-batch, which equals the full-batch
     average when every micro-batch carries the same number of that task's labels.
@@ -72,6 +75,7 @@ class TrainConfig:
     augment: bool = True
     loss_balance: str = "fixed"
     packing: str = "grouped"
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "expander", tuple(self.expander))
@@ -106,6 +110,8 @@ class TrainConfig:
             raise UserError(f"train.num_workers must be >= 0, got {self.num_workers}")
         if not 0 <= self.min_lr_fraction <= 1:
             raise UserError(f"train.min_lr_fraction must be in [0, 1], got {self.min_lr_fraction}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"train.ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         if not 0 <= self.warmup_fraction < 1:
             raise UserError(f"TrainConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
 

@@ -29,6 +29,7 @@ from .callbacks import DEFAULT_CALLBACKS, RunCallback
 from .checkpoint import load_checkpoint, load_into, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .device import autocast_for, is_distributed, resolve_device
+from .ema import WeightAverage
 from .evaluate import evaluate
 from .events import Event, EventKind, NonFiniteLossError, RunControl, RunResult
 from .objectives import make_objective
@@ -80,6 +81,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.sampler = build_sampler(train_data, config, self.steps_per_epoch, self.rank, self.world)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        self.average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
         self.forward_model = model
         if self.distributed:
             self.forward_model = wrap_ddp(model, self.device, find_unused=True)
@@ -113,15 +115,26 @@ class Trainer:
                 "best": self.best, "monitor": self.config.monitor, "metrics": self.last_metrics,
                 "epoch_loss_sums": self.epoch_losses, **self.objective.meta()}
 
+    def evaluated_weights(self):
+        """A context in which the model holds the weights a run evaluates and publishes (the average with
+        ``train.ema_decay``, else its own)."""
+        return self.average.applied() if self.average is not None else contextlib.nullcontext(self.model)
+
     def save(self, name: str, with_state: bool = True) -> None:
+        """Checkpoint ``name``: ``last`` holds the trained weights (and everything to resume), any other
+        checkpoint the evaluated ones."""
         if not self.is_main:
             return
         state = None
         if with_state:
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "rng": rng_state(), **self.objective.state_dict()}
-        save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self._meta(), state,
-                        self.objective.extra_weights())
+            if self.average is not None:
+                state["weight_average"] = self.average.state_dict()
+        weights = contextlib.nullcontext() if name == "last" else self.evaluated_weights()
+        with weights:
+            save_checkpoint(self.run_dir / "checkpoints" / name, self.model, self._meta(), state,
+                            self.objective.extra_weights())
         if name == "last":
             self.last_saved_step = self.step
         self.emit(self.event(EventKind.CHECKPOINT, message=name))
@@ -139,6 +152,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state)
+        if self.average is not None:
+            self.average.load_state_dict(state["weight_average"])
         set_rng_state(state["rng"])
         self.step, self.epoch, self.best = meta["step"], meta["epoch"], meta.get("best")
         self.epoch_losses = dict(meta.get("epoch_loss_sums", {}))
@@ -176,6 +191,8 @@ class Trainer:
             params = [p for group in self.optimizer.param_groups[:2] for p in group["params"]]  # not a balancer's
             torch.nn.utils.clip_grad_norm_(params, self.config.clip_grad)
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update()
         self.objective.after_step()
         self.scheduler.step()
         self.step += 1
@@ -192,8 +209,9 @@ class Trainer:
     def _validate(self) -> dict:
         if self.val_data is None or not self.model.tasks or self.config.mode != "supervised":
             return {}
-        metrics = evaluate(self.model, self.val_data, self.config.eval_batch_size, self.device,
-                           self.config.num_workers, self.autocast)
+        with self.evaluated_weights() as model:
+            metrics = evaluate(model, self.val_data, self.config.eval_batch_size, self.device,
+                               self.config.num_workers, self.autocast)
         self.emit(self.event(EventKind.EVAL, metrics=metrics))
         return metrics
 

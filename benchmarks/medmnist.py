@@ -7,8 +7,8 @@ For each dataset found under ``--root`` (28-px files in the medmnist layout) and
   the dataset's size so that a run sees 32,000 training images in 2D and 24,000 in 3D), best
   checkpoint by validation AUC, scored on the test split;
 - **the baseline**: ``benchmarks/baselines.py`` (ResNet-18, MedMNIST 28-px variant in 2D; torchvision
-  ``r3d_18`` with a one-channel stem in 3D), 32,000 training images in 2D and 8,000 in 3D (each costs
-  more CPU time than ours: the wall-time column compares), best epoch by validation AUC.
+  ``r3d_18`` with a one-channel stem in 3D), 32,000 training images in 2D and 8,000 in 3D (the
+  wall-time column compares the cost), best epoch by validation AUC.
 
 It prints and writes (``OUT/results.md``, ``OUT/results.json``) per dataset: test AUC / ACC of both
 (mean +- sd over the seeds), the published MedMNIST v2 ResNet-18 rows, wall minutes per run and

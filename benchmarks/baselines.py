@@ -118,9 +118,19 @@ def train_baseline(flag: str, root: str | Path, seed: int, batch_size: int = 128
             "params": sum(p.numel() for p in net.parameters()), "threads": torch.get_num_threads()}
 
 
+def _record(flag: str, seed: int, out: str | Path) -> Path:
+    return Path(out) / f"resnet18-{flag}-seed{seed}-s{SAMPLES[MEDMNIST[flag].dims]}.json"
+
+
+def cached(flag: str, seed: int, out: str | Path) -> dict | None:
+    """The finished run's result kept in ``out``, or None."""
+    path = _record(flag, seed, out)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def run_cached(flag: str, root, seed: int, out: str | Path, log=print) -> dict:
     """``train_baseline`` once per (dataset, seed, budget): the result is kept in ``out`` as JSON."""
-    path = Path(out) / f"resnet18-{flag}-seed{seed}-s{SAMPLES[MEDMNIST[flag].dims]}.json"
+    path = _record(flag, seed, out)
     if path.exists():
         return json.loads(path.read_text())
     result = train_baseline(flag, root, seed, log=log)

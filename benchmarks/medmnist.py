@@ -15,7 +15,7 @@ It prints and writes (``OUT/results.md``, ``OUT/results.json``) per dataset: tes
 parameters. Finished runs are reused, so an interrupted benchmark continues where it stopped.
 
 Usage: python benchmarks/medmnist.py --root ../shared/data/medmnist [--seeds 0 1 2] [--datasets breastmnist ...]
-       [--out runs/medmnist] [--no-baseline] [--set train.lr=5e-4 ...]
+       [--out runs/medmnist] [--one-model] [--no-baseline] [--no-single] [--report] [--set train.lr=5e-4 ...]
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import baselines
+import yaml
 
 from medexplore.data.medmnist import MEDMNIST
 from medexplore.train.checkpoint import final_checkpoint, load_model
@@ -40,13 +41,17 @@ PUBLISHED = {
 }
 
 
-def train_ours(flag: str, root: Path, seed: int, out: Path, overrides: list[str]) -> dict:
-    """One default-recipe run through the CLI (reused when finished): test metrics, wall time, parameters."""
+def run_cli(args: list[str], root: Path, seed: int, out: Path, flags: list[str], train: bool = True) -> dict | None:
+    """One ``medexplore train`` run (reused when finished, resumed when interrupted): per dataset its test
+    metrics and best validation AUC, with the run's wall time and parameters. ``train=False``: only a
+    finished run's record (None if there is none)."""
     record = out / "outcome.json"
     if record.exists():
         return json.loads(record.read_text())
-    cmd = [sys.executable, "-m", "medexplore.cli", "train", "--dataset", flag, "--out", str(out), "--quiet",
-           "--set", f"data.root={root}", "--set", f"train.seed={seed}", *sum([["--set", s] for s in overrides], [])]
+    if not train:
+        return None
+    cmd = [sys.executable, "-m", "medexplore.cli", "train", *args, "--out", str(out), "--quiet",
+           "--set", f"data.root={root}", "--set", f"train.seed={seed}"]
     if (out / "checkpoints" / "last").exists():
         cmd.append("--resume")
     spent = out / "wall_seconds.txt"
@@ -57,13 +62,36 @@ def train_ours(flag: str, root: Path, seed: int, out: Path, overrides: list[str]
     finally:
         out.mkdir(parents=True, exist_ok=True)
         spent.write_text(f"{before + time.perf_counter() - start:.1f}\n")
+    return record_outcome(out, seed, flags)
+
+
+def record_outcome(out: Path, seed: int, flags: list[str]) -> dict:
+    """Write (and return) ``out/outcome.json`` of a finished run folder."""
+    record, spent = out / "outcome.json", out / "wall_seconds.txt"
     model, _ = load_model(final_checkpoint(out))
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    result = {"dataset": flag, "seed": seed, "test": json.loads((out / "test_metrics.json").read_text())[flag],
-              "val_auc": max(e["val"][flag]["auc"] for e in epochs), "epochs": len(epochs),
-              "wall_s": float(spent.read_text()), "params": sum(p.numel() for p in model.parameters())}
+    tests = json.loads((out / "test_metrics.json").read_text())
+    result = {"seed": seed, "wall_s": float(spent.read_text()), "epochs": len(epochs),
+              "params": sum(p.numel() for p in model.parameters()),
+              "datasets": {f: {"test": tests[f], "val_auc": max(e["val"][f]["auc"] for e in epochs)} for f in flags}}
     record.write_text(json.dumps(result, indent=1, default=float))
     return result
+
+
+def train_ours(flag: str, root: Path, seed: int, out: Path, overrides: list[str], train: bool = True) -> dict | None:
+    """The default recipe on one dataset: ``medexplore train --dataset FLAG`` with no config."""
+    run = run_cli(["--dataset", flag, *sum([["--set", s] for s in overrides], [])], root, seed, out, [flag], train)
+    return run and {**run, **run["datasets"][flag]}
+
+
+def train_one_model(flags: list[str], root: Path, seed: int, out: Path, overrides: list[str],
+                    train: bool = True) -> dict | None:
+    """ONE Medformer on all ``flags`` together (``configs/medmnist.yaml``, the same recipe)."""
+    config = ROOT / "configs" / "medmnist.yaml"
+    args = ["--config", str(config)]
+    if set(flags) != set(yaml.safe_load(config.read_text())["data"]["datasets"]):
+        args += ["--set", f"data.datasets={json.dumps(flags)}"]
+    return run_cli([*args, *sum([["--set", s] for s in overrides], [])], root, seed, out, flags, train)
 
 
 def mean_sd(values: list[float]) -> str:
@@ -74,10 +102,14 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
 
 
-def table(rows: dict[str, dict[str, list[dict]]], seeds: list[int]) -> str:
-    lines = [f"Test AUC / ACC on the official files, seeds {seeds} (mean +- sd); wall minutes per run on this machine.", "",
+def table(rows: dict[str, dict[str, list[dict]]], one_model: list[dict]) -> str:
+    seeds = sorted({r["seed"] for runs in rows.values() for side in runs.values() for r in side} |
+                   {r["seed"] for r in one_model})
+    lines = [f"Test AUC / ACC on the official files, mean +- sd over the finished seeds of {seeds} (n: how many); "
+             "wall minutes per run on this machine.", "",
              "| dataset | Medformer val AUC | Medformer AUC | Medformer ACC | ResNet-18 AUC (same run) | ResNet-18 ACC "
-             "| published R18 AUC / ACC | min ours / R18 | params ours / R18 |", "|---|---|---|---|---|---|---|---|---|"]
+             "| published R18 AUC / ACC | n ours / R18 | min ours / R18 | params ours / R18 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for flag, runs in rows.items():
         ours, base = runs["ours"], runs["baseline"]
         cells = [mean_sd([r["test"][k] for r in side]) for side in (ours, base) for k in ("auc", "acc")]
@@ -85,7 +117,22 @@ def table(rows: dict[str, dict[str, list[dict]]], seeds: list[int]) -> str:
         minutes = " / ".join(f"{statistics.mean(r['wall_s'] for r in side) / 60:.1f}" if side else "-" for side in (ours, base))
         params = " / ".join(f"{side[0]['params'] / 1e6:.2f}M" if side else "-" for side in (ours, base))
         val = mean_sd([r["val_auc"] for r in ours])
-        lines.append(f"| {flag} | {val} | {' | '.join(cells)} | {auc:.3f} / {acc:.3f} | {minutes} | {params} |")
+        lines.append(f"| {flag} | {val} | {' | '.join(cells)} | {auc:.3f} / {acc:.3f} | {len(ours)} / {len(base)} "
+                     f"| {minutes} | {params} |")
+    if one_model:
+        minutes = statistics.mean(r["wall_s"] for r in one_model) / 60
+        lines += ["", f"ONE Medformer on all {len(rows)} files together (`configs/medmnist.yaml`), seeds "
+                  f"{[r['seed'] for r in one_model]}: {one_model[0]['params'] / 1e6:.2f}M parameters, "
+                  f"{minutes:.1f} min per run for all of them.", "",
+                  "| dataset | one model val AUC | one model AUC | one model ACC | alone AUC | ResNet-18 AUC (same run) "
+                  "| published R18 AUC / ACC |", "|---|---|---|---|---|---|---|"]
+        for flag, runs in rows.items():
+            mine = [r["datasets"][flag] for r in one_model if flag in r["datasets"]]
+            auc, acc = PUBLISHED.get(flag, (float("nan"), float("nan")))
+            lines.append(f"| {flag} | {mean_sd([r['val_auc'] for r in mine])} | "
+                         f"{mean_sd([r['test']['auc'] for r in mine])} | {mean_sd([r['test']['acc'] for r in mine])} | "
+                         f"{mean_sd([r['test']['auc'] for r in runs['ours']])} | "
+                         f"{mean_sd([r['test']['auc'] for r in runs['baseline']])} | {auc:.3f} / {acc:.3f} |")
     return "\n".join(lines)
 
 
@@ -95,7 +142,11 @@ def main():
     p.add_argument("--datasets", nargs="+", help="MedMNIST flags (default: every official 28-px file under --root)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/medmnist")
-    p.add_argument("--no-baseline", action="store_true", help="train only Medformer")
+    p.add_argument("--no-baseline", action="store_true", help="train no ResNet-18")
+    p.add_argument("--no-single", action="store_true", help="train no one-dataset Medformer")
+    p.add_argument("--one-model", action="store_true",
+                   help="also train ONE Medformer on all the datasets together (configs/medmnist.yaml)")
+    p.add_argument("--report", action="store_true", help="train nothing: the table of the finished runs")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change the recipe")
     args = p.parse_args()
     root, out = Path(args.root).resolve(), Path(args.out)
@@ -104,21 +155,32 @@ def main():
     if not flags or missing:
         sys.exit(f"{root}: no official MedMNIST file for {missing or 'any dataset'}; pass --root")
     rows = {f: {"ours": [], "baseline": []} for f in flags}
+    one_model = []
     for seed in args.seeds:
         for flag in flags:
-            ours = train_ours(flag, root, seed, out / f"medformer-{flag}-seed{seed}", args.set)
-            rows[flag]["ours"].append(ours)
-            line = f"{flag} seed {seed}: Medformer AUC {ours['test']['auc']:.3f} ACC {ours['test']['acc']:.3f} " \
-                   f"({ours['wall_s'] / 60:.1f} min)"
-            if not args.no_baseline:
+            ours = train_ours(flag, root, seed, out / f"medformer-{flag}-seed{seed}", args.set,
+                              train=not (args.report or args.no_single))
+            base = baselines.cached(flag, seed, out / "baselines")
+            if base is None and not (args.report or args.no_baseline):
                 base = baselines.run_cached(flag, root, seed, out / "baselines", log=lambda s: None)
-                rows[flag]["baseline"].append(base)
-                line += f"; ResNet-18 AUC {base['test']['auc']:.3f} ACC {base['test']['acc']:.3f} ({base['wall_s'] / 60:.1f} min)"
-            print(line, flush=True)
-    text = table(rows, args.seeds)
+            line = [f"{flag} seed {seed}:"]
+            for name, run, side in (("Medformer", ours, "ours"), ("ResNet-18", base, "baseline")):
+                if run is not None:
+                    rows[flag][side].append(run)
+                    line.append(f"{name} AUC {run['test']['auc']:.3f} ACC {run['test']['acc']:.3f} "
+                                f"({run['wall_s'] / 60:.1f} min)")
+            print(" ".join(line), flush=True)
+        if args.one_model:
+            run = train_one_model(flags, root, seed, out / f"one-model-seed{seed}", args.set, train=not args.report)
+            if run is not None:
+                one_model.append(run)
+                print(f"one model seed {seed}: " + ", ".join(
+                    f"{f} AUC {run['datasets'][f]['test']['auc']:.3f}" for f in flags) +
+                    f" ({run['wall_s'] / 60:.1f} min)", flush=True)
+    text = table(rows, one_model)
     print("\n" + text)
     (out / "results.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps(rows, indent=1, default=float))
+    (out / "results.json").write_text(json.dumps({"single": rows, "one_model": one_model}, indent=1, default=float))
 
 
 if __name__ == "__main__":

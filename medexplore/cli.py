@@ -105,7 +105,7 @@ def cmd_evaluate(args) -> int:
     from .train.evaluate import evaluate
 
     model, device, dataset = _checkpoint_data(args)
-    text = json.dumps(evaluate(model, dataset, device=device), indent=2, default=float)
+    text = json.dumps(evaluate(model, dataset, device=device, flips=args.flips), indent=2, default=float)
     if args.output:
         Path(args.output).write_text(text)
     print(text)
@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-path", help="an explicit npz file (default: the one the run used)")
         p.add_argument("--device", default="auto")
         p.add_argument("--output", required=(name == "embed"), help="output file")
+        if name == "evaluate":
+            p.add_argument("--flips", action="store_true",
+                           help="average image-level predictions over each image and its left-right mirror")
         if name == "embed":
             p.add_argument("--blocks", action="store_true", help="also keep every block's pooled tokens")
             p.add_argument("--quiet", action="store_true", help="no progress bar")

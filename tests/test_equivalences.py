@@ -226,3 +226,24 @@ def test_cuda_default_varlen_model_equals_each_sample_alone():
         packed = model(Batch.from_images(images, domains)).embedding
         alone = torch.cat([model(Batch.from_images([img], [dom])).embedding for img, dom in zip(images, domains)])
     torch.testing.assert_close(packed, alone, atol=2e-5, rtol=1e-4)
+
+
+def test_flip_averaging_means_image_level_outputs_and_leaves_masks_and_boxes(model, mixed_batch):
+    """Test-time flips: every vector output is the mean of the model on the images and on their mirrors
+    (checked against two plain forwards); segmentation and detection come from the images as given."""
+    import dataclasses
+
+    from medexplore.models.kinds import KINDS
+    from medexplore.train.evaluate import flip_averaged
+
+    with torch.no_grad():
+        plain = model(mixed_batch).predictions
+        mirrored = model(dataclasses.replace(mixed_batch, groups=[g.flip(-1) for g in mixed_batch.groups])).predictions
+        averaged = flip_averaged(model, mixed_batch)
+    vector_tasks = [n for n, spec in model.tasks.items() if KINDS[spec.kind].output == "vector"]
+    assert set(vector_tasks) == {"presence", "organ", "findings", "grade", "size"}
+    for name in vector_tasks:
+        assert not torch.allclose(plain[name], mirrored[name])  # the mirror is a different input
+        torch.testing.assert_close(averaged[name], (plain[name] + mirrored[name]) / 2)
+    for name in ("tissue", "lesions"):
+        torch.testing.assert_close(averaged[name], plain[name])

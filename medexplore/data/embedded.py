@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torch.utils.data import Dataset
 
 from ..errors import UserError
 from ..models.tasks import Domain, TaskSpec
+from .cache import cache_dir
 from .sample import Sample
 from .transforms import normalize_intensity
 
@@ -66,8 +66,6 @@ class EmbeddedConfig:
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MEDEXPLORE_CACHE", Path.home() / ".cache" / "medexplore"))
 
 
 # ---------------------------------------------------------------------------- real sources

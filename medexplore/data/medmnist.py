@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..errors import UserError
 from ..models.tasks import Domain, TaskSpec
+from .cache import memory_mapped_arrays
 from .sample import Sample
 
 __all__ = ["MedMNISTInfo", "MEDMNIST", "MedMNIST", "medmnist_path", "load_medmnist_npz", "default_root"]
@@ -141,23 +142,16 @@ def _download(flag: str, size: int, root: Path) -> None:
 
 
 def load_medmnist_npz(path: str | Path, info: MedMNISTInfo, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images, labels) of one split, validated; errors name the file and the array."""
+    """(images, labels) of one split, validated; errors name the file and the array.
+
+    The images are a read-only memory map of the split's cached ``.npy`` (:mod:`medexplore.data.cache`):
+    files larger than memory work, and only the samples read come into memory.
+    """
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, got {split!r}")
     path = Path(path)
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path}: not a readable npz file (corrupt, truncated, or not an npz archive)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            keys = set(data.files)
-            need = {f"{split}_images", f"{split}_labels"}
-            if not need <= keys:
-                raise UserError(f"{path}: missing array(s) {sorted(need - keys)}; found {sorted(keys)}")
-            images, labels = data[f"{split}_images"], data[f"{split}_labels"]
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        if str(path) in str(exc):
-            raise
-        raise UserError(f"{path}: not a readable npz file (corrupt or truncated?): {exc}") from exc
+    arrays = memory_mapped_arrays(path, [f"{split}_images", f"{split}_labels"])
+    images, labels = arrays[f"{split}_images"], np.asarray(arrays[f"{split}_labels"])
     spatial = images.ndim - 1 - (1 if info.dims == 2 and info.channels == 3 else 0)
     if spatial != info.dims:
         raise UserError(f"{path}: {split}_images has shape {images.shape}; {info.flag} expects "
@@ -165,7 +159,7 @@ def load_medmnist_npz(path: str | Path, info: MedMNISTInfo, split: str) -> tuple
     if len(images) == 0:
         raise UserError(f"{path}: {split}_images is empty")
     if np.issubdtype(images.dtype, np.floating):
-        bad = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(1))
+        bad = _non_finite_rows(images)
         if len(bad):
             raise UserError(f"{path}: {split}_images has NaN/Inf pixels in {len(bad)} image(s), indices "
                              f"{bad[:10].tolist()}{' ...' if len(bad) > 10 else ''}")
@@ -179,8 +173,18 @@ def load_medmnist_npz(path: str | Path, info: MedMNISTInfo, split: str) -> tuple
     return images, labels.reshape(len(labels), -1)
 
 
+def _non_finite_rows(images: np.ndarray, chunk_bytes: int = 1 << 26) -> np.ndarray:
+    """Indices of images holding NaN or Inf, read a chunk of rows at a time (memory stays bounded)."""
+    rows = max(1, chunk_bytes // max(1, images[0].nbytes))
+    bad = []
+    for start in range(0, len(images), rows):
+        block = np.asarray(images[start:start + rows])
+        bad.append(start + np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(1)))
+    return np.concatenate(bad)
+
+
 class MedMNIST(torch.utils.data.Dataset):
-    """One split of one MedMNIST dataset as :class:`Sample` objects, read fully into memory.
+    """One split of one MedMNIST dataset as :class:`Sample` objects.
 
     Args:
         flag: dataset name, e.g. ``"pneumoniamnist"``.
@@ -191,7 +195,8 @@ class MedMNIST(torch.utils.data.Dataset):
         download: fetch with the ``medmnist`` package when the file is missing.
         task_name: label key of the samples (default: ``flag``).
 
-    Images become float ``(C, *spatial)`` in [-1, 1].
+    Images become float ``(C, *spatial)`` in [-1, 1] as they are read; the split stays on disk, memory
+    mapped (:func:`load_medmnist_npz`), so its size is not bounded by memory.
     """
 
     def __init__(self, flag: str, split: str = "train", size: int = 28, root=None, path=None,
@@ -208,22 +213,31 @@ class MedMNIST(torch.utils.data.Dataset):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"MedMNIST file {self.path} not found")
-        images, labels = load_medmnist_npz(self.path, self.info, split)
+        self.raw_images, labels = load_medmnist_npz(self.path, self.info, split)
         official = sorted({counts[SPLITS.index(split)] for counts in self.info.count_sets})
-        if len(images) not in official:
-            log.warning("%s %s split has %d images (official: %s)", self.path, split, len(images),
+        if len(self.raw_images) not in official:
+            log.warning("%s %s split has %d images (official: %s)", self.path, split, len(self.raw_images),
                         " or ".join(map(str, official)))
-        x = torch.from_numpy(images)
-        if self.info.dims == 2 and self.info.channels == 3:
-            x = x.movedim(-1, 1)
-        else:
-            x = x.unsqueeze(1)
-        self.images = (x.float() / 127.5 - 1.0).contiguous()
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.domain = self.info.domain
 
+    def image(self, index) -> Tensor:
+        """Image(s) ``index`` (an int or a slice) as float ``(C, *spatial)`` in [-1, 1] (a batch for a slice)."""
+        x = torch.from_numpy(np.array(self.raw_images[index]))
+        one = isinstance(index, (int, np.integer))
+        if self.info.dims == 2 and self.info.channels == 3:
+            x = x.movedim(-1, 0 if one else 1)
+        else:
+            x = x.unsqueeze(0 if one else 1)
+        return (x.float() / 127.5 - 1.0).contiguous()
+
+    @property
+    def images(self) -> Tensor:
+        """The whole split as one float tensor (in memory: for small files)."""
+        return self.image(slice(None))
+
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.raw_images)
 
     def label(self, i: int):
         y = self.labels[i]
@@ -233,7 +247,7 @@ class MedMNIST(torch.utils.data.Dataset):
         return {self.task_name: self.label(i)}
 
     def __getitem__(self, i: int) -> Sample:
-        return Sample(self.images[i], self.domain, self.labels_of(i),
+        return Sample(self.image(int(i)), self.domain, self.labels_of(i),
                       patient_id=None, meta={"source": f"{self.info.flag}:{self.split}", "index": i})
 
     @property

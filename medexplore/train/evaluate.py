@@ -2,22 +2,38 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.sample import collate
-from ..models.kinds import per_sample_predictions, score_task
+from ..models.kinds import KINDS, per_sample_predictions, score_task
 from ..models.medformer import Medformer
+from ..models.packing import Batch
 
-__all__ = ["evaluate", "collect_predictions"]
+__all__ = ["evaluate", "collect_predictions", "flip_averaged"]
+
+
+def flip_averaged(model: Medformer, batch: Batch) -> dict:
+    """The model's raw predictions on ``batch``, image-level outputs (kinds whose output is a vector)
+    averaged with those of the left-right mirrored images (the flip training augmentation applies);
+    masks and boxes come from the images as given."""
+    predictions = dict(model(batch).predictions)
+    mirrored = model(dataclasses.replace(batch, groups=[g.flip(-1) for g in batch.groups])).predictions
+    for name, spec in model.tasks.items():
+        if KINDS[spec.kind].output == "vector" and isinstance(predictions.get(name), torch.Tensor):
+            predictions[name] = (predictions[name] + mirrored[name]) / 2
+    return predictions
 
 
 @torch.no_grad()
 def collect_predictions(model: Medformer, dataset: Dataset, batch_size: int = 256, device="cpu",
-                        num_workers: int = 0, autocast: Callable | None = None) -> dict[str, list]:
+                        num_workers: int = 0, autocast: Callable | None = None,
+                        flips: bool = False) -> dict[str, list]:
     """Per task, the (label, prediction) pair of every sample of ``dataset`` carrying that label.
+    ``flips``: image-level predictions averaged over each image and its mirror (:func:`flip_averaged`).
 
     (Embeddings with per-sample metadata: :func:`medexplore.analysis.compute_embeddings`.)
     """
@@ -27,12 +43,12 @@ def collect_predictions(model: Medformer, dataset: Dataset, batch_size: int = 25
     for batch in loader:
         batch = batch.to(device)
         with (autocast() if autocast is not None else contextlib.nullcontext()):
-            out = model(batch)
+            predictions = flip_averaged(model, batch) if flips else model(batch).predictions
         for name, spec in model.tasks.items():
             labels = batch.targets.get(name)
             if labels is None:
                 continue
-            items = per_sample_predictions(spec.kind, out.predictions[name], batch.num_samples)
+            items = per_sample_predictions(spec.kind, predictions[name], batch.num_samples)
             for y, p in zip(labels, items):
                 if y is not None and p is not None:
                     pairs[name].append((torch.as_tensor(y).cpu(), p))
@@ -40,7 +56,8 @@ def collect_predictions(model: Medformer, dataset: Dataset, batch_size: int = 25
 
 
 def evaluate(model: Medformer, dataset: Dataset, batch_size: int = 256, device="cpu", num_workers: int = 0,
-             autocast: Callable | None = None) -> dict[str, dict]:
-    """Metrics per task name (tasks without any label in ``dataset`` are left out)."""
-    pairs = collect_predictions(model, dataset, batch_size, device, num_workers, autocast)
+             autocast: Callable | None = None, flips: bool = False) -> dict[str, dict]:
+    """Metrics per task name (tasks without any label in ``dataset`` are left out); ``flips``: test-time
+    flip averaging of image-level predictions (:func:`flip_averaged`)."""
+    pairs = collect_predictions(model, dataset, batch_size, device, num_workers, autocast, flips)
     return {name: score_task(model.tasks[name], items) for name, items in pairs.items() if items}

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_npz
@@ -185,7 +186,7 @@ def test_medmnist_flags_without_a_config_train_with_the_recipe_for_their_size(tm
     assert uses_medmnist_recipe(base) and not uses_medmnist_recipe({"data": {"datasets": ["embedded"]}})
     config, note = apply_medmnist_recipe(base)
     recipe = load_recipe("medmnist")
-    assert config["model"] == recipe["model"] and config["model"]["stem"] == "conv"
+    assert config["model"] == {**recipe["model"], "patch_size_3d": None} and config["model"]["stem"] == "conv"
     assert config["train"]["epochs"] == round(recipe["samples"]["2d"] / 16)  # 16 training images in the file
     assert "training images" in note
     chosen, _ = apply_medmnist_recipe(base, {"train": {"epochs": 3}, "model": {"depth": 2}})
@@ -202,3 +203,47 @@ def test_progress_printer_estimates_the_run_after_five_steps(capsys):
         printer(Event("step", step, 100, eta_s=(100 - step) * 1.2, losses={"loss": 1.0}))
     lines = [line for line in capsys.readouterr().err.splitlines() if "estimated" in line]
     assert lines == ["estimated training time: 1.9 min for 95 more steps (from the first 5)"]
+
+
+def test_progress_printer_times_the_first_epoch_with_its_validation(capsys):
+    from medexplore.train import Event
+    from medexplore.train.progress import ProgressPrinter
+
+    now = [0.0]
+    printer = ProgressPrinter(quiet=True, clock=lambda: now[0])
+    printer(Event("start", 0, 40))
+    for step in range(1, 11):  # 10 steps of 2 s, then 5 s of validation
+        now[0] += 2.0
+        printer(Event("step", step, 40, epoch=0, losses={"loss": 1.0}))
+    now[0] += 5.0
+    printer(Event("epoch", 10, 40, epoch=1, losses={"loss": 1.0}))
+    printer(Event("epoch", 20, 40, epoch=2, losses={"loss": 1.0}))  # printed once
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch time")]
+    assert lines == ["epoch time: 20 s training + 5 s validation; about 1.2 min for the remaining 3 epoch(s)"]
+
+
+def test_patch_sizes_keep_a_sample_within_the_token_budget():
+    from medexplore.train.recipes import patch_sizes_for
+
+    assert patch_sizes_for({2: (28, 28), 3: (28, 28, 28)}, 4, 512) == {2: 4, 3: 4}  # 49 / 343 tokens
+    assert patch_sizes_for({2: (224, 224), 3: (64, 64, 64)}, 4, 512) == {2: 16, 3: 8}  # 196 / 512
+    assert patch_sizes_for({2: (224, 224), 3: (64, 64, 64)}, 4, 2048) == {2: 8, 3: 8}  # 784 / 512
+    assert patch_sizes_for({2: (28, 28)}, 4, 16) == {2: 4}  # 8 does not divide 28: the largest that does
+
+
+def test_the_recipe_picks_patch_8_for_64_cubed_volumes_and_says_so(tmp_path):
+    from medexplore.train.recipes import apply_medmnist_recipe
+
+    g = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 6), ("val", 3), ("test", 3)):
+        arrays[f"{split}_images"] = g.integers(0, 255, (n, 64, 64, 64), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).astype(np.uint8)[:, None]
+    np.savez(tmp_path / "adrenalmnist3d_64.npz", **arrays)
+    base = {"data": {"datasets": ["adrenalmnist3d"], "path": str(tmp_path / "adrenalmnist3d_64.npz"), "size": 64},
+            "model": {}, "train": {"device": "cpu"}}
+    config, note = apply_medmnist_recipe(base)
+    assert config["model"]["patch_size"] == 4 and config["model"]["patch_size_3d"] == 8
+    assert "patch 8 for 64x64x64 (512 tokens) (token budget 512)" in note
+    chosen, _ = apply_medmnist_recipe(base, {"model": {"patch_size_3d": 4}})
+    assert chosen["model"]["patch_size_3d"] == 4

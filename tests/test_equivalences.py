@@ -14,10 +14,13 @@ def _assert_close(a, b, tol=1e-5):
     assert (a - b).abs().max().item() <= tol, (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("stem", ["patch", "conv"])
-def test_packed_forward_equals_each_sample_alone(stem, mixed_batch):
-    model = small_model(stem=stem)
+@pytest.mark.parametrize("stem, patch_size_3d", [("patch", None), ("conv", None), ("patch", 8), ("conv", 8)])
+def test_packed_forward_equals_each_sample_alone(stem, patch_size_3d, mixed_batch):
+    model = small_model(stem=stem, patch_size_3d=patch_size_3d)
     packed = model(mixed_batch)
+    p3 = patch_size_3d or 4
+    assert {g.image_shape: g.grid for g in packed.layout.groups} == {
+        (16, 16): (4, 4), (16, 16, 16): (16 // p3,) * 3, (8, 8, 8): (8 // p3,) * 3}
     for i in range(mixed_batch.num_samples):
         g = next(g for g, ids in enumerate(mixed_batch.group_samples) if i in ids.tolist())
         row = mixed_batch.group_samples[g].tolist().index(i)

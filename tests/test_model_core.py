@@ -320,7 +320,7 @@ def test_dense_detection_fits_the_boxes_of_an_image():
 
 @pytest.mark.parametrize("loss, expected", [("l1", 1.25), ("mse", 2.125), ("huber", 0.8125)])
 def test_regression_loss_variants_known_values(loss, expected):
-    head = kind_entry("regression").build_head(TaskSpec("count", "regression", 1, loss=loss), HeadDims(8, 1, 4, 8, 1))
+    head = kind_entry("regression").build_head(TaskSpec("count", "regression", 1, loss=loss), HeadDims(8, 1, {2: 4, 3: 4}, 8, 1))
     prediction = torch.tensor([[0.5], [3.0]])  # errors 0.5 and 2.0
     assert head.loss(prediction, [torch.tensor([0.0]), torch.tensor([1.0])]).item() == pytest.approx(expected)
     with pytest.raises(ValueError, match="loss 'l2' not available"):

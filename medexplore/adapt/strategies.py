@@ -37,8 +37,8 @@ __all__ = ["STRATEGIES", "AdaptConfig", "AdaptReport", "apply_strategy", "rebuil
            "trainable_report", "model_from_spec"]
 
 STRATEGIES = ("full", "linear", "partial", "adapter", "vpt_shallow", "vpt_deep", "lora", "gmoe")
-EXPERT_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "patch_size", "in_chans", "pos_embed",
-                 "class_token")
+EXPERT_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "patch_size", "patch_size_3d", "in_chans",
+                 "pos_embed", "class_token")
 LORA_TARGETS = ("qkv", "proj")
 TASK_SIDE = ("output_adaptformer.", "heads.")
 

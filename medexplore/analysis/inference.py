@@ -51,7 +51,7 @@ class ImageInference:
 def window_for(model: Medformer, spatial: Sequence[int], window: int | Sequence[int] | None = None,
                max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[int, ...]:
     """The sliding window for an image of size ``spatial``: ``window`` checked, or the automatic choice."""
-    patch = model.config.patch_size
+    patch = model.config.patch_sizes[len(spatial)]
     fit = tuple(math.ceil(s / patch) * patch for s in spatial)  # the whole image, padded to whole patches
     if window is None:
         if math.prod(f // patch for f in fit) <= max_tokens:
@@ -71,7 +71,7 @@ def estimate_inference_memory(model: Medformer, image_shape: Sequence[int], wind
     voxels = math.prod(spatial)
     seg_channels = sum(s.num_outputs for s in model.tasks.values() if kind_entry(s.kind).output == "mask")
     outputs = (seg_channels + len(explain_methods) + 2) * voxels * _BYTES * 2  # values + blending weights
-    tokens = math.prod(w // model.config.patch_size for w in window)
+    tokens = math.prod(w // model.config.patch_sizes[len(window)] for w in window)
     cfg = model.config
     activations = tokens * cfg.embed_dim * cfg.depth * (6 + 2 * cfg.mlp_ratio) * _BYTES
     if any(m in ("rollout", "attention") for m in explain_methods):
@@ -128,7 +128,8 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     if any(m in ("integrated_gradients", "grad_cam") for m in explain_methods) and explain_task not in applicable:
         raise UserError(f"gradient explanations need explain_task, one of {applicable}; got {explain_task!r}")
     image = prepare_image(image, domain, normalize=False)
-    model.patch_embed.grid((image.shape[0], *(model.config.patch_size,) * (image.dim() - 1)), where="the image")
+    model.patch_embed.grid((image.shape[0], *(model.config.patch_sizes[image.dim() - 1],) * (image.dim() - 1)),
+                           where="the image")
     if normalize:
         image = normalize_intensity(image, domain.modality)
     roi = window_for(model, tuple(image.shape[1:]), window, max_tokens)

@@ -1,6 +1,8 @@
 """Intensity normalisation per modality and spatial fitting to patch multiples (2D and 3D)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -55,10 +57,11 @@ def fit_to_multiple(image: Tensor, multiple: int, mode: str = "crop") -> Tensor:
     return F.pad(image, pads)
 
 
-def prepare_image(image, domain: Domain, normalize: bool = True, pad_to: int | None = None) -> Tensor:
+def prepare_image(image, domain: Domain, normalize: bool = True, pad_to: int | Mapping[int, int] | None = None) -> Tensor:
     """An image as the model reads it: ``(C, *spatial)`` float checked against ``domain`` and for NaN/Inf,
     normalised as in training for its modality, and zero-padded to a multiple of ``pad_to`` (the patch
-    size) when given. Inference and the napari widgets all prepare images here."""
+    size, or a model's ``config.patch_sizes``: one per number of spatial dimensions) when given.
+    Inference and the napari widgets all prepare images here."""
     image = torch.as_tensor(np.asarray(image) if not isinstance(image, Tensor) else image).float()
     dims = 2 if domain.dimensionality == "2d" else 3
     if image.dim() != dims + 1:
@@ -68,6 +71,8 @@ def prepare_image(image, domain: Domain, normalize: bool = True, pad_to: int | N
         raise UserError(f"image has {int((~torch.isfinite(image)).sum())} NaN/Inf values")
     if normalize:
         image = normalize_intensity(image, domain.modality)
+    if isinstance(pad_to, Mapping):
+        pad_to = pad_to[dims]
     return fit_to_multiple(image, pad_to, "pad") if pad_to else image
 
 

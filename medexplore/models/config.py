@@ -69,7 +69,9 @@ class MedformerConfig:
 
     Args:
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the timm ViT body.
-        patch_size: patch edge in pixels/voxels, shared by 2D and 3D.
+        patch_size: patch edge in pixels (2D), and in voxels (3D) unless ``patch_size_3d`` is set.
+        patch_size_3d: patch edge in voxels for volumes (None: ``patch_size``), e.g. 8 for 64^3
+            volumes (512 tokens) beside 2D images at patch 4.
         stem: ``patch`` (linear patch embedding, loads timm weights) or ``conv`` (a few stride-2
             convolutions per dimensionality before the projection; patch size a power of 2).
         in_chans: channels the model is built for; single-channel images are always accepted
@@ -93,6 +95,7 @@ class MedformerConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     patch_size: int = 16
+    patch_size_3d: int | None = None
     stem: str = "patch"
     in_chans: int = 3
     pos_embed: str = "rope"
@@ -118,8 +121,11 @@ class MedformerConfig:
             raise UserError(f"MedformerConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.stem not in STEMS:
             raise UserError(f"MedformerConfig.stem must be one of {STEMS}, got {self.stem!r}")
-        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise UserError(f"MedformerConfig: stem 'conv' needs a patch size that is a power of 2, got {self.patch_size}")
+        if self.patch_size_3d is not None and self.patch_size_3d < 1:
+            raise UserError(f"MedformerConfig.patch_size_3d must be >= 1 (or null: patch_size), got {self.patch_size_3d}")
+        for p in set(self.patch_sizes.values()):
+            if self.stem == "conv" and (p < 2 or p & (p - 1)):
+                raise UserError(f"MedformerConfig: stem 'conv' needs a patch size that is a power of 2, got {p}")
         if self.pos_embed not in POS_EMBED_CHOICES:
             raise UserError(f"MedformerConfig.pos_embed must be one of {POS_EMBED_CHOICES}, got {self.pos_embed!r}")
         if "rope" in self.pos_embed and self.head_dim < 6:
@@ -130,6 +136,11 @@ class MedformerConfig:
             raise UserError(f"MedformerConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise UserError(f"MedformerConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+    @property
+    def patch_sizes(self) -> dict[int, int]:
+        """Patch edge per number of spatial dimensions: ``{2: patch_size, 3: patch_size_3d or patch_size}``."""
+        return {2: self.patch_size, 3: self.patch_size_3d or self.patch_size}
 
     @property
     def head_dim(self) -> int:

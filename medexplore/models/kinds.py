@@ -44,7 +44,7 @@ class HeadDims:
 
     dim: int
     in_chans: int
-    patch_size: int
+    patch_sizes: dict[int, int]  # patch edge per number of spatial dimensions
     seg_channels: int
     num_features: int
 
@@ -297,7 +297,7 @@ def _segmentation_hard_label(spec, item, logits):
 
 register_kind(KindEntry(
     "segmentation",
-    lambda spec, d: SegmentationHead(spec, d.dim, d.in_chans, d.patch_size, d.seg_channels, d.num_features),
+    lambda spec, d: SegmentationHead(spec, d.dim, d.in_chans, d.patch_sizes, d.seg_channels, d.num_features),
     "mask", ("dice",), "dice",
     per_sample=lambda prediction, n: [None if p is None else p.argmax(0).cpu()
                                       for p in SegmentationHead.per_sample(prediction, n)],

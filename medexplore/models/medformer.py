@@ -65,7 +65,7 @@ class Medformer(nn.Module):
         self.config = config
         self.tasks: dict[str, TaskSpec] = {}
         d = config.embed_dim
-        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, d, config.stem)
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, d, config.stem, config.patch_size_3d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if config.class_token else None
         self.pos = (LearnedPositions(config.pos_grid, config.num_prefix_tokens, d)
                     if "learned" in config.pos_embed else None)
@@ -76,7 +76,7 @@ class Medformer(nn.Module):
         self.blocks = nn.ModuleList(Block(d, config.num_heads, config.mlp_ratio, config.qkv_bias, dpr[i])
                                     for i in range(config.depth))
         self.norm = nn.LayerNorm(d, eps=1e-6)
-        self.feature_depths = feature_depths(config.depth, config.patch_size)
+        self.feature_depths = feature_depths(config.depth, max(config.patch_sizes.values()))
         self.output_adaptformer = OutputAdaptformer(d, config.num_heads, [], config.mlp_ratio) if config.output_adaptformer else None
         self.heads = nn.ModuleDict()
         self.prompts: nn.Module | None = None  # visual prompt tokens (medexplore.adapt)
@@ -99,7 +99,7 @@ class Medformer(nn.Module):
                              "Output Adaptformer provides; build the model with output_adaptformer=True")
         self.tasks[task.name] = task
         cfg = self.config
-        dims = HeadDims(cfg.embed_dim, cfg.in_chans, cfg.patch_size, cfg.seg_channels, len(self.feature_depths))
+        dims = HeadDims(cfg.embed_dim, cfg.in_chans, cfg.patch_sizes, cfg.seg_channels, len(self.feature_depths))
         head = kind_entry(task.kind).build_head(task, dims)
         ref = self.norm.weight
         self.heads[task.name] = head.to(device=ref.device, dtype=ref.dtype)

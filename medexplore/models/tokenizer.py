@@ -65,19 +65,22 @@ class PatchEmbed(nn.Module):
     same as replicating grey into every channel.
     """
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, stem: str = "patch"):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, stem: str = "patch",
+                 patch_size_3d: int | None = None):
         super().__init__()
         if stem not in STEMS:
             raise UserError(f"stem must be one of {STEMS}, got {stem!r}")
         self.patch_size = patch_size
+        self.patch_sizes = {2: patch_size, 3: patch_size_3d or patch_size}
         self.in_chans = in_chans
         self.stem = stem
+        p2, p3 = self.patch_sizes[2], self.patch_sizes[3]
         if stem == "patch":
-            self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
-            self.proj_3d = nn.Conv3d(in_chans, embed_dim, patch_size, patch_size)
+            self.proj = nn.Conv2d(in_chans, embed_dim, p2, p2)
+            self.proj_3d = nn.Conv3d(in_chans, embed_dim, p3, p3)
         else:
-            self.stem_2d = ConvStem(2, in_chans, embed_dim, patch_size)
-            self.stem_3d = ConvStem(3, in_chans, embed_dim, patch_size)
+            self.stem_2d = ConvStem(2, in_chans, embed_dim, p2)
+            self.stem_3d = ConvStem(3, in_chans, embed_dim, p3)
 
     def grid(self, shape: tuple[int, ...], where: str = "image") -> tuple[int, ...]:
         """Token grid of a ``(C, *spatial)`` image, with a ValueError for unsupported shapes."""
@@ -87,15 +90,16 @@ class PatchEmbed(nn.Module):
         if channels not in (1, self.in_chans):
             raise UserError(f"{where}: shape {tuple(shape)} has {channels} channels; this model takes "
                              f"{self.in_chans} (or 1, treated as grey)")
-        if any(s % self.patch_size or s == 0 for s in spatial):
-            raise UserError(f"{where}: spatial size {spatial} is not divisible by the patch size "
-                             f"{self.patch_size}; crop or resize to a multiple of {self.patch_size}")
-        return tuple(s // self.patch_size for s in spatial)
+        p = self.patch_sizes[len(spatial)]
+        if any(s % p or s == 0 for s in spatial):
+            raise UserError(f"{where}: spatial size {spatial} is not divisible by the {len(spatial)}D patch size "
+                             f"{p}; crop or resize to a multiple of {p}")
+        return tuple(s // p for s in spatial)
 
     def patches(self, images: Tensor) -> Tensor:
         """(B, n, C * p^dims) flattened patches in row-major (z, y, x) order."""
         dims = images.dim() - 2
-        p = self.patch_size
+        p = self.patch_sizes[dims]
         b, c = images.shape[:2]
         grid = [s // p for s in images.shape[2:]]
         # (B, C, g0, p, g1, p[, g2, p]) -> (B, g0, g1[, g2], C, p, p[, p])

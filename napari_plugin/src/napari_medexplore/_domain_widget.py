@@ -48,7 +48,7 @@ class DomainLatentWidget(Container):
             domain = self.domain.domain
             image, _ = layer_image(source, domain, self.viewer.dims.current_step)
             spatial = image.shape[1:]
-            sample = Sample(prepare_image(image, domain, pad_to=model.config.patch_size), domain,
+            sample = Sample(prepare_image(image, domain, pad_to=model.config.patch_sizes), domain,
                             meta={"source": source.name})
             maps = domain_attention_maps(model, sample)
             mixing = domain_attention(model, [sample])

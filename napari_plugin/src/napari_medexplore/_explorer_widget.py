@@ -29,7 +29,7 @@ HOVER_LAYER = "medexplore: hovered sample"
 STACK_KEY = "medexplore_explorer_indices"
 
 
-def layer_samples(viewer, patch_size: int) -> list[Sample]:
+def layer_samples(viewer, patch_sizes: dict[int, int]) -> list[Sample]:
     """The viewer's image layers as samples (normalised per modality, padded to whole patches)."""
     samples = []
     for layer in image_layers(viewer):
@@ -37,7 +37,7 @@ def layer_samples(viewer, patch_size: int) -> list[Sample]:
             continue
         domain = layer_domain(layer)
         image, _ = layer_image(layer, domain, viewer.dims.current_step)
-        samples.append(Sample(prepare_image(image, domain, pad_to=patch_size), domain, meta={"source": layer.name}))
+        samples.append(Sample(prepare_image(image, domain, pad_to=patch_sizes), domain, meta={"source": layer.name}))
     if not samples:
         raise UserError("no image layers to embed")
     return samples
@@ -114,9 +114,9 @@ class ExplorerWidget(Container):
         self.viewer.dims.events.current_step.connect(self._on_step)
 
     # ------------------------------------------------------------------ computing
-    def _dataset(self, patch_size: int):
+    def _dataset(self, patch_sizes: dict[int, int]):
         if self.source.value == "open image layers":
-            return layer_samples(self.viewer, patch_size)
+            return layer_samples(self.viewer, patch_sizes)
         return EmbeddedDataset(self.source.value.split()[1])
 
     def compute(self, _value=None):
@@ -125,7 +125,7 @@ class ExplorerWidget(Container):
 
         try:
             model, _ = self.checkpoint.load()
-            dataset = self._dataset(model.config.patch_size)
+            dataset = self._dataset(model.config.patch_sizes)
             steps = iter_compute_embeddings(model, dataset)
         except Exception as exc:
             self.status.value = report_error(exc, "embedding")

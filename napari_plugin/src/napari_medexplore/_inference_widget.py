@@ -68,7 +68,9 @@ class InferenceWidget(Container):
         self.explain_task.reset_choices()
         if self.explain_task.value is None and model.tasks:
             self.explain_task.value = next(iter(model.tasks))
-        self.status.value = f"model: {len(model.tasks)} tasks, patch {model.config.patch_size}"
+        self.status.value = f"model: {len(model.tasks)} tasks, patch " + (
+            f"{model.config.patch_size}" if len(set(model.config.patch_sizes.values())) == 1 else
+            f"{model.config.patch_sizes[2]} (2D) / {model.config.patch_sizes[3]} (3D)")
 
     def select_layer(self, layer) -> None:
         self._refresh_layers()

@@ -74,7 +74,7 @@ def train(npz, out, *extra):
     ("train.device=tpu", "unknown device 'tpu'"),
     ("train.mode=vicreg", "train.mode is set by the command"),
     ("model.patch_size=5", "stem 'conv' needs a patch size that is a power of 2, got 5"),
-    ("model.patch_size=8", "not divisible by the patch size 8"),
+    ("model.patch_size=8", "not divisible by the 2D patch size 8"),
 ])
 def test_config_values_are_typed_and_checked(tmp_path, npz, setting, message):
     code, line = cli(*train(npz, tmp_path / "run", "--set", setting))
@@ -180,9 +180,16 @@ def test_one_run_per_folder_and_no_stale_lock_after_kill(tmp_path, npz):
 
 
 # ---------------------------------------------------------------------------- 7. OS errors
-def test_full_disk_is_one_line_and_the_folder_stays_usable(tmp_path, npz):
+def test_full_disk_is_one_line_and_the_folder_stays_usable(tmp_path, npz, monkeypatch):
+    from medexplore.data.cache import array_cache_folder, memory_mapped_arrays
+
+    monkeypatch.setenv("MEDEXPLORE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    code, line = cli(*train(npz, out, "--set", "train.epochs=1"), limit_file_size=8_000)
+    code, line = cli(*train(npz, out, "--set", "train.epochs=1"), limit_file_size=8_000)  # the array cache first
+    assert code == 2 and "could not write the array cache" in line and "File too large" in line
+    assert not list(array_cache_folder(npz).glob("*.tmp"))
+    memory_mapped_arrays(npz, [f"{split}_{kind}" for split in ("train", "val", "test") for kind in ("images", "labels")])
+    code, line = cli(*train(npz, out, "--set", "train.epochs=1"), limit_file_size=8_000)  # then the checkpoint
     assert code == 2 and "cannot write checkpoint" in line and "File too large" in line
     assert not [p.name for p in (out / "checkpoints").iterdir()] if (out / "checkpoints").exists() else True
     assert cli(*train(npz, out, "--set", "train.epochs=1"))[0] == 0

@@ -144,7 +144,7 @@ def test_wrong_channel_count_names_shape(model):
 
 def test_size_not_divisible_by_patch_names_size(model):
     batch = Batch.from_images([torch.rand(1, 18, 16)], Domain("2d"))
-    with pytest.raises(ValueError, match=r"spatial size \(18, 16\) is not divisible by the patch size 4"):
+    with pytest.raises(ValueError, match=r"spatial size \(18, 16\) is not divisible by the 2D patch size 4"):
         model(batch)
 
 

@@ -46,7 +46,7 @@ class ProgressPrinter:
             val = {t: {k: round(v, 4) for k, v in m.items() if k in SHOWN_METRICS} for t, m in event.metrics.items()}
             line = f"epoch {event.epoch} step {event.step}/{event.total_steps} loss {event.losses.get('loss', float('nan')):.4f}"
             self._print(line + (f" val {json.dumps(val)}" if val else ""))
-            if not self.epoch_timed and self.last_step_at is not None:
+            if not self.epoch_timed and self.last_step_at is not None and event.step < event.total_steps:
                 self.epoch_timed = True
                 self._print(self._epoch_estimate(event))
         elif event.kind in (EventKind.DONE, EventKind.STOPPED) and self.bar is not None:

@@ -179,6 +179,7 @@ def main():
                     f" ({run['wall_s'] / 60:.1f} min)", flush=True)
     text = table(rows, one_model)
     print("\n" + text)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"single": rows, "one_model": one_model}, indent=1, default=float))
 

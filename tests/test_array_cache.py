@@ -56,6 +56,11 @@ def test_an_unchanged_cache_is_reused_and_a_changed_source_gets_a_new_one(tmp_pa
     memory_mapped_arrays(path, ["val_images"])
     assert (folder / "val_images.npy").stat().st_mtime_ns == stamp
     assert json.loads((folder / "manifest.json").read_text())["val_images"]["sha256"]
+    os.utime(folder / "val_images.npy", ns=(stamp + 5, stamp + 5))  # touched, content unchanged: re-hashed once
+    inode = (folder / "val_images.npy").stat().st_ino
+    memory_mapped_arrays(path, ["val_images"])
+    assert (folder / "val_images.npy").stat().st_ino == inode  # not rebuilt
+    assert json.loads((folder / "manifest.json").read_text())["val_images"]["mtime_ns"] == stamp + 5
     write_npz(path, "breastmnist", seed=1)
     os.utime(path, ns=(stamp + 10**9, stamp + 10**9))
     assert array_cache_folder(path) != folder

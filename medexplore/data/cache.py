@@ -64,13 +64,19 @@ def _extract(archive: zipfile.ZipFile, name: str, target: Path, source: Path) ->
 
 
 def _intact(target: Path, entry: dict | None) -> bool:
-    """Size must match; the hash is recomputed only when the file's mtime moved since it was recorded."""
+    """Size must match; the hash is recomputed only when the file's mtime moved since it was recorded
+    (and the new mtime recorded in ``entry`` when the content still matches)."""
     if entry is None or not target.exists():
         return False
     stat = target.stat()
     if stat.st_size != entry["size"]:
         return False
-    return stat.st_mtime_ns == entry["mtime_ns"] or _sha256(target) == entry["sha256"]
+    if stat.st_mtime_ns == entry["mtime_ns"]:
+        return True
+    if _sha256(target) != entry["sha256"]:
+        return False
+    entry["mtime_ns"] = stat.st_mtime_ns
+    return True
 
 
 def memory_mapped_arrays(path: str | Path, names: list[str]) -> dict[str, np.ndarray]:
@@ -96,7 +102,10 @@ def memory_mapped_arrays(path: str | Path, names: list[str]) -> dict[str, np.nda
                 raise UserError(f"{path}: missing array(s) {missing}; found {sorted(members)}")
             for name in names:
                 target = folder / f"{name}.npy"
-                if not _intact(target, manifest.get(name)):
+                recorded = dict(manifest.get(name) or {})
+                if _intact(target, manifest.get(name)):
+                    changed |= manifest[name] != recorded
+                else:
                     if name in manifest:
                         log.warning("%s: cached array %s did not match its record; rebuilt from the npz", path, target)
                     folder.mkdir(parents=True, exist_ok=True)

@@ -375,3 +375,17 @@ def test_weight_average_is_what_validation_and_best_see_and_resumes_exactly(tmp_
     assert lines == [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     with pytest.raises(ValueError, match=r"train.ema_decay must be in \[0, 1\)"):
         TrainConfig(ema_decay=1.0)
+
+
+def test_evaluation_batches_of_large_volumes_are_capped():
+    from medexplore.data.sampling import MixedDataset
+    from medexplore.train.evaluate import capped_batch_size
+
+    def volumes(side, n=2):
+        return [Sample(torch.zeros(1, side, side, side), Domain("3d", "ct", "chest"), {}) for _ in range(n)]
+
+    assert capped_batch_size(volumes(28), 256) == 256  # 256 x 28^3 is within the cap
+    assert capped_batch_size(volumes(64), 256) == 64
+    assert capped_batch_size(volumes(128), 256) == 8
+    flat = [Sample(torch.zeros(1, 28, 28), Domain("2d", "xray", "chest"), {})] * 2
+    assert capped_batch_size(MixedDataset({"flat": flat, "big": volumes(64)}), 256) == 64  # the largest part decides

@@ -8,12 +8,23 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.registry import dataset_parts
 from ..data.sample import collate
 from ..models.kinds import KINDS, per_sample_predictions, score_task
 from ..models.medformer import Medformer
 from ..models.packing import Batch
 
-__all__ = ["evaluate", "collect_predictions", "flip_averaged"]
+__all__ = ["evaluate", "collect_predictions", "flip_averaged", "capped_batch_size"]
+
+
+MAX_EVAL_VOXELS = 64 * 64 ** 3  # per evaluation batch: 64 volumes of 64^3 (256 of 28^3 fit well within)
+
+
+def capped_batch_size(dataset: Dataset, batch_size: int) -> int:
+    """``batch_size``, lowered so that a batch of the largest first image among the dataset's parts holds
+    at most :data:`MAX_EVAL_VOXELS` pixels (large volumes' convolutions otherwise need gigabytes)."""
+    voxels = max((part[0].image[0].numel() for part in dataset_parts(dataset) if len(part)), default=1)
+    return max(1, min(batch_size, MAX_EVAL_VOXELS // voxels))
 
 
 def flip_averaged(model: Medformer, batch: Batch) -> dict:
@@ -37,7 +48,8 @@ def collect_predictions(model: Medformer, dataset: Dataset, batch_size: int = 25
 
     (Embeddings with per-sample metadata: :func:`medexplore.analysis.compute_embeddings`.)
     """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=capped_batch_size(dataset, batch_size), shuffle=False, collate_fn=collate,
+                        num_workers=num_workers)
     model.eval()
     pairs: dict[str, list] = {name: [] for name in model.tasks}
     for batch in loader:

@@ -63,20 +63,17 @@ def _extract(archive: zipfile.ZipFile, name: str, target: Path, source: Path) ->
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(target)}
 
 
-def _intact(target: Path, entry: dict | None) -> bool:
-    """Size must match; the hash is recomputed only when the file's mtime moved since it was recorded
-    (and the new mtime recorded in ``entry`` when the content still matches)."""
+def _checked(target: Path, entry: dict | None) -> dict | None:
+    """``entry`` if ``target`` still matches it (size; the hash only when the mtime moved, then the new
+    mtime recorded), else None."""
     if entry is None or not target.exists():
-        return False
+        return None
     stat = target.stat()
     if stat.st_size != entry["size"]:
-        return False
+        return None
     if stat.st_mtime_ns == entry["mtime_ns"]:
-        return True
-    if _sha256(target) != entry["sha256"]:
-        return False
-    entry["mtime_ns"] = stat.st_mtime_ns
-    return True
+        return entry
+    return {**entry, "mtime_ns": stat.st_mtime_ns} if _sha256(target) == entry["sha256"] else None
 
 
 def memory_mapped_arrays(path: str | Path, names: list[str]) -> dict[str, np.ndarray]:
@@ -102,15 +99,14 @@ def memory_mapped_arrays(path: str | Path, names: list[str]) -> dict[str, np.nda
                 raise UserError(f"{path}: missing array(s) {missing}; found {sorted(members)}")
             for name in names:
                 target = folder / f"{name}.npy"
-                recorded = dict(manifest.get(name) or {})
-                if _intact(target, manifest.get(name)):
-                    changed |= manifest[name] != recorded
-                else:
+                entry = _checked(target, manifest.get(name))
+                if entry is None:
                     if name in manifest:
                         log.warning("%s: cached array %s did not match its record; rebuilt from the npz", path, target)
                     folder.mkdir(parents=True, exist_ok=True)
-                    manifest[name] = _extract(archive, name, target, path)
-                    changed = True
+                    entry = _extract(archive, name, target, path)
+                changed |= entry != manifest.get(name)
+                manifest[name] = entry
                 arrays[name] = np.load(target, mmap_mode="r", allow_pickle=False)
     except (zipfile.BadZipFile, EOFError, ValueError, KeyError) as exc:
         if isinstance(exc, UserError):

@@ -70,7 +70,6 @@ class PatchEmbed(nn.Module):
         super().__init__()
         if stem not in STEMS:
             raise UserError(f"stem must be one of {STEMS}, got {stem!r}")
-        self.patch_size = patch_size
         self.patch_sizes = {2: patch_size, 3: patch_size_3d or patch_size}
         self.in_chans = in_chans
         self.stem = stem

@@ -86,7 +86,10 @@ def test_arguments_are_checked_before_any_step():
         iter_infer_image(model, bad, MRI)
     with pytest.raises(ValueError, match="does not apply"):
         iter_infer_image(model, image, MRI, tasks=["nonexistent"])
-    assert window_for(model, (100, 100, 100)) == (64, 64, 64)  # 16^3 = 4,096 tokens of patch 4
+    assert window_for(model, (100, 100, 100)) == (32, 32, 32)  # 8^3 = 512 tokens of patch 4: the CPU budget
+    assert window_for(model, (100, 100, 100), device="cuda:0") == (48, 48, 48)  # 12^3 = 1,728 <= 2,048
+    assert window_for(model, (100, 100, 100), max_tokens=4096) == (64, 64, 64)
+    assert window_for(model, (20, 24, 28)) == (20, 24, 28)  # 5 x 6 x 7 = 210 tokens: the whole image
     small, large = (estimate_inference_memory(model, (1, 64, 64, 64), w, ["rollout"]) for w in ((16,) * 3, (64,) * 3))
     assert large > small > 64 ** 3 * 4
     assert {t.name for t in ALL_KIND_TASKS} >= set(infer_image(model, image, MRI).segmentations)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..configs import token_budget
 from ..data.sample import Batch, Sample
 from ..data.transforms import normalize_intensity, prepare_image
 from ..errors import UserError
@@ -28,10 +29,8 @@ from ..models.tasks import Domain
 from .attribution import ATTRIBUTION_METHODS, explain
 from .sliding import WindowBlender
 
-__all__ = ["ImageInference", "infer_image", "iter_infer_image", "window_for", "estimate_inference_memory",
-           "DEFAULT_MAX_TOKENS"]
+__all__ = ["ImageInference", "infer_image", "iter_infer_image", "window_for", "estimate_inference_memory"]
 
-DEFAULT_MAX_TOKENS = 4096  # tokens per window when no window size is given
 DEFAULT_BATCH_WINDOWS = 4  # windows per forward pass
 _BYTES = 4
 
@@ -49,9 +48,12 @@ class ImageInference:
 
 
 def window_for(model: Medformer, spatial: Sequence[int], window: int | Sequence[int] | None = None,
-               max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[int, ...]:
-    """The sliding window for an image of size ``spatial``: ``window`` checked, or the automatic choice."""
+               max_tokens: int | None = None, device: str = "cpu") -> tuple[int, ...]:
+    """The sliding window for an image of size ``spatial``: ``window`` checked, or the automatic choice:
+    the whole image when it has at most ``max_tokens`` tokens (default: the training token budget of
+    ``device``, :func:`medexplore.configs.token_budget`), else the largest cube that does."""
     patch = model.config.patch_sizes[len(spatial)]
+    max_tokens = token_budget(str(device)) if max_tokens is None else int(max_tokens)
     fit = tuple(math.ceil(s / patch) * patch for s in spatial)  # the whole image, padded to whole patches
     if window is None:
         if math.prod(f // patch for f in fit) <= max_tokens:
@@ -101,7 +103,7 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
                      explain_methods: Sequence[str] = (), explain_task: str | None = None,
                      explain_options: Mapping[str, dict] | None = None,
                      window: int | Sequence[int] | None = None, overlap: float = 0.25,
-                     max_tokens: int = DEFAULT_MAX_TOKENS, batch_windows: int = DEFAULT_BATCH_WINDOWS, normalize: bool = True,
+                     max_tokens: int | None = None, batch_windows: int = DEFAULT_BATCH_WINDOWS, normalize: bool = True,
                      box_threshold: float = 0.5, device="cpu") -> Iterator[tuple[int, int]]:
     """Checks the arguments, then returns a generator that yields ``(windows done, total)`` and returns
     the :class:`ImageInference`.
@@ -109,7 +111,8 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     Run ``tasks`` (default: every task that applies to ``domain``) and explanation maps on ``image``,
     ``(C, *spatial)`` in the intensities of its modality (normalised here as in training unless
     ``normalize=False``). ``window`` is the sliding window in pixels (a multiple of the patch size); by
-    default the whole image when it has at most ``max_tokens`` tokens, else the largest cube that does.
+    default the whole image when it has at most ``max_tokens`` tokens (default: the training token budget
+    of ``device``), else the largest cube that does.
     ``explain_methods`` are names from :data:`ATTRIBUTION_METHODS`; gradient methods explain
     ``explain_task``; ``explain_options`` passes options per method (e.g. ``{"attention": {"block": 3,
     "head": 0}}``). Stop iterating (a GUI's cancel) and nothing is computed further; bad arguments
@@ -132,7 +135,7 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
                            where="the image")
     if normalize:
         image = normalize_intensity(image, domain.modality)
-    roi = window_for(model, tuple(image.shape[1:]), window, max_tokens)
+    roi = window_for(model, tuple(image.shape[1:]), window, max_tokens, device)
     return _infer_steps(model, image, domain, tasks, explain_methods, explain_task, explain_options, roi, overlap,
                         batch_windows, box_threshold, device)
 

@@ -18,7 +18,7 @@ import yaml
 
 from ..errors import UserError
 
-__all__ = ["RECIPE_NAMES", "load_recipe", "parse_value", "parse_overrides", "load_config"]
+__all__ = ["RECIPE_NAMES", "load_recipe", "token_budget", "parse_value", "parse_overrides", "load_config"]
 
 FOLDER = Path(__file__).resolve().parent
 RECIPE_NAMES = tuple(sorted(p.stem for p in FOLDER.glob("*.yaml")))
@@ -34,6 +34,13 @@ def load_recipe(name: str) -> dict:
     if name not in RECIPE_NAMES:
         raise UserError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPE_NAMES)}")
     return copy.deepcopy(_read(name))
+
+
+def token_budget(device: str) -> int:
+    """Tokens per sample at most on ``device`` (``cpu``, ``cuda:0``, ...): the budget from which training
+    recipes choose patch sizes and inference chooses its sliding windows (``tokens`` of the MedMNIST recipe)."""
+    tokens = _read("medmnist")["tokens"]
+    return int(tokens["cuda" if str(device).startswith("cuda") else "cpu"])
 
 
 def parse_value(text: str):

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..configs import load_recipe
+from ..configs import load_recipe, token_budget
 from ..data.medmnist import MEDMNIST
 from ..data.registry import build_dataset, dataset_parts
 
@@ -37,9 +37,9 @@ def patch_sizes_for(shapes: dict[int, tuple[int, ...]], base: int, budget: int) 
     return chosen
 
 
-def _token_budget(recipe: dict, device: str) -> int:
+def _token_budget(device: str) -> int:
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return int(recipe["tokens"]["cuda" if on_cuda else "cpu"])
+    return token_budget("cuda" if on_cuda else "cpu")
 
 
 def _choose_patch_sizes(config: dict, train_set, budget: int, keep_2d: bool) -> str:
@@ -77,6 +77,6 @@ def apply_medmnist_recipe(config: dict, chosen: dict[str, dict] | None = None) -
             f"{len(train_set)} training images" + ("" if "epochs" in chosen.get("train", {}) else
                                                   f" (~{samples:,} images seen)"))
     if "patch_size_3d" not in chosen.get("model", {}):
-        note += _choose_patch_sizes(config, train_set, _token_budget(recipe, str(config["train"].get("device", "auto"))),
+        note += _choose_patch_sizes(config, train_set, _token_budget(str(config["train"].get("device", "auto"))),
                                     keep_2d="patch_size" in chosen.get("model", {}))
     return config, note

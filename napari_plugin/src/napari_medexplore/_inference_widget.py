@@ -94,18 +94,19 @@ class InferenceWidget(Container):
         methods = [key for key, box in self.explain_boxes.items() if box.value]
         task = self.explain_task.value
         window = self.window.value or None
-        roi = window_for(model, image.shape[1:], window)
+        from medexplore.train import resolve_device
+
+        device = resolve_device(self.device.value)
+        roi = window_for(model, image.shape[1:], window, device=str(device))
         need = estimate_inference_memory(model, image.shape, roi, methods)
         free = psutil.virtual_memory().available
         if need > 0.8 * free:
             raise MemoryError(f"this job needs about {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB are free; "
                               f"use a smaller window or fewer explanations")
         options = {"attention": {"block": self.block.value, "head": None if self.head.value < 0 else self.head.value}}
-        from medexplore.train import resolve_device
-
         steps = iter_infer_image(model, image, domain, explain_methods=methods, explain_task=task,
                                  explain_options=options, window=window, box_threshold=self.box_threshold.value,
-                                 device=resolve_device(self.device.value))
+                                 device=device)
         return source, model, steps, image.ndim - 1
 
     def run(self, _value=None):

@@ -1,4 +1,4 @@
-"""The ``medexplore`` command line: demo, datasets, pretrain, train, evaluate, embed.
+"""The ``medexplore`` command line: demo, models, datasets, pretrain, train, evaluate, embed.
 
 A thin layer over :mod:`medexplore.train.workflow`: parse, call the library, print.
 """
@@ -96,6 +96,8 @@ def _checkpoint_data(args):
     if not meta.get("data"):
         raise UserError(f"{args.checkpoint}: the checkpoint does not say which data it was trained on")
     data = dict(meta["data"])
+    if args.root:
+        data["root"] = args.root
     if args.data_path:
         data["path"] = args.data_path
     return model, device, build_dataset(data, args.split)
@@ -109,6 +111,23 @@ def cmd_evaluate(args) -> int:
     if args.output:
         Path(args.output).write_text(text)
     print(text)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .pretrained import pretrained_models
+
+    models = pretrained_models()
+    if args.card:
+        if args.card not in models:
+            from .errors import UserError
+            raise UserError(f"no shipped model {args.card!r}; shipped: {', '.join(models) or 'none'}")
+        print(models[args.card].card.read_text())
+        return 0
+    for model in models.values():
+        print(f"{model.name}  ({model.size_bytes / 1e6:.1f} MB; tasks: {', '.join(model.tasks)})\n    {model.summary}")
+    print(f"{len(models)} shipped model(s); `medexplore models --card NAME` prints one's model card; "
+          "use a NAME wherever a checkpoint folder goes")
     return 0
 
 
@@ -173,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
+    text = "list the models that ship with medexplore (names usable wherever a checkpoint folder goes)"
+    p = sub.add_parser("models", help=text, description=text)
+    p.add_argument("--card", metavar="NAME", help="print this model's card")
+    p.set_defaults(func=cmd_models)
+
     p = sub.add_parser("datasets", help="list the datasets and which MedMNIST sizes are on disk")
     p.add_argument("--root", help="MedMNIST folder (default ~/.medmnist or $MEDMNIST_ROOT)")
     p.set_defaults(func=cmd_datasets)
@@ -186,13 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-path", help="an explicit npz file for the dataset")
         p.add_argument("--out", required=True, help="run directory")
         p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-        p.add_argument("--init", help="checkpoint folder to initialise matching weights from (fine-tuning)")
+        p.add_argument("--init", help="checkpoint folder or shipped model name to initialise matching weights "
+                       "from (fine-tuning)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "train":
             from .adapt.strategies import STRATEGIES
 
             p.add_argument("--strategy", choices=STRATEGIES, help="adaptation strategy (sizes via --set adapt.KEY=VALUE)")
-            p.add_argument("--weights", help="backbone weights: checkpoint folder, timm weights file or timm name")
+            p.add_argument("--weights", help="backbone weights: checkpoint folder, shipped model name, timm weights file or timm name")
             p.add_argument("--general", help="gmoe: the general expert's weights (same forms as --weights)")
         p.set_defaults(func=func)
 
@@ -236,8 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                              ("embed", cmd_embed, "embeddings (pooled, per task, per block) and metadata of a split, to one npz file "
                               "(read it with medexplore.analysis.load_embeddings)")):
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("checkpoint", help="checkpoint folder (run/checkpoints/best)")
+        p.add_argument("checkpoint", help="checkpoint folder (run/checkpoints/best) or shipped model name "
+                       "(`medexplore models`)")
         p.add_argument("--split", default="test", choices=("train", "val", "test"))
+        p.add_argument("--root", help="folder of the MedMNIST files (default: the run's, else $MEDMNIST_ROOT "
+                       "or ~/.medmnist)")
         p.add_argument("--data-path", help="an explicit npz file (default: the one the run used)")
         p.add_argument("--device", default="auto")
         p.add_argument("--output", required=(name == "embed"), help="output file")

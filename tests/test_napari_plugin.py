@@ -272,6 +272,27 @@ def test_layer_context_menu_commands_run_the_inference_widget(make_napari_viewer
     assert "CT slice lesion_mask" in viewer.layers
 
 
+def test_shipped_models_come_first_in_the_checkpoint_list_and_run(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    from medexplore.pretrained import pretrained_models
+
+    monkeypatch.setenv("MEDEXPLORE_RUNS", str(tmp_path / "runs"))
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.random.default_rng(0).random((28, 28)).astype(np.float32), name="chest")
+    widget = dock(viewer, "Run a checkpoint")
+    shipped = [str(m.folder) for m in pretrained_models().values()]
+    choices = [str(c) for c in widget.checkpoint.recent.choices if c is not None]
+    assert shipped and choices[:len(shipped)] == shipped
+    widget.checkpoint.recent.value = choices[0]
+    assert str(widget.checkpoint.folder.value) == shipped[0]  # a checkpoint folder itself, not a run's
+    widget.select_layer(layer)
+    widget.domain.modality.value, widget.domain.body_part.value = "xray", "chest"
+    widget.explain_boxes["rollout"].value = False
+    run_inference(qtbot, widget)
+    model, _ = widget.checkpoint.load()
+    two_d = {name for name, spec in model.tasks.items() if "2d" in spec.dimensionalities}
+    assert set(layer.metadata["medexplore_results"]["task"]) == two_d, widget.status.value
+
+
 # ---------------------------------------------------------------------------- training
 def test_training_widget_pause_stop_leave_a_checkpoint_and_an_idle_ui(make_napari_viewer, qtbot, tmp_path,
                                                                        monkeypatch):

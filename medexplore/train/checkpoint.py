@@ -1,6 +1,7 @@
 """Checkpoints: safetensors weights + JSON description + a tensors-only training state.
 
-A checkpoint is a folder ``<run>/checkpoints/<name>/`` holding ``model.safetensors``, ``meta.json``
+A checkpoint is a folder ``<run>/checkpoints/<name>/`` (or the name of a model shipped with medexplore,
+:mod:`medexplore.pretrained`) holding ``model.safetensors``, ``meta.json``
 (model config, tasks, domain vocabulary, run config, step) and, for resuming, ``train_state.pt``
 (optimizer, scheduler and RNG state; loaded with ``weights_only=True``). It is written to a
 temporary folder and swapped in with renames, so a crash never leaves a half-written checkpoint.
@@ -22,10 +23,11 @@ from safetensors.torch import load_file, save_file
 from ..adapt.strategies import model_from_spec
 from ..errors import UserError
 from ..models.medformer import Medformer
+from ..pretrained import pretrained_folder, pretrained_models
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "CheckpointError", "rng_state", "set_rng_state",
            "recover_checkpoints", "snapshot_name", "list_snapshots", "checkpoint_exists", "final_checkpoint",
-           "init_from_checkpoint"]
+           "init_from_checkpoint", "resolve_checkpoint", "export_checkpoint"]
 
 FORMAT = "medexplore-checkpoint/1"
 
@@ -107,6 +109,26 @@ def save_checkpoint(folder: Path, model: Medformer, meta: dict, train_state: dic
     return folder
 
 
+def export_checkpoint(source: str | Path, folder: str | Path, record: dict | None = None) -> Path:
+    """A weights-only copy of checkpoint ``source`` to share (what :mod:`medexplore.pretrained` ships).
+
+    The copy drops the training state and the data section's machine paths (``root``, ``path``: users
+    point at their own files), keeps the model, run config and validation metrics, and adds ``record``
+    under ``"shipped"``. The copy is loaded back and compared tensor by tensor before this returns.
+    """
+    model, meta = load_model(Path(source))
+    extra = {k[len("extra."):]: v for k, v in load_checkpoint(Path(source), with_state=False)[1].items()
+             if k.startswith("extra.")}
+    kept = {k: v for k, v in meta.items() if k not in ("format", "model")}
+    kept["data"] = {k: (None if k in ("root", "path") else v) for k, v in (meta.get("data") or {}).items()}
+    kept["shipped"] = dict(record or {})
+    out = save_checkpoint(Path(folder), model, kept, extra_weights=extra)
+    copy, _ = load_model(out)
+    if any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values())):
+        raise CheckpointError(f"{out}: the exported weights differ from {source}")
+    return out
+
+
 def recover_checkpoints(checkpoints: str | Path) -> None:
     """Finish or undo saves that a killed writer left in ``checkpoints`` (call only while holding the run lock).
 
@@ -125,14 +147,25 @@ def recover_checkpoints(checkpoints: str | Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def resolve_checkpoint(spec: str | Path) -> Path:
+    """The folder ``spec`` names: an existing path as given, else the shipped model of that name, else
+    ``spec`` unchanged (loading it then says what is wrong)."""
+    path = Path(str(spec)).expanduser()
+    shipped = None if path.exists() else pretrained_folder(str(spec))
+    return path if shipped is None else shipped
+
+
 def _resolve(folder: Path) -> Path:
-    folder = Path(folder)
+    folder = resolve_checkpoint(folder)
     if folder.is_file():
         folder = folder.parent
     if not (folder / "meta.json").exists():
         olds = [p for p in folder.parent.glob(f"{folder.name}.old*") if (p / "meta.json").exists()]
         if olds:  # a crash between the two renames of a save
             return max(olds, key=lambda p: p.stat().st_mtime)
+        if not folder.exists():
+            raise CheckpointError(f"{folder}: no such checkpoint folder, nor a shipped model name (shipped: "
+                                  f"{', '.join(pretrained_models()) or 'none'}; `medexplore models` lists them)")
         raise CheckpointError(f"{folder}: not a medexplore checkpoint (no meta.json)")
     return folder
 

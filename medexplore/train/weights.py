@@ -12,7 +12,7 @@ from ..adapt.strategies import AdaptConfig, AdaptReport, apply_strategy
 from ..errors import UserError
 from ..models.medformer import Medformer
 from ..models.timm_weights import load_timm_weights
-from .checkpoint import CheckpointError, init_from_checkpoint
+from .checkpoint import CheckpointError, init_from_checkpoint, resolve_checkpoint
 
 __all__ = ["load_backbone_weights", "read_weights_file", "WeightsError", "adapt_model"]
 
@@ -71,11 +71,11 @@ def _timm_by_name(name: str) -> dict[str, torch.Tensor]:
 def load_backbone_weights(model: Medformer, source: str | Path) -> str:
     """Load pretrained backbone weights into ``model``; returns what was loaded, in words.
 
-    ``source`` is a medexplore checkpoint folder (tensors whose names and shapes match are copied),
+    ``source`` is a medexplore checkpoint folder or shipped model name (tensors whose names and shapes match are copied),
     a timm weights file, or a timm model name (downloaded when online; offline, a clear error asks
     for a file). timm weights are remapped and their positions resampled to the model's grid.
     """
-    path = Path(str(source)).expanduser()
+    path = resolve_checkpoint(source)
     if path.is_dir():
         try:
             count = init_from_checkpoint(model, path)

@@ -12,7 +12,8 @@ from psygnal import Signal
 
 from medexplore.errors import UserError
 from medexplore.models.tasks import Domain
-from medexplore.train.checkpoint import CheckpointError, final_checkpoint, load_model
+from medexplore.pretrained import pretrained_models
+from medexplore.train.checkpoint import CheckpointError, checkpoint_exists, final_checkpoint, load_model
 from medexplore.train.workflow import find_runs
 
 from ._layers import layer_domain
@@ -71,10 +72,10 @@ RUNS = _Runs()
 
 
 class CheckpointPicker(Container):
-    """A recent run under the runs folder, or any checkpoint folder picked by hand."""
+    """A shipped model (listed first), a recent run under the runs folder, or any checkpoint folder picked by hand."""
 
     def __init__(self, label: str = "checkpoint"):
-        self.recent = ComboBox(label="recent runs", choices=self._recent_choices, nullable=True)
+        self.recent = ComboBox(label="shipped / recent", choices=self._recent_choices, nullable=True)
         self.folder = FileEdit(label=label, mode="d", value="")
         self.refresh_button = PushButton(text="Refresh runs")
         super().__init__(widgets=[self.recent, self.folder, self.refresh_button], labels=True)
@@ -85,7 +86,8 @@ class CheckpointPicker(Container):
     @staticmethod
     def _recent_choices(_widget=None) -> list[tuple[str, str]]:
         root = runs_root()
-        return [(str(run.relative_to(root)) if run != root else run.name, str(run)) for run in find_runs(root)]
+        shipped = [(f"shipped: {name}", str(model.folder)) for name, model in pretrained_models().items()]
+        return shipped + [(str(run.relative_to(root)) if run != root else run.name, str(run)) for run in find_runs(root)]
 
     def refresh(self) -> None:
         try:
@@ -95,7 +97,7 @@ class CheckpointPicker(Container):
 
     def _on_recent(self, value) -> None:
         if value:
-            self.folder.value = final_checkpoint(value)
+            self.folder.value = value if checkpoint_exists(value) else final_checkpoint(value)
 
     @property
     def path(self) -> Path:

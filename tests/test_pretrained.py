@@ -1,0 +1,110 @@
+"""Models shipped with medexplore: each loads with the current code, runs, matches its card, and a name
+works wherever a checkpoint folder does."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medexplore.analysis.inference import infer_image
+from medexplore.models.tasks import Domain
+from medexplore.pretrained import pretrained_folder, pretrained_models
+from medexplore.train.checkpoint import (
+    CheckpointError,
+    export_checkpoint,
+    init_from_checkpoint,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
+from medexplore.train.weights import load_backbone_weights
+
+OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
+SHIPPED = sorted(pretrained_models())
+CARD_SECTIONS = ("## Data", "## Recipe and the command that reproduces it", "## Test metrics", "## Known failure cases")
+
+
+def test_at_least_one_model_ships():
+    assert "medformer-medmnist5-v1" in SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_loads_with_this_code_and_runs(name):
+    model, meta = load_model(name)  # a name, not a path
+    shipped = pretrained_models()[name]
+    assert shipped.size_bytes <= 15e6
+    assert not (shipped.folder / "train_state.pt").exists()
+    assert meta["data"].get("root") is None and meta["data"].get("path") is None  # no machine paths shipped
+    model.eval()
+    for dims in {d for spec in model.tasks.values() for d in spec.dimensionalities}:
+        side = 28
+        image = torch.rand((1,) + (side,) * int(dims[0]), generator=torch.Generator().manual_seed(0))
+        found = infer_image(model, image, Domain(dims, "unknown", "unknown"))
+        expected = {n for n, s in model.tasks.items() if dims in s.dimensionalities}
+        assert set(found.scores) == expected
+        assert all(np.isfinite(v).all() and (v >= 0).all() and (v <= 1).all() for v in found.scores.values())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_card_has_every_section_and_the_recorded_test_metrics(name):
+    shipped = pretrained_models()[name]
+    card = shipped.card.read_text()
+    for section in CARD_SECTIONS:
+        assert section in card, f"{shipped.card}: no {section!r} section"
+    assert "licence" in card.lower() and "medexplore train" in card
+    recorded = json.loads((shipped.folder / "meta.json").read_text())["shipped"]["test_metrics"]
+    for task, metrics in recorded.items():
+        row = re.search(rf"^\| {task} \| ([0-9.]+) \| ([0-9.]+) \|", card, re.M)
+        assert row, f"{shipped.card}: no test row for {task}"
+        assert (float(row[1]), float(row[2])) == (round(metrics["auc"], 3), round(metrics["acc"], 3))
+
+
+def test_names_work_where_checkpoint_folders_do(tmp_path):
+    name = SHIPPED[0]
+    model, _ = load_model(name)
+    fresh = type(model)(model.config, list(model.tasks.values()))
+    assert init_from_checkpoint(fresh, name) == len(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert "medexplore checkpoint" in load_backbone_weights(type(model)(model.config, []), name)
+    with pytest.raises(CheckpointError, match=rf"no such checkpoint folder, nor a shipped model name.*{name}"):
+        load_model("no-such-model-v9")
+    (tmp_path / name).mkdir()  # a local folder of the same name wins over the shipped model
+    with pytest.raises(CheckpointError, match="no meta.json"):
+        load_model(tmp_path / name)
+
+
+def test_models_command_lists_and_prints_cards():
+    out = subprocess.run([sys.executable, "-m", "medexplore.cli", "models"], capture_output=True, text=True, check=True)
+    assert all(name in out.stdout for name in SHIPPED)
+    card = subprocess.run([sys.executable, "-m", "medexplore.cli", "models", "--card", SHIPPED[0]],
+                          capture_output=True, text=True, check=True)
+    assert card.stdout.startswith(f"# {SHIPPED[0]}")
+
+
+def test_export_keeps_weights_and_drops_state_and_paths(tmp_path):
+    model, _ = load_model(SHIPPED[0])
+    source = save_checkpoint(tmp_path / "run" / "best", model, {"data": {"datasets": ["x"], "root": "/home/me/data"},
+                                                                  "step": 7}, train_state={"step": torch.tensor(7)})
+    out = export_checkpoint(source, tmp_path / "shared-v1", {"name": "shared-v1"})
+    meta, weights, state = load_checkpoint(out)
+    assert state is None and meta["data"] == {"datasets": ["x"], "root": None} and meta["step"] == 7
+    assert meta["shipped"] == {"name": "shared-v1"}
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.skipif(not OFFICIAL.exists(), reason="../shared/data/medmnist (official MedMNIST v2 files) is absent")
+def test_shipped_medmnist_model_reproduces_its_recorded_test_auc():
+    from medexplore.data.medmnist import MedMNIST
+    from medexplore.train.evaluate import evaluate
+
+    name = "medformer-medmnist5-v1"
+    model, meta = load_model(name)
+    recorded = meta["shipped"]["test_metrics"]["breastmnist"]
+    measured = evaluate(model, MedMNIST("breastmnist", "test", root=OFFICIAL))["breastmnist"]
+    assert measured["auc"] == pytest.approx(recorded["auc"], abs=1e-6)
+    assert measured["acc"] == pytest.approx(recorded["acc"], abs=1e-6)
+    assert pretrained_folder(name) is not None

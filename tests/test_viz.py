@@ -89,6 +89,8 @@ def test_embedding_explorer_actions(table, tmp_path):
     explorer = EmbeddingExplorer(emb, images, color_by="modality", cache=tmp_path)
     picked = explorer.pick(5)
     assert picked[0] == 5 and list(picked[1:]) == list(A.nearest_neighbours(x, 5, 7))
+    assert explorer.shown.value.startswith("<b>sample 5 and its 7 nearest neighbours</b>: #5 ")
+    assert explorer.shown.value.count("#") == 8
     lo, hi = explorer.coords.min(0), explorer.coords.mean(0)
     chosen = explorer.lasso([(lo[0], lo[1]), (hi[0], lo[1]), (hi[0], hi[1]), (lo[0], hi[1])])
     inside = (explorer.coords >= lo).all(1) & (explorer.coords <= hi).all(1)

@@ -48,13 +48,14 @@ class EmbeddingExplorer:
         self.features = widgets.Dropdown(options=options, value=features, description="features")
         self.index = widgets.BoundedIntText(value=0, min=0, max=len(embeddings) - 1, description="sample")
         self.status = widgets.HTML()
+        self.shown = widgets.HTML()  # what the gallery shows, in words: "sample 5 and its 7 nearest neighbours: #5 ..."
         self.gallery = widgets.Output()
         with plt.ioff():
             self.figure = plt.figure(figsize=(6, 5), layout="constrained")
         self.ax = self.figure.add_subplot()
         self.selected: np.ndarray = np.array([], dtype=int)
         self.coords = None
-        self._lasso = LassoSelector(self.ax, self.lasso)
+        self._lasso = LassoSelector(self.ax, self.lasso, button=1)  # left drag; right/double click picks
         self.figure.canvas.mpl_connect("button_press_event", self._on_click)
         for control in (self.method, self.features):
             control.observe(lambda change: self.reproject(), names="value")
@@ -65,7 +66,7 @@ class EmbeddingExplorer:
         else:  # inline backend: a static picture, redrawn after every change
             canvas = self._static = widgets.Output()
         self.widget = widgets.VBox([widgets.HBox([self.features, self.method]), widgets.HBox([self.color, self.index]),
-                                    self.status, widgets.HBox([canvas, self.gallery])])
+                                    self.status, widgets.HBox([canvas, widgets.VBox([self.shown, self.gallery])])])
         self.reproject()
 
     # ------------------------------------------------------------------ actions
@@ -102,7 +103,10 @@ class EmbeddingExplorer:
         return self.selected
 
     def lasso(self, vertices) -> np.ndarray:
-        """Select the points inside the lasso ``vertices`` (data coordinates)."""
+        """Select the points inside the lasso ``vertices`` (data coordinates); a click (fewer than three
+        vertices) keeps the selection, so the pick of a double click stays shown."""
+        if len(vertices) < 3:
+            return self.selected
         return self.select(points_in_polygon(self.coords, vertices))
 
     def _on_click(self, event) -> None:
@@ -143,6 +147,7 @@ class EmbeddingExplorer:
             ax.set_title(f"#{i} {meta['modality'].iloc[i]}", fontsize=7)
             ax.set_axis_off()
         fig.suptitle(title, fontsize=9)
+        self.shown.value = f"<b>{title}</b>: " + ", ".join(f"#{int(i)} {meta['modality'].iloc[int(i)]}" for i in indices)
         self.gallery.clear_output(wait=True)
         with self.gallery:
             display(fig)

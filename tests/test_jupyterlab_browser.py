@@ -1,0 +1,135 @@
+"""JupyterLab in a real browser: notebook 04 runs in headless Chromium (Debian's package, driven by Playwright),
+then a lasso drawn and a right-click made on the live ipympl canvas show the chosen images and nearest
+neighbours. Screenshots go to $MEDEXPLORE_SCREENSHOTS (docs/jupyter for the README) or the test's folder."""
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "04_umap_explorer.ipynb"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+RUN_MS = 420_000  # the whole notebook (the example model trains first where the MedMNIST files are absent)
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (scripts/setup_display.sh)")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A JupyterLab server on localhost serving a copy of notebook 04; yields (url, folder)."""
+    shutil.copy(NOTEBOOK, tmp_path / NOTEBOOK.name)
+    port, token = _free_port(), "medexplore-browser-test"
+    log = open(tmp_path / "jupyter.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}",
+         f"--LabApp.user_settings_dir={tmp_path / 'settings'}", f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None, (tmp_path / "jupyter.log").read_text()
+            time.sleep(0.5)
+    try:
+        yield f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK.name}?token={token}", tmp_path
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _run_all(page) -> None:
+    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+
+
+def _all_cells_ran(page, timeout: int) -> None:
+    page.wait_for_function("""() => {
+        const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent);
+        return prompts.length > 0 && prompts.every(t => /\\[\\d+\\]/.test(t));
+    }""", timeout=timeout)
+
+
+def _run_in_new_cell(page, code: str) -> str:
+    """Type ``code`` into a new last cell, run it, return its printed output."""
+    cells = page.locator(".jp-Notebook .jp-Cell")
+    cells.last.locator(".jp-InputPrompt").click()
+    page.keyboard.press("Escape")
+    page.keyboard.press("b")
+    page.keyboard.press("Enter")
+    page.keyboard.insert_text(code)
+    page.keyboard.press("Shift+Enter")
+    _all_cells_ran(page, 60_000)
+    output = page.locator(".jp-Notebook .jp-CodeCell").last.locator(".jp-OutputArea-output")
+    output.first.wait_for(timeout=60_000)
+    return output.first.inner_text()
+
+
+def test_explorer_lasso_and_right_click_in_jupyterlab(lab):
+    url, folder = lab
+    shots = Path(os.environ.get("MEDEXPLORE_SCREENSHOTS", folder))
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1200}, device_scale_factor=1)
+        page.goto(url)
+        page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=120_000)
+        page.wait_for_function("() => document.body.innerText.includes('Idle')", timeout=120_000)  # the kernel is up
+        _run_all(page)
+        _all_cells_ran(page, RUN_MS)
+        errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]', has_text="Traceback")
+        assert errors.count() == 0, errors.first.inner_text()
+        canvas = page.locator(".jupyter-matplotlib-canvas-div").first
+        canvas.scroll_into_view_if_needed()
+        caption = page.locator(".widget-html", has_text=re.compile(r"selected|nearest neighbours")).first
+        before = caption.inner_text()  # the notebook's own pick and lasso (from code) wrote it
+
+        # a lasso: a left drag around the middle of the axes, as a user draws it
+        box = canvas.bounding_box()
+        corners = [(0.4, 0.35), (0.8, 0.35), (0.8, 0.75), (0.4, 0.75), (0.4, 0.36)]
+        page.mouse.move(box["x"] + corners[0][0] * box["width"], box["y"] + corners[0][1] * box["height"])
+        page.mouse.down()
+        for fx, fy in corners[1:]:
+            page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"], steps=8)
+        page.mouse.up()
+        sync_api.expect(caption).not_to_have_text(before, timeout=60_000)
+        count = int(re.search(r"(\d+) selected", caption.inner_text())[1])
+        assert count > 0 and caption.inner_text().count("#") == min(count, 12)  # the images shown, named
+        assert page.locator(".widget-output img").count() >= 1
+        page.screenshot(path=str(shots / "explorer_lasso.png"))
+        text = _run_in_new_cell(page, "print('SELECTED', len(explorer.selected))")
+        assert f"SELECTED {count}" in text  # the kernel holds what the browser shows
+
+        # a right-click on one point: where the kernel says that point is drawn on the canvas
+        text = _run_in_new_cell(page, (
+            "import numpy as np; xy = explorer.ax.transData.transform(explorer.coords); "
+            "i = int(np.argmin(np.abs(xy - np.median(xy, 0)).sum(1))); "
+            "print('POINT', i, xy[i, 0], explorer.figure.bbox.height - xy[i, 1], explorer.figure.bbox.width)"))
+        _, index, x, y, width = re.search(r"POINT (\S+) (\S+) (\S+) (\S+)", text)[0].split()
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        scale = box["width"] / float(width)  # CSS pixels per figure pixel
+        page.mouse.click(box["x"] + float(x) * scale, box["y"] + float(y) * scale, button="right")
+        sync_api.expect(caption).to_contain_text(f"sample {index} and its 7 nearest neighbours", timeout=60_000)
+        assert caption.inner_text().count("#") == 8  # the sample and its 7 neighbours, named
+        page.screenshot(path=str(shots / "explorer_pick.png"))
+        browser.close()

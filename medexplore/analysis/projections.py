@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,18 +80,46 @@ def pca(features, n_components: int = 2, backend: str = "torch") -> Projection:
                       np.asarray(ratio, dtype=np.float64))
 
 
+def _umap_class():
+    """umap-learn's ``UMAP``, its numba functions compiled once per machine, not once per process.
+
+    umap-learn and pynndescent mark few of their jitted functions ``cache=True``, so every fresh process
+    spent most of its first UMAP compiling them. They are imported here while numba's ``njit`` / ``jit``
+    default to ``cache=True``, with the cache in ``$MEDEXPLORE_CACHE/numba``; a function numba cannot cache
+    is compiled as before. Imported earlier by someone else, they are used as they are.
+    """
+    if "umap" in sys.modules:
+        return sys.modules["umap"].UMAP
+    import numba
+
+    if not numba.config.CACHE_DIR:
+        numba.config.CACHE_DIR = str(cache_dir() / "numba")
+    originals = numba.njit, numba.jit
+
+    def caching(decorator):
+        def decorate(*args, **kwargs):
+            kwargs.setdefault("cache", True)
+            return decorator(*args, **kwargs)
+        return decorate
+
+    numba.njit, numba.jit = caching(numba.njit), caching(numba.jit)
+    try:
+        from umap import UMAP
+    finally:
+        numba.njit, numba.jit = originals
+    return UMAP
+
+
 def umap(features, n_components: int = 2, n_neighbors: int = 15, min_dist: float = 0.1,
          metric: str = "euclidean", seed: int | None = 0) -> Projection:
     """UMAP (umap-learn). ``seed=None`` allows parallel, non-deterministic optimisation."""
     x = _check_features(features)
     if not 2 <= n_neighbors < len(x):
         raise UserError(f"n_neighbors must be in 2..{len(x) - 1} for {len(x)} samples, got {n_neighbors}")
-    import warnings
-
-    from umap import UMAP
-
+    UMAP = _umap_class()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*n_jobs value.*")
+        warnings.filterwarnings("ignore", message=".*[Cc]annot cache.*")
         reducer = UMAP(n_components=n_components, n_neighbors=n_neighbors, min_dist=min_dist, metric=metric,
                        random_state=seed)
         coords = reducer.fit_transform(x)

@@ -37,7 +37,7 @@ def lab(tmp_path):
     port, token = _free_port(), "medexplore-browser-test"
     log = open(tmp_path / "jupyter.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}",
          f"--LabApp.user_settings_dir={tmp_path / 'settings'}", f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}"],
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
@@ -69,16 +69,31 @@ def _all_cells_ran(page, timeout: int) -> None:
     }""", timeout=timeout)
 
 
+def _idle(page) -> None:
+    """Wait until the kernel has handled everything (the status bar says Idle)."""
+    page.locator("#jp-main-statusbar").get_by_text(re.compile(r"\|\s*Idle")).first.wait_for(timeout=60_000)
+
+
+def _gallery(page) -> str:
+    return page.locator(".widget-output img").first.get_attribute("src") or ""
+
+
 def _run_in_new_cell(page, code: str) -> str:
     """Type ``code`` into a new last cell, run it, return its printed output."""
     cells = page.locator(".jp-Notebook .jp-Cell")
+    count = cells.count()
     cells.last.locator(".jp-InputPrompt").click()
     page.keyboard.press("Escape")
     page.keyboard.press("b")
-    page.keyboard.press("Enter")
+    sync_api.expect(cells).to_have_count(count + 1)
+    cells.last.locator(".cm-content").click()
     page.keyboard.insert_text(code)
-    page.keyboard.press("Shift+Enter")
-    _all_cells_ran(page, 60_000)
+    page.keyboard.press("Control+Enter")  # run in place (Shift+Enter would add an empty cell)
+    try:
+        _all_cells_ran(page, 60_000)
+    except Exception:
+        page.screenshot(path="/tmp/jlab_debug.png")
+        raise
     output = page.locator(".jp-Notebook .jp-CodeCell").last.locator(".jp-OutputArea-output")
     output.first.wait_for(timeout=60_000)
     return output.first.inner_text()
@@ -95,6 +110,9 @@ def test_explorer_lasso_and_right_click_in_jupyterlab(lab):
         page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=120_000)
         page.wait_for_function("() => document.body.innerText.includes('Idle')", timeout=120_000)  # the kernel is up
         _run_all(page)
+        news = page.locator(".jp-toast-button", has_text=re.compile(r"^No$"))  # JupyterLab's news prompt
+        if news.count():
+            news.first.click()
         _all_cells_ran(page, RUN_MS)
         errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]', has_text="Traceback")
         assert errors.count() == 0, errors.first.inner_text()
@@ -112,9 +130,13 @@ def test_explorer_lasso_and_right_click_in_jupyterlab(lab):
             page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"], steps=8)
         page.mouse.up()
         sync_api.expect(caption).not_to_have_text(before, timeout=60_000)
+        _idle(page)
         count = int(re.search(r"(\d+) selected", caption.inner_text())[1])
         assert count > 0 and caption.inner_text().count("#") == min(count, 12)  # the images shown, named
         assert page.locator(".widget-output img").count() >= 1
+        lasso_gallery = _gallery(page)
+        assert lasso_gallery
+        canvas.evaluate("e => e.scrollIntoView({block: 'center'})")
         page.screenshot(path=str(shots / "explorer_lasso.png"))
         text = _run_in_new_cell(page, "print('SELECTED', len(explorer.selected))")
         assert f"SELECTED {count}" in text  # the kernel holds what the browser shows
@@ -128,8 +150,12 @@ def test_explorer_lasso_and_right_click_in_jupyterlab(lab):
         canvas.scroll_into_view_if_needed()
         box = canvas.bounding_box()
         scale = box["width"] / float(width)  # CSS pixels per figure pixel
+        lassoed = _gallery(page)
         page.mouse.click(box["x"] + float(x) * scale, box["y"] + float(y) * scale, button="right")
         sync_api.expect(caption).to_contain_text(f"sample {index} and its 7 nearest neighbours", timeout=60_000)
+        _idle(page)
+        assert _gallery(page) != lassoed  # the gallery now shows the picked sample and its neighbours
         assert caption.inner_text().count("#") == 8  # the sample and its 7 neighbours, named
+        canvas.evaluate("e => e.scrollIntoView({block: 'center'})")
         page.screenshot(path=str(shots / "explorer_pick.png"))
         browser.close()

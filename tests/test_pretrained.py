@@ -70,7 +70,7 @@ def test_names_work_where_checkpoint_folders_do(tmp_path):
     assert init_from_checkpoint(fresh, name) == len(model.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
     assert "medexplore checkpoint" in load_backbone_weights(type(model)(model.config, []), name)
-    with pytest.raises(CheckpointError, match=rf"no such checkpoint folder, nor a shipped model name.*{name}"):
+    with pytest.raises(CheckpointError, match=rf"not a medexplore checkpoint \(no such folder\) nor a shipped model name.*{name}"):
         load_model("no-such-model-v9")
     (tmp_path / name).mkdir()  # a local folder of the same name wins over the shipped model
     with pytest.raises(CheckpointError, match="no meta.json"):

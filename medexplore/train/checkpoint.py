@@ -164,7 +164,7 @@ def _resolve(folder: Path) -> Path:
         if olds:  # a crash between the two renames of a save
             return max(olds, key=lambda p: p.stat().st_mtime)
         if not folder.exists():
-            raise CheckpointError(f"{folder}: no such checkpoint folder, nor a shipped model name (shipped: "
+            raise CheckpointError(f"{folder}: not a medexplore checkpoint (no such folder) nor a shipped model name (shipped: "
                                   f"{', '.join(pretrained_models()) or 'none'}; `medexplore models` lists them)")
         raise CheckpointError(f"{folder}: not a medexplore checkpoint (no meta.json)")
     return folder

@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medexplore"
 # lowest first; each layer may import the ones before it
-LAYERS = ("errors", "configs", "typed", "models", "ssl", "adapt", "data", "train", "analysis", "viz", "experiments", "cli")
+LAYERS = ("errors", "configs", "typed", "pretrained", "models", "ssl", "adapt", "data", "train", "analysis", "viz", "experiments", "cli")
 DEFERRED_OK = {"cli"}  # layers whose functions may import the package lazily
 OPTIONAL_DEPENDENCY_MODULES = {"medexplore.train.tensorboard"}  # imported on request: needs an optional extra
 

@@ -19,6 +19,7 @@ from ..data.embedded import EmbeddedDataset
 from ..data.medmnist import MedMNIST, medmnist_path
 from ..data.sample import Sample
 from ..models.medformer import Medformer
+from ..pretrained import pretrained_models
 from ..train.checkpoint import load_model
 from .demo import example_run
 
@@ -31,7 +32,7 @@ REPOSITORY_SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "m
 def official_medmnist_root(root: str | Path | None = None) -> Path | None:
     """The first of ``root``, ``$MEDMNIST_ROOT`` and ``../shared/data/medmnist`` (beside the repository)
     holding a 28-px file of a task of the shipped MedMNIST model; None when none does."""
-    flags = list(load_model(SHIPPED_MEDMNIST)[1]["data"]["datasets"])
+    flags = pretrained_models()[SHIPPED_MEDMNIST].tasks  # one task per MedMNIST flag
     for candidate in (root, os.environ.get("MEDMNIST_ROOT"), REPOSITORY_SHARED):
         if candidate and any(medmnist_path(flag, 28, candidate).exists() for flag in flags):
             return Path(candidate)

@@ -116,9 +116,7 @@ def export_checkpoint(source: str | Path, folder: str | Path, record: dict | Non
     point at their own files), keeps the model, run config and validation metrics, and adds ``record``
     under ``"shipped"``. The copy is loaded back and compared tensor by tensor before this returns.
     """
-    model, meta = load_model(Path(source))
-    extra = {k[len("extra."):]: v for k, v in load_checkpoint(Path(source), with_state=False)[1].items()
-             if k.startswith("extra.")}
+    model, meta, extra = _rebuild(Path(source))
     kept = {k: v for k, v in meta.items() if k not in ("format", "model")}
     kept["data"] = {k: (None if k in ("root", "path") else v) for k, v in (meta.get("data") or {}).items()}
     kept["shipped"] = dict(record or {})
@@ -226,15 +224,21 @@ def load_into(model: Medformer, weights: dict[str, torch.Tensor], where: str) ->
     return extra
 
 
-def load_model(folder: Path, map_location="cpu") -> tuple[Medformer, dict]:
-    """Rebuild the model a checkpoint describes and load its weights: ``(model, meta)``."""
+def _rebuild(folder: Path, map_location="cpu") -> tuple[Medformer, dict, dict[str, torch.Tensor]]:
+    """(model with its weights, meta, the ``extra.`` weights) of a checkpoint."""
     meta, weights, _ = load_checkpoint(folder, map_location, with_state=False)
     try:
         model = model_from_spec(meta["model"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{_resolve(folder) / 'meta.json'}: cannot rebuild the model: {exc}") from exc
-    load_into(model, weights, str(_resolve(folder)))
-    return model.to(map_location), meta
+    extra = load_into(model, weights, str(_resolve(folder)))
+    return model.to(map_location), meta, extra
+
+
+def load_model(folder: Path, map_location="cpu") -> tuple[Medformer, dict]:
+    """Rebuild the model a checkpoint describes and load its weights: ``(model, meta)``."""
+    model, meta, _ = _rebuild(folder, map_location)
+    return model, meta
 
 
 def init_from_checkpoint(model: Medformer, folder: str | Path) -> int:

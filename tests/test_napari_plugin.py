@@ -56,6 +56,24 @@ def test_manifest_validates():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+VIEWER_FIRST = """
+import sys
+import napari
+viewer = napari.Viewer(show=True)  # on Xvfb: Mesa's llvmpipe maps its LLVM now
+assert "napari_medexplore" not in sys.modules and "triton._C.libtriton" not in sys.modules
+viewer.window.add_plugin_dock_widget("napari-medexplore", "Run a checkpoint")  # imports torch's compiler stack
+from medexplore.models import create_model
+create_model("medformer_tiny", tasks=[], embed_dim=32, depth=1, num_heads=2)
+print("widget opened")
+"""
+
+
+def test_the_plugin_opens_in_a_viewer_that_exists_before_it():
+    """The user's order (viewer, then plugin) in a fresh process: triton's LLVM must not bind to Mesa's."""
+    result = subprocess.run([sys.executable, "-c", VIEWER_FIRST], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "widget opened" in result.stdout, (result.returncode, result.stderr[-2000:])
+
+
 def test_nifti_reader_keeps_spacing_and_orientation(make_napari_viewer, tmp_path):
     nib = pytest.importorskip("nibabel")
     data = np.zeros((6, 7, 8), np.float32)

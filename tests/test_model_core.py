@@ -327,6 +327,35 @@ def test_regression_loss_variants_known_values(loss, expected):
         TaskSpec("count", "regression", 1, loss="l2")
 
 
+def test_label_smoothing_known_values_and_what_it_leaves_alone():
+    dims = HeadDims(8, 1, {2: 4, 3: 4}, 8, 1)
+
+    def head(kind, n):
+        return kind_entry(kind).build_head(TaskSpec("t", kind, n), dims)
+
+    # binary: target 1 becomes 0.95 at smoothing 0.1; at logit 0 the loss is log 2 whatever the target
+    logit = torch.tensor([2.0])
+    expected = -(0.95 * math.log(torch.sigmoid(logit).item()) + 0.05 * math.log(1 - torch.sigmoid(logit).item()))
+    assert head("binary", 1).loss(logit, [1], smoothing=0.1).item() == pytest.approx(expected, rel=1e-6)
+    assert head("binary", 1).loss(torch.zeros(1), [1], smoothing=0.3).item() == pytest.approx(math.log(2))
+    # multiclass: torch's own label smoothing (uniform over the classes)
+    logits = torch.tensor([[1.0, -1.0, 0.5]])
+    assert head("multiclass", 3).loss(logits, [2], smoothing=0.2).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, torch.tensor([2]), label_smoothing=0.2).item())
+    # ordinal (CORAL, 3 grades -> 2 thresholds): grade 1 targets (1, 0) become (0.9, 0.1)
+    ordinal = torch.tensor([[0.3, -0.4]])
+    assert head("ordinal", 3).loss(ordinal, [1], smoothing=0.2).item() == pytest.approx(
+        torch.nn.functional.binary_cross_entropy_with_logits(ordinal, torch.tensor([[0.9, 0.1]])).item())
+    # regression values and 0 smoothing are left as they are
+    values = torch.tensor([[0.5], [3.0]])
+    targets = [torch.tensor([0.0]), torch.tensor([1.0])]
+    assert head("regression", 1).loss(values, targets, smoothing=0.4).item() == head("regression", 1).loss(values, targets).item()
+    assert head("binary", 1).loss(logit, [1], smoothing=0.0).item() == pytest.approx(-math.log(torch.sigmoid(logit).item()))
+    from medexplore.train.config import TrainConfig
+    with pytest.raises(ValueError, match=r"train.label_smoothing must be in \[0, 0.5\)"):
+        TrainConfig(label_smoothing=0.5)
+
+
 def test_conv_stem_gives_the_patch_grid_and_treats_grey_as_replicated_grey():
     from medexplore.models.tokenizer import ConvStem
 

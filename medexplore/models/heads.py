@@ -2,7 +2,9 @@
 
 Every head maps its task's Output-Adaptformer queries ``(S, Q, D)`` to a prediction and computes
 its loss from per-sample labels, ``None`` where a sample lacks the label. A head whose task has no
-label in the batch returns ``None`` for the loss.
+label in the batch returns ``None`` for the loss. ``smoothing`` (label smoothing) moves the class
+targets of binary, multiclass, multilabel and ordinal tasks towards uniform; masks, boxes and
+regression values are never smoothed.
 """
 from __future__ import annotations
 
@@ -45,8 +47,16 @@ class TaskHead(nn.Module):
         idx = [i for i, y in enumerate(labels) if y is not None]
         return idx, [torch.as_tensor(labels[i]) for i in idx]
 
+    def loss(self, prediction, labels: list, smoothing: float = 0.0) -> Tensor | None:
+        raise NotImplementedError
+
     def _error(self, sample: int, message: str) -> LabelError:
         return LabelError(f"task {self.spec.name!r} ({self.spec.kind.value}), sample {sample}: {message}")
+
+
+def _smoothed(target: Tensor, smoothing: float) -> Tensor:
+    """Binary targets moved towards 1/2: 0 -> smoothing / 2, 1 -> 1 - smoothing / 2."""
+    return target * (1 - smoothing) + smoothing / 2 if smoothing else target
 
 
 class VectorHead(TaskHead):
@@ -80,7 +90,7 @@ class VectorHead(TaskHead):
             checked.append(y.reshape(-1) if kind in (TaskKind.MULTILABEL, TaskKind.REGRESSION) else y)
         return torch.tensor(idx, device=device), torch.stack(checked).to(device)
 
-    def loss(self, prediction: Tensor, labels: list) -> Tensor | None:
+    def loss(self, prediction: Tensor, labels: list, smoothing: float = 0.0) -> Tensor | None:
         found = self.labels_tensor(labels, prediction.device)
         if found is None:
             return None
@@ -88,15 +98,15 @@ class VectorHead(TaskHead):
         pred = prediction[idx]
         kind = self.spec.kind
         if kind == TaskKind.BINARY:
-            return F.binary_cross_entropy_with_logits(pred, y.float())
+            return F.binary_cross_entropy_with_logits(pred, _smoothed(y.float(), smoothing))
         if kind == TaskKind.MULTICLASS:
-            return F.cross_entropy(pred, y.long())
+            return F.cross_entropy(pred, y.long(), label_smoothing=smoothing)
         y = y.float()
         known = ~torch.isnan(y)  # multilabel / regression: NaN marks a missing entry
         if not known.any():
             return None
         if kind == TaskKind.MULTILABEL:
-            return F.binary_cross_entropy_with_logits(pred[known], y[known])
+            return F.binary_cross_entropy_with_logits(pred[known], _smoothed(y[known], smoothing))
         loss = {"mse": F.mse_loss, "l1": F.l1_loss}.get(self.spec.loss, F.smooth_l1_loss)
         return loss(pred[known], y[known])
 
@@ -124,13 +134,14 @@ class OrdinalHead(VectorHead):
         """(S, K - 1) cumulative logits: logit k is P(grade > k), decreasing in k."""
         return self.fc(self.norm(queries.mean(1))) + self.thresholds
 
-    def loss(self, prediction: Tensor, labels: list) -> Tensor | None:
+    def loss(self, prediction: Tensor, labels: list, smoothing: float = 0.0) -> Tensor | None:
         found = self.labels_tensor(labels, prediction.device)
         if found is None:
             return None
         idx, grade = found
         levels = torch.arange(self.spec.num_outputs - 1, device=prediction.device)
-        return F.binary_cross_entropy_with_logits(prediction[idx], (grade.long()[:, None] > levels).float())
+        above = (grade.long()[:, None] > levels).float()
+        return F.binary_cross_entropy_with_logits(prediction[idx], _smoothed(above, smoothing))
 
     @staticmethod
     def grade(prediction: Tensor) -> Tensor:
@@ -165,7 +176,7 @@ class SegmentationHead(TaskHead):
             out.append((group.sample_ids, logits + self.class_bias.view(1, -1, *[1] * len(group.grid))))
         return out
 
-    def loss(self, prediction: list[tuple[Tensor, Tensor]], labels: list) -> Tensor | None:
+    def loss(self, prediction: list[tuple[Tensor, Tensor]], labels: list, smoothing: float = 0.0) -> Tensor | None:
         losses, weights = [], []
         for sample_ids, logits in prediction:
             rows = [r for r, s in enumerate(sample_ids.tolist()) if labels[s] is not None]
@@ -285,7 +296,7 @@ class DetectionHead(TaskHead):
                 boxes[s] = top_unit[r] * scale
         return {"boxes": boxes, "normalized": normalized, "scale": scales, "logits": logits, "dense": dense}
 
-    def loss(self, prediction: dict, labels: list) -> Tensor | None:
+    def loss(self, prediction: dict, labels: list, smoothing: float = 0.0) -> Tensor | None:
         idx, ys = self.present(labels)
         if not idx:
             return None

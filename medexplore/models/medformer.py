@@ -214,8 +214,9 @@ class Medformer(nn.Module):
         return MedformerOutput(predictions, embedding, x, layout, input_attention, attentions, query_attention, gates)
 
     # ------------------------------------------------------------------ losses
-    def compute_loss(self, output: MedformerOutput, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weighted sum of the per-task losses over the labels present, and each task's loss.
+    def compute_loss(self, output: MedformerOutput, batch: Batch, smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted sum of the per-task losses over the labels present, and each task's loss
+        (``smoothing``: label smoothing of class targets, see :mod:`.heads`).
 
         A task with no label in the batch contributes nothing; a batch with no label at all gives
         a zero loss that still back-propagates.
@@ -229,7 +230,7 @@ class Medformer(nn.Module):
             for i, y in enumerate(labels):
                 if y is not None and not spec.applies_to(batch.domains[i]):
                     raise LabelError(f"task {name!r}, sample {i}: the task does not apply to domain {batch.domains[i]}")
-            loss = self.heads[name].loss(output.predictions[name], labels)
+            loss = self.heads[name].loss(output.predictions[name], labels, smoothing)
             if loss is None:
                 continue
             per_task[name] = loss

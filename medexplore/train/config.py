@@ -46,6 +46,8 @@ class TrainConfig:
         ema_decay: keep an exponential moving average of the weights (e.g. 0.999; 0: off). Validation,
             ``best`` and snapshots then hold the averaged weights; ``last`` keeps the trained ones (and the
             average, for an exact resume).
+        label_smoothing: move class targets (binary, multiclass, multilabel, ordinal) towards uniform by
+            this much (0: off; e.g. 0.1); masks, boxes and regression values are not smoothed.
 
     With ``accum_steps > 1`` each task's loss is averaged per micro-batch, which equals the full-batch
     average when every micro-batch carries the same number of that task's labels.
@@ -76,6 +78,7 @@ class TrainConfig:
     loss_balance: str = "fixed"
     packing: str = "grouped"
     ema_decay: float = 0.0
+    label_smoothing: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "expander", tuple(self.expander))
@@ -112,6 +115,8 @@ class TrainConfig:
             raise UserError(f"train.min_lr_fraction must be in [0, 1], got {self.min_lr_fraction}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"train.ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"train.label_smoothing must be in [0, 0.5) (0: off), got {self.label_smoothing}")
         if not 0 <= self.warmup_fraction < 1:
             raise UserError(f"TrainConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
 

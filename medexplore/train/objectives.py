@@ -121,7 +121,7 @@ class SupervisedObjective(Objective):
             batch = self._augmented(batch, step)
         batch = batch.to(device, non_blocking=True)
         out = forward(batch, packing=self.config.packing)
-        total, per_task = self.model.compute_loss(out, batch)
+        total, per_task = self.model.compute_loss(out, batch, self.config.label_smoothing)
         if self.balancer is not None and per_task:
             shared = [p for p in self.model.blocks[-1].parameters() if p.requires_grad]
             total = self.balancer.combine(per_task, shared)

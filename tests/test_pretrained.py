@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from medexplore.analysis.inference import infer_image
+from medexplore.models import Batch
 from medexplore.models.tasks import Domain
 from medexplore.pretrained import pretrained_folder, pretrained_models
 from medexplore.train.checkpoint import (
@@ -40,6 +41,11 @@ def test_shipped_model_loads_with_this_code_and_runs(name):
     assert not (shipped.folder / "train_state.pt").exists()
     assert meta["data"].get("root") is None and meta["data"].get("path") is None  # no machine paths shipped
     model.eval()
+    if not model.tasks:  # a backbone (e.g. a GMoE's general expert): embeddings of 2D and 3D images
+        images = [torch.rand(3, 28, 28), torch.rand(1, 28, 28, 28)]
+        with torch.no_grad():
+            embedding = model(Batch.from_images(images, [Domain("2d"), Domain("3d")])).embedding
+        assert embedding.shape == (2, model.config.embed_dim) and torch.isfinite(embedding).all()
     for dims in {d for spec in model.tasks.values() for d in spec.dimensionalities}:
         side = 28
         image = torch.rand((1,) + (side,) * int(dims[0]), generator=torch.Generator().manual_seed(0))
@@ -55,7 +61,7 @@ def test_card_has_every_section_and_the_recorded_test_metrics(name):
     card = shipped.card.read_text()
     for section in CARD_SECTIONS:
         assert section in card, f"{shipped.card}: no {section!r} section"
-    assert "licence" in card.lower() and "medexplore train" in card
+    assert "licence" in card.lower() and ("medexplore train" in card or "medexplore pretrain" in card)
     recorded = json.loads((shipped.folder / "meta.json").read_text())["shipped"]["test_metrics"]
     for task, metrics in recorded.items():
         row = re.search(rf"^\| {task} \| ([0-9.]+) \| ([0-9.]+) \|", card, re.M)

@@ -2,8 +2,9 @@
 
     xvfb-run -a .venv/bin/python scripts/napari_screenshots.py [--out docs/napari] [--run runs/example]
 
-Uses a trained example model (``medexplore.experiments.demo.example_run``, trained on first use, ~2 CPU
-minutes) so the overlays show what a model learned.
+Inference and domain latents: the shipped model (medformer-medmnist5-v1) on real MedMNIST test images
+(the official files: ``--root``, ``$MEDMNIST_ROOT`` or ``../shared/data/medmnist``). The explorer and the
+training panel work on the embedded data, with the example model (``example_run``, ~2 CPU minutes).
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def save(viewer, path: Path) -> None:
 
     for _ in range(20):  # let deferred layer additions and redraws land
         QApplication.processEvents()
+    if viewer.dims.ndisplay == 2:  # fit the image to the canvas the dock left
+        viewer.reset_view()
+        QApplication.processEvents()
     imwrite(path, viewer.screenshot(canvas_only=False, flash=False))
     print("wrote", path)
 
@@ -42,10 +46,24 @@ def open_widget(viewer, name: str):
     return viewer.window.add_plugin_dock_widget(PLUGIN, name)[1]
 
 
+def positive_test_image(viewer, path: Path):
+    """Open a MedMNIST file (one stack layer per split), keep its test split and show its first image of label 1."""
+    layers = viewer.open(path, plugin=PLUGIN)
+    test = next(layer for layer in layers if layer.name.endswith(" test"))
+    for layer in layers:
+        if layer is not test:
+            viewer.layers.remove(layer)
+    test.visible = True
+    labels = test.metadata["features"]["label"].to_numpy()
+    viewer.dims.set_current_step(0, int(np.flatnonzero(labels == 1)[0]))
+    return test
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/napari")
     parser.add_argument("--run", default="runs/example")
+    parser.add_argument("--root", default=None, help="folder of the official MedMNIST files")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -53,43 +71,54 @@ def main() -> None:
     import napari
 
     from medexplore.experiments.demo import example_run
+    from medexplore.experiments.showcase import SHIPPED_MEDMNIST, official_medmnist_root
+    from medexplore.pretrained import pretrained_folder
 
-    checkpoint = example_run(args.run)
+    root = official_medmnist_root(args.root)
+    if root is None:
+        raise SystemExit("the official MedMNIST files were not found (--root, $MEDMNIST_ROOT or ../shared/data/medmnist): "
+                         "the inference screenshots show the shipped model on them")
+    checkpoint = example_run(args.run)  # the explorer and the training panel use the embedded data
     app = QApplication.instance() or napari.qt.get_qapp()
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1500, 950)
 
-    # 1. inference on the full-size MNI152 volume: tissue segmentation and attention rollout, 3D view
-    t1, tissue = viewer.open_sample(PLUGIN, "mni152_t1")
-    tissue.visible = False
+    # 1. the shipped model on real MedMNIST test images: a chest X-ray (2D), then an adrenal CT volume (3D view)
+    shipped = str(pretrained_folder(SHIPPED_MEDMNIST))
+    xray = positive_test_image(viewer, root / "pneumoniamnist.npz")
     infer = open_widget(viewer, "Run a checkpoint")
-    infer.checkpoint.folder.value = checkpoint
-    infer.select_layer(t1)
-    infer.window.value = 16  # the example model was trained on 16^3 patches
+    infer.checkpoint.folder.value = shipped
+    infer.select_layer(xray)
     infer.explain_boxes["rollout"].value = True
+    infer.explain_task.value = "pneumoniamnist"
     infer.run()
     wait_idle(app, lambda: infer.run_button.enabled and "done" in infer.status.value)
-    viewer.layers["MNI152 T1 lesion_mask"].visible = False
-    viewer.layers["MNI152 T1 lesion_boxes"].visible = False  # the example model's boxes are weak (see issue notes)
-    viewer.dims.set_current_step(0, 47)
+    viewer.layers[f"{xray.name} rollout"].opacity = 0.45
     save(viewer, out / "inference.png")
+
+    viewer.layers.clear()
+    ct = positive_test_image(viewer, root / "adrenalmnist3d.npz")
+    infer.select_layer(ct)
+    infer.explain_task.value = "adrenalmnist3d"
+    infer.run()
+    wait_idle(app, lambda: infer.run_button.enabled and "done" in infer.status.value)
     viewer.dims.ndisplay = 3
-    for name in ("MNI152 T1 rollout", "MNI152 T1"):
-        viewer.layers[name].visible = False
-    viewer.layers["MNI152 T1 tissue"].opacity = 1.0
+    rollout = viewer.layers[f"{ct.name} rollout"]
+    rollout.rendering, rollout.blending = "mip", "additive"
+    ct.rendering = "attenuated_mip"
     viewer.camera.angles = (15, 30, 110)
+    viewer.camera.zoom = 12
     save(viewer, out / "inference_3d.png")
     viewer.dims.ndisplay = 2
 
-    # 2. domain latents on the retina
+    # 2. domain latents on a real fundus photograph (RetinaMNIST test)
     viewer.layers.clear()
-    retina, _ = viewer.open_sample(PLUGIN, "retina_with_lesions")
+    fundus = positive_test_image(viewer, root / "retinamnist.npz")
     domain = open_widget(viewer, "Domain latents")
-    domain.checkpoint.folder.value = checkpoint
-    domain.layer.value = retina
+    domain.checkpoint.folder.value = shipped
+    domain.layer.value = fundus
     domain.run()
-    viewer.layers["retina with lesions labels"].visible = False
-    for layer in list(viewer.layers)[2:]:
+    for layer in list(viewer.layers)[1:]:
         layer.visible = layer.metadata.get("group") == "body_part"
     save(viewer, out / "domain_latents.png")
 

@@ -1,14 +1,16 @@
 """Regenerate the README's napari screenshots by driving a real viewer (run under Xvfb on a headless machine).
 
-    xvfb-run -a .venv/bin/python scripts/napari_screenshots.py [--out docs/napari] [--run runs/example]
+    xvfb-run -a .venv/bin/python scripts/napari_screenshots.py [--out docs/napari] [--root DIR]
 
-Inference and domain latents: the shipped model (medformer-medmnist5-v1) on real MedMNIST test images
-(the official files: ``--root``, ``$MEDMNIST_ROOT`` or ``../shared/data/medmnist``). The explorer and the
-training panel work on the embedded data, with the example model (``example_run``, ~2 CPU minutes).
+Every panel with the shipped models (medformer-medmnist5-v1, and medformer-photos-vicreg-v1 as the GMoE's
+general expert) on real MedMNIST images (the official files: ``--root``, ``$MEDMNIST_ROOT`` or
+``../shared/data/medmnist``).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +64,6 @@ def positive_test_image(viewer, path: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/napari")
-    parser.add_argument("--run", default="runs/example")
     parser.add_argument("--root", default=None, help="folder of the official MedMNIST files")
     args = parser.parse_args()
     out = Path(args.out)
@@ -70,7 +71,6 @@ def main() -> None:
 
     import napari
 
-    from medexplore.experiments.demo import example_run
     from medexplore.experiments.showcase import SHIPPED_MEDMNIST, official_medmnist_root
     from medexplore.pretrained import pretrained_folder
 
@@ -78,7 +78,7 @@ def main() -> None:
     if root is None:
         raise SystemExit("the official MedMNIST files were not found (--root, $MEDMNIST_ROOT or ../shared/data/medmnist): "
                          "the inference screenshots show the shipped model on them")
-    checkpoint = example_run(args.run)  # the explorer and the training panel use the embedded data
+    os.environ["MEDEXPLORE_RUNS"] = tempfile.mkdtemp(prefix="medexplore-screenshots-")  # the training panel's run
     app = QApplication.instance() or napari.qt.get_qapp()
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1500, 950)
@@ -122,25 +122,39 @@ def main() -> None:
         layer.visible = layer.metadata.get("group") == "body_part"
     save(viewer, out / "domain_latents.png")
 
-    # 3. embedding explorer: PCA, then UMAP, coloured by modality; a lasso selection opened as a stack
+    # 3. embedding explorer: every test image of the five real files, the shipped model; UMAP coloured by
+    # modality, a lasso selection opened as a stack
     viewer.layers.clear()
+    for name in ("pneumoniamnist", "breastmnist", "retinamnist", "adrenalmnist3d", "vesselmnist3d"):
+        positive_test_image(viewer, root / f"{name}.npz")
     explorer = open_widget(viewer, "Embedding explorer")
-    explorer.checkpoint.folder.value = checkpoint
+    explorer.checkpoint.folder.value = shipped
+    explorer.source.value = "every image of the visible layers"
     explorer.compute()
     wait_idle(app, lambda: "umap" in explorer.projections)
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
     pts = explorer.coords
-    centre = np.median(pts, 0)
-    box = [tuple(centre + d) for d in ([-1.5, -1.5], [1.5, -1.5], [1.5, 1.5], [-1.5, 1.5])]
+    xray = np.flatnonzero(explorer.embeddings.metadata["modality"].to_numpy() == "xray")
+    centre = np.median(pts[xray], 0)  # a lasso in the middle of the X-rays
+    box = [tuple(centre + d) for d in ([-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0])]
     explorer._on_lasso(box)
     wait_idle(app, lambda: len(viewer.layers) > 0)
     viewer.layers.selection.active = viewer.layers[-1]
     viewer.dims.set_current_step(0, 0)
     save(viewer, out / "explorer.png")
 
-    # 4. training panel with its live plot
+    # 4. training panel: a GMoE-Adapter on BreastMNIST from the two shipped experts, with its live plot
     viewer.layers.clear()
     train = open_widget(viewer, "Train")
-    train.epochs.value, train.steps.value = 2, 15
+    train.dataset.value = "breastmnist"
+    train.data_path.value = root
+    train.init.value = shipped
+    train.size.value = "as the start checkpoint"
+    train.strategy.value = "gmoe"
+    train.general.value = str(pretrained_folder("medformer-photos-vicreg-v1"))
+    train.run_name.value = "breast-gmoe"
+    train.epochs.value, train.steps.value = 4, 10
     train.start()
     wait_idle(app, lambda: train.start_button.enabled and train.history)
     save(viewer, out / "training.png")

@@ -392,6 +392,37 @@ def test_embedding_explorer_links_points_and_images(make_napari_viewer, qtbot, t
     assert widget.method.value == "umap" and widget.coords.shape == (n, 2)
 
 
+def test_explorer_embeds_every_image_of_the_visible_medmnist_stacks_with_labels(make_napari_viewer, qtbot, tmp_path):
+    from medexplore.models import TaskSpec
+
+    rng = np.random.default_rng(1)
+    arrays = {f"{s}_{k}": (rng.integers(0, 255, (n, 28, 28), dtype=np.uint8) if k == "images"
+                           else rng.integers(0, 2, (n, 1)))
+              for s, n in (("train", 6), ("val", 2), ("test", 20)) for k in ("images", "labels")}
+    np.savez(tmp_path / "breastmnist.npz", **arrays)
+    torch.manual_seed(0)
+    model = create_model("medformer_tiny", tasks=[TaskSpec("breastmnist", "binary", 1)], embed_dim=32, depth=2,
+                         num_heads=2, patch_size=4)
+    folder = checkpoint_of(model, tmp_path / "breast")
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(tmp_path / "breastmnist.npz"), plugin=PLUGIN)
+    layers[0].visible, layers[2].visible = False, True  # the test split only
+    widget = dock(viewer, "Embedding explorer")
+    widget.checkpoint.folder.value = folder
+    widget.source.value = "every image of the visible layers"
+    assert widget.compute() is not None
+    qtbot.waitUntil(lambda: widget.embeddings is not None, timeout=WAIT_MS)
+    table = widget.embeddings.metadata
+    assert len(table) == 20 and table["index"].tolist() == list(range(20))  # every image of the test stack, in order
+    assert table["label:breastmnist"].tolist() == arrays["test_labels"][:, 0].tolist()
+    np.testing.assert_array_equal(widget.sample_image(3), np.asarray(widget.samples[3].image[0]))
+    qtbot.waitUntil(lambda: "umap" in widget.projections, timeout=300_000)
+    layers[2].visible = False
+    with pytest.raises(Exception, match="only visible layers count"):
+        from napari_medexplore._explorer_widget import layer_samples
+        layer_samples(viewer, model.config.patch_sizes, every_image=True)
+
+
 def test_domain_latent_overlays_sum_to_one(make_napari_viewer, tiny_checkpoint):
     viewer = make_napari_viewer()
     (ct,) = viewer.open_sample(PLUGIN, "ct_slice")
@@ -420,18 +451,19 @@ def test_training_widget_adapts_with_a_strategy(make_napari_viewer, qtbot, tmp_p
     assert widget.start() is None and "adapt.general" in widget.status.value  # gmoe without its general expert
     widget.strategy.value = "lora"
     assert widget.start() is None and "--init" in widget.status.value  # nothing pretrained to adapt
+    widget.size.value = "as the start checkpoint"  # its architecture, whatever the size list offers
+    assert widget.start() is None and "needs a start checkpoint" in widget.status.value
     widget.init.value = tiny_checkpoint
-    widget.size.value = "micro (CPU minutes)"
     widget.epochs.value, widget.steps.value, widget.batch_size.value = 1, 2, 8
     widget.run_name.value = "lora-run"
-    monkeypatch.setattr("napari_medexplore._training_widget.MODEL_SIZES", {  # the checkpoint's architecture
-        "micro (CPU minutes)": {"name": "medformer_tiny", "patch_size": 8, "depth": 2, "embed_dim": 32,
-                                "num_heads": 2, "seg_channels": 8}})
     assert widget.start() is not None
     qtbot.waitUntil(lambda: widget.start_button.enabled, timeout=WAIT_MS)
     assert any(e.kind == "adapted" and e.message.startswith("lora:") for e in widget.history)
     model, _ = load_model(tmp_path / "runs" / "lora-run" / "checkpoints" / "last")
+    start, _ = load_model(tiny_checkpoint)
     assert model.adaptation["strategy"] == "lora"
+    assert {k: v for k, v in model.config.to_dict().items() if k != "vocab"} == \
+        {k: v for k, v in start.config.to_dict().items() if k != "vocab"}
 
 
 def test_domain_view_shows_gmoe_gate_weights(make_napari_viewer, tiny_checkpoint, tmp_path):

@@ -22,7 +22,7 @@ from ..data.sampling import MixedDataset
 from ..models.medformer import Medformer
 from ..pretrained import pretrained_models
 from ..train.checkpoint import final_checkpoint, load_model
-from ..train.workflow import run_training
+from ..train.workflow import model_section, run_training
 from .demo import example_run
 
 __all__ = ["SHIPPED_MEDMNIST", "SHIPPED_GENERAL", "Showcase", "ExplainCase", "official_medmnist_root", "showcase",
@@ -118,7 +118,7 @@ def general_expert(out: str | Path, model: Medformer, steps: int = 1000, batch_s
     ``configs/general_expert.yaml`` made the shipped one (:data:`SHIPPED_GENERAL`) for the shipped model."""
     out = Path(out)
     epochs = max(1, steps // 125)
-    config = {"model": _architecture(model),
+    config = {"model": model_section(model.config),
               "data": {"datasets": ["natural"], "size": 28, "seed": seed},
               "train": {"epochs": epochs, "steps_per_epoch": max(1, steps // epochs), "batch_size": batch_size,
                         "lr": 1e-3, "expander": [512, 512], "seed": seed}}
@@ -126,11 +126,6 @@ def general_expert(out: str | Path, model: Medformer, steps: int = 1000, batch_s
         if not run_training(config, out, mode="vicreg", resume=True).result.stopped:
             (out / FINISHED).write_text("")
     return final_checkpoint(out)
-
-
-def _architecture(model: Medformer) -> dict:
-    """A ``model`` config section that rebuilds ``model``'s architecture (the vocabulary comes from the data)."""
-    return {"name": "medformer_tiny", **{k: v for k, v in model.config.to_dict().items() if k != "vocab"}}
 
 
 def first_of_each_source(dataset: Dataset, per_source: int) -> Dataset:
@@ -151,7 +146,7 @@ def gmoe_run(show: Showcase, general: str | Path, out: str | Path, steps: int = 
     Trained in ``out`` on first use and reused. Returns the adapted model (its gates: ``gate_weights``)."""
     out = Path(out)
     if not (out / "test_metrics.json").exists():
-        config = {"model": _architecture(show.model),
+        config = {"model": model_section(show.model.config),
                   "data": {"source": show.source},
                   "train": {"epochs": 1, "steps_per_epoch": steps, "batch_size": batch_size, "lr": 1e-3,
                             "balance": "source", "monitor": "auc", "seed": seed},

@@ -55,6 +55,18 @@ def build_model(model_cfg: dict, tasks, vocab=None) -> Medformer:
     return create_model(name, tasks=tasks, **options)
 
 
+def model_section(config: MedformerConfig) -> dict:
+    """The ``model`` config section that :func:`build_model` turns back into ``config``'s architecture (the
+    vocabulary is left out: a run takes it from its data)."""
+    return {"name": "medformer_tiny", **{k: v for k, v in config.to_dict().items() if k != "vocab"}}
+
+
+def checkpoint_architecture(checkpoint: str | Path) -> dict:
+    """The ``model`` section of a checkpoint folder's (or shipped model's) architecture, to train it further."""
+    model, _ = load_model(checkpoint)
+    return model_section(model.config)
+
+
 def find_runs(root: str | Path, max_depth: int = 2) -> list[Path]:
     """Run directories under ``root`` (itself included, ``max_depth`` levels down) holding a usable
     checkpoint, newest first."""

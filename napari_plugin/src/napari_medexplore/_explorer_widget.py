@@ -24,22 +24,39 @@ from ._common import CheckpointPicker, image_layers, report_error
 from ._layers import layer_domain, layer_image
 from ._plots import MplCanvas
 
-SOURCES = ("embedded test", "embedded val", "embedded train", "open image layers")
+SOURCES = ("embedded test", "embedded val", "embedded train", "open image layers", "every image of the visible layers")
 HOVER_LAYER = "medexplore: hovered sample"
 STACK_KEY = "medexplore_explorer_indices"
 
 
-def layer_samples(viewer, patch_sizes: dict[int, int]) -> list[Sample]:
-    """The viewer's image layers as samples (normalised per modality, padded to whole patches)."""
+def _own_layers(viewer, visible_only: bool) -> list:
+    return [layer for layer in image_layers(viewer) if not layer.name.startswith(HOVER_LAYER)
+            and STACK_KEY not in layer.metadata and (layer.visible or not visible_only)]
+
+
+def layer_samples(viewer, patch_sizes: dict[int, int], every_image: bool = False, tasks=()) -> list[Sample]:
+    """The viewer's image layers as samples (normalised per modality, padded to whole patches): the image each
+    layer shows, or with ``every_image`` every image of every visible layer's stack (a MedMNIST split opened
+    by the reader: each image keeps its index and, for a task in ``tasks``, its label)."""
     samples = []
-    for layer in image_layers(viewer):
-        if layer.name.startswith(HOVER_LAYER) or STACK_KEY in layer.metadata:
-            continue
+    for layer in _own_layers(viewer, visible_only=every_image):
         domain = layer_domain(layer)
-        image, _ = layer_image(layer, domain, viewer.dims.current_step)
-        samples.append(Sample(prepare_image(image, domain, pad_to=patch_sizes), domain, meta={"source": layer.name}))
+        steps = [viewer.dims.current_step]
+        if every_image:
+            lead_ndim = layer.ndim - (2 if domain.dimensionality == "2d" else 3)
+            steps = list(np.ndindex(*layer.data.shape[:lead_ndim])) if lead_ndim > 0 else [()]
+        features = layer.metadata.get("features")
+        task = layer.metadata.get("medmnist")
+        for step in steps:
+            image, lead = layer_image(layer, domain, step)
+            index = lead[0] if len(lead) == 1 else 0
+            labels = {}
+            if every_image and task in tasks and features is not None and "label" in features:
+                labels[task] = int(features["label"].iloc[index])
+            samples.append(Sample(prepare_image(image, domain, pad_to=patch_sizes), domain, labels,
+                                  meta={"source": layer.name, "index": index}))
     if not samples:
-        raise UserError("no image layers to embed")
+        raise UserError("no image layers to embed" + (" (only visible layers count)" if every_image else ""))
     return samples
 
 
@@ -114,9 +131,10 @@ class ExplorerWidget(Container):
         self.viewer.dims.events.current_step.connect(self._on_step)
 
     # ------------------------------------------------------------------ computing
-    def _dataset(self, patch_sizes: dict[int, int]):
-        if self.source.value == "open image layers":
-            return layer_samples(self.viewer, patch_sizes)
+    def _dataset(self, model):
+        if self.source.value in SOURCES[3:]:
+            return layer_samples(self.viewer, model.config.patch_sizes, every_image=self.source.value == SOURCES[4],
+                                 tasks=list(model.tasks))
         return EmbeddedDataset(self.source.value.split()[1])
 
     def compute(self, _value=None):
@@ -125,7 +143,7 @@ class ExplorerWidget(Container):
 
         try:
             model, _ = self.checkpoint.load()
-            dataset = self._dataset(model.config.patch_sizes)
+            dataset = self._dataset(model)
             steps = iter_compute_embeddings(model, dataset)
         except Exception as exc:
             self.status.value = report_error(exc, "embedding")

@@ -19,13 +19,14 @@ from medexplore.data.registry import available_datasets
 from medexplore.errors import UserError
 from medexplore.train import RunControl
 from medexplore.train.checkpoint import final_checkpoint
-from medexplore.train.workflow import check_adapt_config, run_training
+from medexplore.train.workflow import check_adapt_config, checkpoint_architecture, run_training
 
 from ._common import DEVICES, RUNS, report_error, runs_root
 from ._plots import CurvesCanvas
 
 NO_STRATEGY = "none (every weight learns)"
 MODEL_SIZES = load_recipe("model_sizes")  # label: the config's model section (medexplore/configs/model_sizes.yaml)
+AS_CHECKPOINT = "as the start checkpoint"  # the architecture of the checkpoint it starts from (e.g. a shipped model)
 
 
 class TrainingWidget(Container):
@@ -34,7 +35,7 @@ class TrainingWidget(Container):
         self.dataset = ComboBox(label="dataset", choices=available_datasets(), value="embedded")
         self.data_path = FileEdit(label="MedMNIST folder / CSV", mode="r", value="")
         self.tasks = LineEdit(label="tasks (comma list; blank = all)", value="")
-        self.size = ComboBox(label="model", choices=list(MODEL_SIZES), value="micro (CPU minutes)")
+        self.size = ComboBox(label="model", choices=[*MODEL_SIZES, AS_CHECKPOINT], value="micro (CPU minutes)")
         self.epochs = SpinBox(label="epochs", value=3, min=1, max=10000)
         self.steps = SpinBox(label="steps per epoch (0 = all)", value=0, min=0, max=10**6)
         self.batch_size = SpinBox(label="batch size", value=32, min=1, max=4096)
@@ -96,7 +97,19 @@ class TrainingWidget(Container):
             general = str(self.general.value or "").strip()
             if self.strategy.value == "gmoe" and general not in ("", "."):
                 adapt["general"] = general
-        return {"model": dict(MODEL_SIZES[self.size.value]), "data": data, "train": train, "adapt": adapt}
+        return {"model": self._model_section(), "data": data, "train": train, "adapt": adapt}
+
+    def _start_checkpoint(self) -> str | None:
+        init = str(self.init.value or "").strip()
+        return init if init not in ("", ".") else None
+
+    def _model_section(self) -> dict:
+        if self.size.value != AS_CHECKPOINT:
+            return dict(MODEL_SIZES[self.size.value])
+        init = self._start_checkpoint()
+        if init is None:
+            raise UserError(f"model {AS_CHECKPOINT!r} needs a start checkpoint")
+        return checkpoint_architecture(init)
 
     def out_dir(self) -> Path:
         name = self.run_name.value.strip()
@@ -117,8 +130,7 @@ class TrainingWidget(Container):
 
         try:
             config, out = self.config(), self.out_dir()
-            init = str(self.init.value or "").strip()
-            init = init if init not in ("", ".") else None
+            init = self._start_checkpoint()
             check_adapt_config(config["adapt"], init)
         except Exception as exc:
             self.status.value = report_error(exc, "training")

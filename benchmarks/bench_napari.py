@@ -6,7 +6,9 @@
   measured in the same process, CLI first.
 - ``overlays``: from Run to every overlay (segmentation, attention rollout, LayerGradCam) on a
   128 x 128 x 128 volume with medformer_tiny on CPU: patch 16 (the whole volume is 512 tokens, one
-  window) and patch 8 (4,096 tokens); the reference is one plain forward pass of the same model.
+  window) and patch 8 (4,096 tokens); the reference is one plain forward pass of the same model. Then the
+  shipped model (patch 4, sliding windows of the CPU token budget) on that volume and on the MNI152
+  sample: rollout + Grad-CAM against classification alone, measured in the same run.
 - ``explorer``: 20,000 embedding points: time from embeddings to the PCA view, UMAP time (first fit in
   this fresh process), hover (motion event to image shown) and lasso selection (to the stack layer);
   and the time to compute embeddings of the embedded dataset with medformer_tiny, per 1,000 images.
@@ -106,17 +108,41 @@ def bench_latency(seconds: float) -> dict:
             "throughput_ratio": float(widget_rate / cli_rate), "steps_seen": steps["n"]}
 
 
+def _run_to_overlays(app, napari, volume: np.ndarray, folder, domain: dict, explain: dict, task: str) -> tuple[float, str]:
+    """Seconds from Run to every overlay in a fresh viewer, and the widget's final status."""
+    viewer = napari.Viewer(show=False)
+    layer = viewer.add_image(volume, name="volume", metadata={"medexplore_domain": domain})
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Run a checkpoint")
+    widget.checkpoint.folder.value = folder
+    widget.select_layer(layer)
+    for name, box in widget.explain_boxes.items():
+        box.value = explain.get(name, False)
+    widget.explain_task.value = task
+    start = time.perf_counter()
+    widget.run()
+    _process_until(app, lambda: widget.run_button.enabled)
+    elapsed = time.perf_counter() - start
+    status = widget.status.value
+    assert "done" in status, status
+    viewer.close()
+    return elapsed, status
+
+
 def bench_overlays() -> dict:
     import napari
     import torch
 
     from medexplore.data.embedded import EMBEDDED_TASKS
+    from medexplore.data.examples import mni152_t1
     from medexplore.models import Batch, Domain, create_model
+    from medexplore.pretrained import pretrained_folder
     from medexplore.train.checkpoint import save_checkpoint
 
     app = _app()
     results = {}
     volume = np.random.default_rng(0).normal(size=(128, 128, 128)).astype(np.float32)
+    brain = {"dimensionality": "3d", "modality": "mri", "body_part": "brain"}
+    overlays = {"rollout": True, "grad_cam": True}
     for patch in (16, 8):
         torch.manual_seed(0)
         model = create_model("medformer_tiny", tasks=list(EMBEDDED_TASKS), patch_size=patch).eval()
@@ -127,24 +153,18 @@ def bench_overlays() -> dict:
             forward = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_checkpoint(Path(tmp) / "ckpt", model, {"step": 0})
-            viewer = napari.Viewer(show=False)
-            layer = viewer.add_image(volume, name="volume", metadata={"medexplore_domain": {
-                "dimensionality": "3d", "modality": "mri", "body_part": "brain"}})
-            _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Run a checkpoint")
-            widget.checkpoint.folder.value = folder
-            widget.select_layer(layer)
-            widget.explain_boxes["rollout"].value = True
-            widget.explain_boxes["grad_cam"].value = True
-            widget.explain_task.value = "lesion"
-            start = time.perf_counter()
-            widget.run()
-            _process_until(app, lambda: widget.run_button.enabled)
-            elapsed = time.perf_counter() - start
-            status = widget.status.value
-            assert "done" in status, status
-            viewer.close()
+            elapsed, status = _run_to_overlays(app, napari, volume, folder, brain, overlays, "lesion")
         results[f"patch{patch}"] = {"run_to_overlays_s": elapsed, "forward_s": forward,
                                     "ratio_to_forward": elapsed / forward, "status": status}
+    # the shipped MedMNIST model (patch 4, default windows from the CPU token budget): classification only
+    # (the reference), then with rollout and Grad-CAM; on the 128^3 volume and on the MNI152 sample
+    shipped = pretrained_folder("medformer-medmnist5-v1")
+    ct = {"dimensionality": "3d", "modality": "ct", "body_part": "adrenal"}
+    for name, image, domain in (("shipped_128", volume, ct), ("shipped_mni152", mni152_t1().image[0], brain)):
+        plain, _ = _run_to_overlays(app, napari, image, shipped, domain, {}, "adrenalmnist3d")
+        elapsed, status = _run_to_overlays(app, napari, image, shipped, domain, overlays, "adrenalmnist3d")
+        results[name] = {"run_to_overlays_s": elapsed, "classification_only_s": plain,
+                         "ratio_to_classification_only": elapsed / plain, "status": status}
     return results
 
 

@@ -351,6 +351,15 @@ def test_label_smoothing_known_values_and_what_it_leaves_alone():
     targets = [torch.tensor([0.0]), torch.tensor([1.0])]
     assert head("regression", 1).loss(values, targets, smoothing=0.4).item() == head("regression", 1).loss(values, targets).item()
     assert head("binary", 1).loss(logit, [1], smoothing=0.0).item() == pytest.approx(-math.log(torch.sigmoid(logit).item()))
+    # a whole model: heads without a smoothing argument (masks, boxes, a registered kind's) are called as before
+    model = small_model()
+    batch = Batch.from_images([image(2, 16), image(3, 16)], [Domain("2d"), Domain("3d")],
+                              {k: [full_labels(2, 16)[k], full_labels(3, 16, seed=1)[k]] for k in full_labels(2, 16)})
+    out = model(batch)
+    smoothed, per_task = model.compute_loss(out, batch, smoothing=0.1)
+    plain, plain_per_task = model.compute_loss(out, batch)
+    assert torch.isfinite(smoothed) and per_task["tissue"] == plain_per_task["tissue"]
+    assert per_task["presence"] != plain_per_task["presence"]
     from medexplore.train.config import TrainConfig
     with pytest.raises(ValueError, match=r"train.label_smoothing must be in \[0, 0.5\)"):
         TrainConfig(label_smoothing=0.5)

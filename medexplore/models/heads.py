@@ -47,7 +47,9 @@ class TaskHead(nn.Module):
         idx = [i for i, y in enumerate(labels) if y is not None]
         return idx, [torch.as_tensor(labels[i]) for i in idx]
 
-    def loss(self, prediction, labels: list, smoothing: float = 0.0) -> Tensor | None:
+    def loss(self, prediction, labels: list) -> Tensor | None:
+        """The masked loss over the samples that carry a label (None when none does); heads whose targets
+        can be smoothed also take ``smoothing``."""
         raise NotImplementedError
 
     def _error(self, sample: int, message: str) -> LabelError:
@@ -176,7 +178,7 @@ class SegmentationHead(TaskHead):
             out.append((group.sample_ids, logits + self.class_bias.view(1, -1, *[1] * len(group.grid))))
         return out
 
-    def loss(self, prediction: list[tuple[Tensor, Tensor]], labels: list, smoothing: float = 0.0) -> Tensor | None:
+    def loss(self, prediction: list[tuple[Tensor, Tensor]], labels: list) -> Tensor | None:
         losses, weights = [], []
         for sample_ids, logits in prediction:
             rows = [r for r, s in enumerate(sample_ids.tolist()) if labels[s] is not None]
@@ -296,7 +298,7 @@ class DetectionHead(TaskHead):
                 boxes[s] = top_unit[r] * scale
         return {"boxes": boxes, "normalized": normalized, "scale": scales, "logits": logits, "dense": dense}
 
-    def loss(self, prediction: dict, labels: list, smoothing: float = 0.0) -> Tensor | None:
+    def loss(self, prediction: dict, labels: list) -> Tensor | None:
         idx, ys = self.present(labels)
         if not idx:
             return None

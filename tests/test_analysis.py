@@ -234,6 +234,22 @@ def test_grad_cam_equals_the_definition(region_model):
     model.zero_grad()
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_explaining_a_batch_of_windows_equals_explaining_each_alone(dims):
+    model = small_model(tasks=[TaskSpec("grade", "multiclass", 4)])  # per-image default targets differ
+    domain = XRAY if dims == 2 else Domain("3d", "mri", "brain")
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand((3, 1) + (8,) * dims, generator=g)
+    for method, options in (("rollout", {}), ("rollout", {"discard_ratio": 0.5, "head_fusion": "max"}),
+                            ("attention", {"block": 1, "head": 2}), ("grad_cam", {})):
+        batched = A.explain_images(model, images, domain, method, task="grade", **options)
+        alone = [A.explain(model, Sample(image, domain), method, task="grade", **options).values for image in images]
+        assert len(batched) == 3
+        for b, a in zip(batched, alone):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+
+
 def test_rollout_of_uniform_attention_is_flat_and_maps_are_image_sized():
     model = small_model(tasks=[TaskSpec("presence", "binary", 1)])
     for block in model.blocks:  # queries and keys of zero: every token attends uniformly

@@ -6,7 +6,7 @@
 - mixing: :func:`domain_attention` (Input-Adaptformer latents), :func:`gate_weights` (GMoE gates),
   :func:`summarize_mixing` (either)
 - attribution: :func:`attention_rollout`, :func:`attention_map`, :func:`integrated_gradients`,
-  :func:`grad_cam`, :func:`explain`
+  :func:`grad_cam`, :func:`explain` (:func:`explain_images` for a batch)
 - fisher: :func:`fisher_spectrum`, :func:`fisher_over_checkpoints`
 - selection: :func:`nearest_neighbours`, :func:`points_in_polygon`, :func:`points_in_box`
 """
@@ -16,6 +16,7 @@ from .attribution import (
                           attention_map,
                           attention_rollout,
                           explain,
+                          explain_images,
                           grad_cam,
                           integrated_gradients,
                           token_map_to_image,
@@ -38,7 +39,8 @@ from .subspaces import SubspaceAnalysis, analyze_subspaces, linear_decodability,
 
 __all__ = ["ATTRIBUTION_METHODS", "EmbeddingSet", "Explanation", "FisherSpectrum", "MixingWeights", "Projection",
            "SubspaceAnalysis", "analyze_subspaces", "attention_map", "attention_rollout", "compute_embeddings",
-           "domain_attention", "domain_attention_maps", "explain", "gate_weights", "fisher_over_checkpoints", "fisher_spectrum",
+           "domain_attention", "domain_attention_maps", "explain", "explain_images",
+           "gate_weights", "fisher_over_checkpoints", "fisher_spectrum",
            "grad_cam", "integrated_gradients", "iter_compute_embeddings", "last_blocks", "linear_decodability", "load_embeddings",
            "nearest_neighbours", "nearest_point", "pca", "per_sample_gradients", "points_in_box",
            "points_in_polygon", "predict_samples", "principal_angles", "principal_subspace", "project",

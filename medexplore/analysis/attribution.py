@@ -20,7 +20,7 @@ from ..models.medformer import Medformer
 from ..models.packing import Batch
 
 __all__ = ["token_map_to_image", "task_outputs", "attention_rollout", "attention_map", "integrated_gradients",
-           "grad_cam", "explain", "ATTRIBUTION_METHODS", "ATTRIBUTION_LABELS", "Explanation"]
+           "grad_cam", "explain", "explain_images", "ATTRIBUTION_METHODS", "ATTRIBUTION_LABELS", "Explanation"]
 
 ATTRIBUTION_LABELS = {"rollout": "attention rollout", "attention": "attention of one block/head",
                       "integrated_gradients": "Integrated Gradients", "grad_cam": "LayerGradCam"}  # method: what a UI shows
@@ -83,12 +83,58 @@ def _prepare(model: Medformer, sample: Sample, device) -> tuple[Tensor, tuple[in
 
 
 # ---------------------------------------------------------------------------- attention
-def _segment_attention(model: Medformer, sample: Sample, device) -> tuple[list[Tensor], tuple[int, ...]]:
-    """Per block, the sample's (H, n, n) attention (prefix tokens included)."""
-    image, grid = _prepare(model, sample, device)
+def _prepare_images(model: Medformer, images: Tensor, device) -> tuple[Tensor, tuple[int, ...]]:
+    """A (B, C, *spatial) batch of same-shape images on the model's device and dtype, and their token grid."""
+    images = images.to(device=device, dtype=model.norm.weight.dtype)
+    grid = model.patch_embed.grid(tuple(images.shape[1:]), where="the images to explain")
+    return images, grid
+
+
+def _batch_attentions(model: Medformer, images: Tensor, domain) -> list[Tensor]:
+    """Per block, the (B, H, n, n) attention of a batch of same-shape images (prefix tokens included)."""
     with torch.no_grad():
-        out = model(Batch.from_images([image], [sample.domain]), return_attention=True, tasks=[])
-    return [block[0][0].float() for block in out.attentions], grid
+        out = model(Batch.from_images(list(images), [domain] * len(images)), return_attention=True, tasks=[])
+    return [block[0].float() for block in out.attentions]  # same-shape images: one packed segment
+
+
+def _maps_to_images(values: Tensor, grid: tuple[int, ...], image_shape: tuple[int, ...]) -> list[np.ndarray]:
+    return [token_map_to_image(v.reshape(grid).cpu(), image_shape).numpy() for v in values]
+
+
+def _rollout(model: Medformer, images: Tensor, domain, head_fusion: str = "mean", discard_ratio: float = 0.0,
+             device="cpu") -> list[np.ndarray]:
+    if head_fusion not in ("mean", "max", "min"):
+        raise UserError(f"head_fusion must be mean, max or min, got {head_fusion!r}")
+    if not 0 <= discard_ratio < 1:
+        raise UserError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    images, grid = _prepare_images(model, images, device)
+    p = model.num_prefix_tokens
+    rollout = None
+    for attn in _batch_attentions(model, images, domain):
+        a = getattr(attn, head_fusion)(1)
+        a = a.values if head_fusion != "mean" else a
+        if discard_ratio:
+            cut = torch.quantile(a, discard_ratio, dim=-1, keepdim=True)
+            a = torch.where(a >= cut, a, torch.zeros_like(a))
+        a = a + torch.eye(a.shape[-1], device=a.device)
+        a = a / a.sum(-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout
+    reader = rollout[:, :1] if model.cls_token is not None else rollout[:, p:]
+    return _maps_to_images(reader.mean(1)[:, p:], grid, tuple(images.shape[2:]))
+
+
+def _attention(model: Medformer, images: Tensor, domain, block: int = -1, head: int | None = None,
+               device="cpu") -> list[np.ndarray]:
+    images, grid = _prepare_images(model, images, device)
+    attentions = _batch_attentions(model, images, domain)
+    if not -len(attentions) <= block < len(attentions):
+        raise UserError(f"block must be in {-len(attentions)}..{len(attentions) - 1}, got {block}")
+    attn = attentions[block]
+    if head is not None and not 0 <= head < attn.shape[1]:
+        raise UserError(f"head must be in 0..{attn.shape[1] - 1}, got {head}")
+    a = attn.mean(1) if head is None else attn[:, head]
+    p = model.num_prefix_tokens
+    return _maps_to_images(a[:, p:, p:].mean(1), grid, tuple(images.shape[2:]))
 
 
 def attention_rollout(model: Medformer, sample: Sample, head_fusion: str = "mean", discard_ratio: float = 0.0,
@@ -99,40 +145,15 @@ def attention_rollout(model: Medformer, sample: Sample, head_fusion: str = "mean
     multiplied through the blocks; the pooled output (class token, or the mean of the patch tokens)
     reads the patches with the resulting weights. ``discard_ratio`` zeroes the weakest links per row.
     """
-    if head_fusion not in ("mean", "max", "min"):
-        raise UserError(f"head_fusion must be mean, max or min, got {head_fusion!r}")
-    if not 0 <= discard_ratio < 1:
-        raise UserError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
-    attentions, grid = _segment_attention(model, sample, device)
-    p = model.num_prefix_tokens
-    rollout = None
-    for attn in attentions:
-        a = getattr(attn, head_fusion)(0)
-        a = a.values if head_fusion != "mean" else a
-        if discard_ratio:
-            cut = torch.quantile(a, discard_ratio, dim=-1, keepdim=True)
-            a = torch.where(a >= cut, a, torch.zeros_like(a))
-        a = a + torch.eye(a.shape[0], device=a.device)
-        a = a / a.sum(-1, keepdim=True)
-        rollout = a if rollout is None else a @ rollout
-    reader = rollout[:1] if model.cls_token is not None else rollout[p:]
-    relevance = reader.mean(0)[p:]
-    return token_map_to_image(relevance.reshape(grid).cpu(), tuple(sample.image.shape[1:])).numpy()
+    image, _ = _prepare(model, sample, device)
+    return _rollout(model, image[None], sample.domain, head_fusion, discard_ratio, device)[0]
 
 
 def attention_map(model: Medformer, sample: Sample, block: int = -1, head: int | None = None,
                   device="cpu") -> np.ndarray:
     """Attention each patch receives in one block (one head, or the mean of heads), at image size."""
-    attentions, grid = _segment_attention(model, sample, device)
-    if not -len(attentions) <= block < len(attentions):
-        raise UserError(f"block must be in {-len(attentions)}..{len(attentions) - 1}, got {block}")
-    attn = attentions[block]
-    if head is not None and not 0 <= head < attn.shape[0]:
-        raise UserError(f"head must be in 0..{attn.shape[0] - 1}, got {head}")
-    a = attn.mean(0) if head is None else attn[head]
-    p = model.num_prefix_tokens
-    received = a[p:, p:].mean(0)
-    return token_map_to_image(received.reshape(grid).cpu(), tuple(sample.image.shape[1:])).numpy()
+    image, _ = _prepare(model, sample, device)
+    return _attention(model, image[None], sample.domain, block, head, device)[0]
 
 
 # ---------------------------------------------------------------------------- captum
@@ -168,15 +189,14 @@ class _TokenGridProbe(nn.Module):
         return x
 
 
-def grad_cam(model: Medformer, sample: Sample, task: str, target: int | None = None, block: int = -1,
-             device="cpu") -> np.ndarray:
-    """Grad-CAM (captum's LayerGradCam) on the patch tokens after ``block``, ReLU'd, at image size."""
+def _grad_cam(model: Medformer, images: Tensor, domain, task: str, target: int | None = None, block: int = -1,
+              device="cpu") -> list[np.ndarray]:
     from captum.attr import LayerGradCam
 
-    image, grid = _prepare(model, sample, device)
+    images, grid = _prepare_images(model, images, device)
     if not -len(model.blocks) <= block < len(model.blocks):
         raise UserError(f"block must be in {-len(model.blocks)}..{len(model.blocks) - 1}, got {block}")
-    forward = _TaskForward(model, task, sample.domain)
+    forward = _TaskForward(model, task, domain)
     probe = _TokenGridProbe()
     p, n = model.num_prefix_tokens, int(np.prod(grid))
 
@@ -189,13 +209,21 @@ def grad_cam(model: Medformer, sample: Sample, task: str, target: int | None = N
 
     handle = model.blocks[block].register_forward_hook(as_grid)
     try:
-        inputs = image[None]
-        with torch.no_grad():
-            target = _default_target(model, task, forward(inputs)) if target is None else target
-        cam = LayerGradCam(forward, probe).attribute(inputs, target=target, relu_attributions=True)
+        if target is None:  # each image's own default target (its predicted class, for multiclass)
+            with torch.no_grad():
+                outputs = forward(images)
+            target = [_default_target(model, task, outputs[b:b + 1]) for b in range(len(images))]
+        cam = LayerGradCam(forward, probe).attribute(images, target=target, relu_attributions=True)
     finally:
         handle.remove()
-    return token_map_to_image(cam[0, 0].detach().cpu(), tuple(sample.image.shape[1:])).numpy()
+    return _maps_to_images(cam[:, 0].detach().flatten(1), grid, tuple(images.shape[2:]))
+
+
+def grad_cam(model: Medformer, sample: Sample, task: str, target: int | None = None, block: int = -1,
+             device="cpu") -> np.ndarray:
+    """Grad-CAM (captum's LayerGradCam) on the patch tokens after ``block``, ReLU'd, at image size."""
+    image, _ = _prepare(model, sample, device)
+    return _grad_cam(model, image[None], sample.domain, task, target, block, device)[0]
 
 
 @dataclass
@@ -206,6 +234,24 @@ class Explanation:
     method: str
     task: str | None = None
     target: int | None = None
+
+
+def explain_images(model: Medformer, images: Tensor, domain, method: str, task: str | None = None,
+                   target: int | None = None, device="cpu", **options) -> list[np.ndarray]:
+    """:func:`explain` for a batch of same-shape images of one domain (e.g. sliding windows): one map per
+    image, equal to explaining each alone. Attention maps and Grad-CAM take one pass for the batch;
+    Integrated Gradients (already batched over its steps inside captum) runs image by image."""
+    if method not in ATTRIBUTION_METHODS:
+        raise UserError(f"method must be one of {ATTRIBUTION_METHODS}, got {method!r}")
+    if method == "rollout":
+        return _rollout(model, images, domain, device=device, **options)
+    if method == "attention":
+        return _attention(model, images, domain, device=device, **options)
+    if task is None:
+        raise UserError(f"{method} explains one task: pass task= (one of {sorted(model.tasks)})")
+    if method == "grad_cam":
+        return _grad_cam(model, images, domain, task, target, device=device, **options)
+    return [integrated_gradients(model, Sample(image, domain), task, target, device=device, **options) for image in images]
 
 
 def explain(model: Medformer, sample: Sample, method: str, task: str | None = None, target: int | None = None,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..configs import token_budget
-from ..data.sample import Batch, Sample
+from ..data.sample import Batch
 from ..data.transforms import normalize_intensity, prepare_image
 from ..errors import UserError
 from ..models.boxes import box_iou
@@ -26,7 +26,7 @@ from ..models.heads import SegmentationHead
 from ..models.kinds import kind_entry, task_scores
 from ..models.medformer import Medformer
 from ..models.tasks import Domain
-from .attribution import ATTRIBUTION_METHODS, explain
+from .attribution import ATTRIBUTION_METHODS, explain_images
 from .sliding import WindowBlender
 
 __all__ = ["ImageInference", "infer_image", "iter_infer_image", "window_for", "estimate_inference_memory"]
@@ -174,8 +174,7 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
                     found_boxes[name].append((boxes.float().cpu()[keep] + offset, score[keep]))
         for method, key in zip(explain_methods, map_names):
             options = (explain_options or {}).get(method, {})
-            maps = [explain(model, Sample(w, domain), method, task=explain_task, device=device, **options).values
-                    for w in windows]
+            maps = explain_images(model, windows, domain, method, task=explain_task, device=device, **options)
             spatial_out[key] = torch.from_numpy(np.stack(maps))[:, None]
         blender.add(starts, spatial_out)
         yield done, blender.num_windows

@@ -256,14 +256,9 @@ def explain_images(model: Medformer, images: Tensor, domain, method: str, task: 
 
 def explain(model: Medformer, sample: Sample, method: str, task: str | None = None, target: int | None = None,
             device="cpu", **options) -> Explanation:
-    """One entry point for front-ends: ``rollout``, ``attention``, ``integrated_gradients`` or ``grad_cam``."""
-    if method not in ATTRIBUTION_METHODS:
-        raise UserError(f"method must be one of {ATTRIBUTION_METHODS}, got {method!r}")
-    if method == "rollout":
-        return Explanation(attention_rollout(model, sample, device=device, **options), method)
-    if method == "attention":
-        return Explanation(attention_map(model, sample, device=device, **options), method)
-    if task is None:
-        raise UserError(f"{method} explains one task: pass task= (one of {sorted(model.tasks)})")
-    func = integrated_gradients if method == "integrated_gradients" else grad_cam
-    return Explanation(func(model, sample, task, target, device=device, **options), method, task, target)
+    """One entry point for front-ends: ``rollout``, ``attention``, ``integrated_gradients`` or ``grad_cam``
+    (:func:`explain_images` on a batch of one)."""
+    image, _ = _prepare(model, sample, device)
+    values = explain_images(model, image[None], sample.domain, method, task, target, device, **options)[0]
+    gradient = method in ("integrated_gradients", "grad_cam")
+    return Explanation(values, method, task if gradient else None, target if gradient else None)

@@ -1,4 +1,4 @@
-"""Packed == alone == padded, timm parity, and the rotary shift property."""
+"""Packed == alone == padded, timm parity, the rotary shift property and the fused rotation."""
 import pytest
 import timm
 import torch
@@ -7,7 +7,7 @@ from conftest import small_model
 from medexplore.models import Batch, Domain, load_timm_weights
 from medexplore.models.blocks import Block
 from medexplore.models.packing import TokenLayout
-from medexplore.models.rope import Rotary3D
+from medexplore.models.rope import Rotary3D, rotate_qkv
 
 
 def _assert_close(a, b, tol=1e-5):
@@ -111,6 +111,35 @@ def test_rotary_shift_leaves_attention_unchanged():
     # and positions do matter: permuting coordinates changes attention
     permuted, _ = block(x, layout, rope(layout.coords.flip(0)), need_weights=True)
     assert (permuted - base).abs().max() > 1e-3
+
+
+def _rotate_half_reference(qkv, coords, freqs):
+    """RoFormer's rotate-half rotation of queries and keys, written out in float64."""
+    angles = coords.double() @ freqs.double()
+    cos, sin = torch.cat([angles, angles], -1).cos()[:, None], torch.cat([angles, angles], -1).sin()[:, None]
+    half = qkv.shape[-1] // 2
+    rotated = [t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin for t in qkv[:, :2].double().unbind(1)]
+    return torch.stack([*rotated, qkv[:, 2].double()], 1)
+
+
+def test_fused_rotation_equals_rotate_half_and_its_gradient_is_the_inverse():
+    torch.manual_seed(0)
+    rope = Rotary3D(16)
+    coords = torch.randint(-6, 9, (7, 3))
+    cos, sin = (t.double() for t in rope(coords))
+    qkv = torch.randn(7, 3, 2, 16, dtype=torch.double, requires_grad=True)
+    rotated = rotate_qkv(qkv, cos, sin)
+    _assert_close(rotated, _rotate_half_reference(qkv, coords, rope.freqs), 1e-6)
+    assert torch.equal(rotated[:, 2], qkv[:, 2])  # values pass unchanged
+    assert torch.autograd.gradcheck(lambda t: rotate_qkv(t, cos, sin), (qkv,))
+    # a rotation's gradient is the rotation back: rotating then pulling the gradient back is the identity
+    grad, = torch.autograd.grad(rotated, qkv, rotated)
+    _assert_close(grad, qkv, 1e-6)  # the tables are float32: cos^2 + sin^2 = 1 to ~1e-7
+    # per-sample gradients (torch.func, as the Fisher spectra use) match a loop
+    loss = lambda t: rotate_qkv(t, cos, sin).pow(3).sum()  # noqa: E731
+    stack = torch.randn(4, 7, 3, 2, 16, dtype=torch.double)
+    looped = torch.stack([torch.func.grad(loss)(t) for t in stack])
+    _assert_close(torch.func.vmap(torch.func.grad(loss))(stack), looped, 1e-10)
 
 
 def test_rope_model_serves_any_size(model):

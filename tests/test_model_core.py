@@ -376,3 +376,24 @@ def test_conv_stem_gives_the_patch_grid_and_treats_grey_as_replicated_grey():
         small_model(stem="conv", patch_size=6)
     with pytest.raises(ValueError, match="stem must be one of"):
         small_model(stem="convolution")
+
+
+def test_a_training_step_runs_only_the_heads_of_labelled_tasks(mixed_batch):
+    from medexplore.train.config import TrainConfig
+    from medexplore.train.objectives import SupervisedObjective
+
+    model = small_model().train()
+    only_organ = {name: (labels if name == "organ" else [None] * len(labels))
+                  for name, labels in mixed_batch.targets.items()}
+    batch = Batch(mixed_batch.groups, mixed_batch.group_samples, mixed_batch.domains, only_organ, mixed_batch.meta)
+    ran = []
+    for name, head in model.heads.items():
+        head.register_forward_hook(lambda module, args, out, name=name: ran.append(name))
+    objective = SupervisedObjective(model, TrainConfig(augment=False, device="cpu"))
+    total, per_task = objective.loss(model, batch, step=0, device=torch.device("cpu"))
+    assert ran == ["organ"] and list(per_task) == ["organ"]
+    total.backward()
+    assert model.heads["organ"].parameters().__next__().grad is not None
+    # the loss is the one a full forward gives: skipping heads changes nothing that is learned
+    full_total, _ = model.compute_loss(model(batch), batch)
+    assert torch.allclose(total, full_total)

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .packing import TokenLayout
-from .rope import apply_rotary
+from .rope import rotate_qkv
 
 __all__ = ["Attention", "Block"]
 
@@ -29,12 +29,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, layout: TokenLayout, rope=None, need_weights: bool = False):
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
-        if rope is not None:  # queries and keys rotated together: one set of kernels
-            cos, sin = rope
-            q, k = apply_rotary(qkv[:, :2], cos[:, None], sin[:, None]).unbind(1)
-            v = qkv[:, 2]
-        else:
-            q, k, v = qkv.unbind(1)
+        if rope is not None:  # queries and keys rotated in one pass, values passed through
+            qkv = rotate_qkv(qkv, *rope)
+        q, k, v = qkv.unbind(1)
         out, weights = layout.self_attention(q, k, v, need_weights)
         return self.proj(out.flatten(1)), weights
 

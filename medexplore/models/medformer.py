@@ -1,6 +1,7 @@
 """Medformer: one transformer for packed batches of 2D and 3D images and many tasks."""
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 
@@ -215,18 +216,25 @@ class Medformer(nn.Module):
         return MedformerOutput(predictions, embedding, x, layout, input_attention, attentions, query_attention, gates)
 
     # ------------------------------------------------------------------ losses
+    @staticmethod
+    def labelled_tasks(batch: Batch) -> list[str]:
+        """Tasks with at least one label in ``batch``: the only heads a training step has to run."""
+        return [name for name, labels in batch.targets.items() if any(y is not None for y in labels)]
+
     def compute_loss(self, output: MedformerOutput, batch: Batch, smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted sum of the per-task losses over the labels present, and each task's loss
         (``smoothing``: label smoothing of class targets, see :mod:`.heads`).
 
-        A task with no label in the batch contributes nothing; a batch with no label at all gives
-        a zero loss that still back-propagates.
+        A task with no label in the batch contributes nothing (its prediction is not needed, see
+        :meth:`labelled_tasks`); a batch with no label at all gives a zero loss that still back-propagates.
         """
         unknown = sorted(set(batch.targets) - set(self.tasks))
         if unknown:
             raise LabelError(f"labels for unknown task(s) {unknown}; the model has {sorted(self.tasks)}")
         per_task, total = {}, None
         for name, labels in batch.targets.items():
+            if all(y is None for y in labels):  # nothing to learn; the forward may have skipped its head
+                continue
             spec = self.tasks[name]
             for i, y in enumerate(labels):
                 if y is not None and not spec.applies_to(batch.domains[i]):
@@ -234,7 +242,7 @@ class Medformer(nn.Module):
             head = self.heads[name]
             # label smoothing reaches the heads that take it (built-in class heads); a registered kind's head
             # without a ``smoothing`` argument is called as before and its targets stay as they are
-            if smoothing and "smoothing" in inspect.signature(head.loss).parameters:
+            if smoothing and _loss_takes_smoothing(type(head)):
                 loss = head.loss(output.predictions[name], labels, smoothing)
             else:
                 loss = head.loss(output.predictions[name], labels)
@@ -267,3 +275,9 @@ class Medformer(nn.Module):
 
     def num_params(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_takes_smoothing(head_type: type) -> bool:
+    """Whether a head class's ``loss`` has a ``smoothing`` argument (looked up once per class)."""
+    return "smoothing" in inspect.signature(head_type.loss).parameters

@@ -113,7 +113,9 @@ class Segment:
 
     def rows(self, x: Tensor) -> Tensor:
         """The segment's tokens of ``x`` (T, ...) as (batch, length, ...) rows (a view unless compact)."""
-        return self.as_rows(x[self.start:self.stop])
+        # a slice's backward fills a zero tensor of all of ``x``, even when it spans all of it
+        whole = self.start == 0 and self.stop == len(x)
+        return self.as_rows(x if whole else x[self.start:self.stop])
 
     def as_rows(self, piece: Tensor) -> Tensor:
         """The segment's own ``piece`` (size, ...) of the sequence as (batch, length, ...) rows.

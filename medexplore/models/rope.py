@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 
-__all__ = ["Rotary3D", "apply_rotary"]
+__all__ = ["Rotary3D", "rotate_qkv"]
 
 
 class Rotary3D(nn.Module):
@@ -17,11 +17,14 @@ class Rotary3D(nn.Module):
     only coordinate differences enter ``q . k``, shifting every coordinate of a sample leaves its
     attention unchanged, and one model serves every image size and both dimensionalities.
 
+    The tables come laid out like a fused ``qkv`` projection, ``(T, 3, 1, head_dim)``, so that
+    :func:`rotate_qkv` turns queries and keys (and leaves values) in one pass.
+
     Example:
         >>> rope = Rotary3D(head_dim=64)
         >>> cos, sin = rope(torch.zeros(5, 3, dtype=torch.long))
         >>> cos.shape
-        torch.Size([5, 1, 64])
+        torch.Size([5, 3, 1, 64])
     """
 
     def __init__(self, head_dim: int, theta: float = 100.0):
@@ -37,16 +40,46 @@ class Rotary3D(nn.Module):
         self.register_buffer("freqs", table.float(), persistent=False)
 
     def forward(self, coords: Tensor, is_prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """cos and sin of shape (T, 1, head_dim) for (T, 3) coordinates; prefix tokens get identity."""
+        """``cos`` and signed ``sin`` tables of shape (T, 3, 1, head_dim) for (T, 3) coordinates.
+
+        Slots 0 and 1 (queries, keys) hold the rotation; slot 2 (values) is the identity (cos 1,
+        sin 0), as are prefix tokens. ``sin`` carries the sign of the rotate-half pairing:
+        ``-sin`` on the first half of the head, ``+sin`` on the second.
+        """
         angles = coords.to(self.freqs.dtype) @ self.freqs  # (T, pairs)
         if is_prefix is not None:
             angles = angles.masked_fill(is_prefix[:, None], 0.0)
-        angles = torch.cat([angles, angles], -1)[:, None, :]
-        return angles.cos(), angles.sin()
+        cos, sin = angles.cos(), angles.sin()
+        qk_cos, qk_sin = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+        cos3 = torch.stack([qk_cos, qk_cos, torch.ones_like(qk_cos)], 1)
+        sin3 = torch.stack([qk_sin, qk_sin, torch.zeros_like(qk_sin)], 1)
+        return cos3[:, :, None], sin3[:, :, None]
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (T, H, head_dim) ``x`` by the angles behind ``cos``/``sin`` (rotate-half pairing)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return x * cos + torch.cat([-x2, x1], -1) * sin
+class _RotateQKV(torch.autograd.Function):
+    """``x * cos + roll(x, half) * sin``; its gradient is the same rotation with ``-sin`` (the inverse),
+    so backward is one fused pass and keeps only the small tables."""
+
+    generate_vmap_rule = True  # per-sample gradients (torch.func) go through it too
+
+    @staticmethod
+    def forward(qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return torch.addcmul(qkv * cos, qkv.roll(qkv.shape[-1] // 2, -1), sin)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, cos, sin = inputs
+        ctx.save_for_backward(cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors
+        return torch.addcmul(grad * cos, grad.roll(grad.shape[-1] // 2, -1), sin, value=-1.0), None, None
+
+
+def rotate_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the queries and keys of a fused (T, 3, H, head_dim) ``qkv`` by :class:`Rotary3D`'s tables
+    (rotate-half pairing); values pass unchanged."""
+    if qkv.dim() != 4 or qkv.shape[1] != 3 or cos.shape[-1] != qkv.shape[-1]:
+        raise UserError(f"rotate_qkv: expected qkv (T, 3, H, {cos.shape[-1]}), got {tuple(qkv.shape)}")
+    return _RotateQKV.apply(qkv, cos.to(qkv.dtype), sin.to(qkv.dtype))

@@ -120,7 +120,7 @@ class SupervisedObjective(Objective):
         if self.augment is not None:
             batch = self._augmented(batch, step)
         batch = batch.to(device, non_blocking=True)
-        out = forward(batch, packing=self.config.packing)
+        out = forward(batch, packing=self.config.packing, tasks=self.model.labelled_tasks(batch))
         total, per_task = self.model.compute_loss(out, batch, self.config.label_smoothing)
         if self.balancer is not None and per_task:
             shared = [p for p in self.model.blocks[-1].parameters() if p.requires_grad]

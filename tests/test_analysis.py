@@ -102,6 +102,33 @@ def test_umap_separates_clusters_and_is_cached(tmp_path):
     assert again.cached and np.array_equal(again.coords, coords)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_exact_neighbors_equal_scikit_learns_brute_force(metric):
+    from sklearn.neighbors import NearestNeighbors
+
+    x = np.random.default_rng(1).normal(size=(700, 12)).astype(np.float32)
+    x[5] = x[4]  # a duplicate: each of the two still lists itself first
+    indices, dists = A.exact_neighbors(x, 8, metric)
+    ref_dists, ref_indices = NearestNeighbors(n_neighbors=8, metric=metric, algorithm="brute").fit(x).kneighbors(x)
+    assert indices.dtype == np.int32 and (indices[:, 0] == np.arange(700)).all() and (dists[:, 0] == 0).all()
+    np.testing.assert_allclose(dists, ref_dists, atol=2e-3)
+    agree = np.mean([len(set(a) & set(b)) / 7 for a, b in zip(indices[:, 1:], ref_indices[:, 1:])])
+    assert agree > 0.99  # ties (the duplicate) may order differently
+    with pytest.raises(ValueError, match="metric 'manhattan'"):
+        A.exact_neighbors(x, 8, "manhattan")
+
+
+def test_umap_takes_the_exact_graph_below_its_limit_and_approximates_above(monkeypatch):
+    x = np.random.default_rng(0).normal(size=(200, 6))
+    exact = A.umap(x, n_neighbors=10)
+    assert exact.params["neighbors"] == "exact"
+    from medexplore.analysis import projections
+
+    monkeypatch.setattr(projections, "EXACT_KNN_MAX", 100)  # above it (or another metric): umap-learn's own search
+    approximate = A.umap(x, n_neighbors=10)
+    assert approximate.params["neighbors"] == "approximate" and approximate.coords.shape == exact.coords.shape
+
+
 # ---------------------------------------------------------------------------- subspaces
 def planted_embeddings(seed=0, d=40, n=150, shared=3, specific=2, groups=("ct", "mri", "xray")):
     """Embeddings whose groups share ``shared`` directions and own ``specific`` directions each."""

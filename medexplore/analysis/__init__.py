@@ -33,13 +33,13 @@ from .fisher import (
 )
 from .mixing import MixingWeights, domain_attention, domain_attention_maps, gate_weights, summarize_mixing
 from .predictions import predict_samples
-from .projections import Projection, pca, project, umap
+from .projections import Projection, exact_neighbors, pca, project, umap
 from .selection import nearest_neighbours, nearest_point, points_in_box, points_in_polygon
 from .subspaces import SubspaceAnalysis, analyze_subspaces, linear_decodability, principal_angles, principal_subspace
 
 __all__ = ["ATTRIBUTION_METHODS", "EmbeddingSet", "Explanation", "FisherSpectrum", "MixingWeights", "Projection",
            "SubspaceAnalysis", "analyze_subspaces", "attention_map", "attention_rollout", "compute_embeddings",
-           "domain_attention", "domain_attention_maps", "explain", "explain_images",
+           "domain_attention", "domain_attention_maps", "exact_neighbors", "explain", "explain_images",
            "gate_weights", "fisher_over_checkpoints", "fisher_spectrum",
            "grad_cam", "integrated_gradients", "iter_compute_embeddings", "last_blocks", "linear_decodability", "load_embeddings",
            "nearest_neighbours", "nearest_point", "pca", "per_sample_gradients", "points_in_box",

@@ -18,9 +18,10 @@ import torch
 from ..data.embedded import cache_dir
 from ..errors import UserError
 
-__all__ = ["Projection", "pca", "umap", "project", "projection_cache_dir"]
+__all__ = ["Projection", "pca", "umap", "exact_neighbors", "project", "projection_cache_dir"]
 
 METHODS = ("pca", "umap")
+VERSIONS = {"pca": 1, "umap": 2}  # part of the cache key: UMAP 2 builds exact neighbour graphs
 PCA_BACKENDS = ("torch", "sklearn")
 
 
@@ -110,27 +111,68 @@ def _umap_class():
     return UMAP
 
 
+EXACT_METRICS = ("euclidean", "cosine")
+EXACT_KNN_MAX = 50_000  # samples up to which the neighbours are found exactly (one matmul per chunk)
+
+
+def exact_neighbors(features, k: int, metric: str = "euclidean") -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's ``k`` nearest samples, itself first: ``(N, k)`` int32 indices and float32 distances.
+
+    Brute force in chunks of rows (``torch``'s matmul), for the metrics of ``EXACT_METRICS``; the cost
+    grows as N^2, so :func:`umap` uses it up to ``EXACT_KNN_MAX`` samples.
+    """
+    x = torch.from_numpy(_check_features(features))
+    if metric not in EXACT_METRICS:
+        raise UserError(f"exact neighbours support {EXACT_METRICS}, got metric {metric!r}")
+    if not 1 <= k <= len(x):
+        raise UserError(f"k must be in 1..{len(x)} for {len(x)} samples, got {k}")
+    if metric == "cosine":
+        x = torch.nn.functional.normalize(x, dim=1)
+    squares = (x * x).sum(1)
+    chunk = max(1, (1 << 25) // len(x))  # rows per chunk: a (chunk, N) block of at most 128 MB
+    indices, dists = [], []
+    for lo in range(0, len(x), chunk):
+        rows = torch.arange(lo, min(lo + chunk, len(x)))
+        d2 = (squares[rows, None] + squares[None] - 2 * x[rows] @ x.T).clamp_min_(0)
+        d2[torch.arange(len(rows)), rows] = -1.0  # a sample is its own first neighbour, ties or not
+        best = d2.topk(k, dim=1, largest=False)
+        indices.append(best.indices)
+        dists.append(best.values.clamp_min(0))
+    d2 = torch.cat(dists)
+    distance = d2 / 2 if metric == "cosine" else d2.sqrt()  # |a - b|^2 = 2 - 2 cos for unit vectors
+    return torch.cat(indices).int().numpy(), distance.float().numpy()
+
+
 def umap(features, n_components: int = 2, n_neighbors: int = 15, min_dist: float = 0.1,
          metric: str = "euclidean", seed: int | None = 0) -> Projection:
-    """UMAP (umap-learn). ``seed=None`` allows parallel, non-deterministic optimisation."""
+    """UMAP (umap-learn). ``seed=None`` allows parallel, non-deterministic optimisation.
+
+    Up to ``EXACT_KNN_MAX`` samples with a metric of ``EXACT_METRICS``, the neighbour graph is exact
+    (:func:`exact_neighbors`) and handed to umap-learn, which then skips its approximate search
+    (pynndescent, whose compilation no cache keeps: ~20 s of every fresh process's first UMAP).
+    """
     x = _check_features(features)
     if not 2 <= n_neighbors < len(x):
         raise UserError(f"n_neighbors must be in 2..{len(x) - 1} for {len(x)} samples, got {n_neighbors}")
+    exact = metric in EXACT_METRICS and len(x) <= EXACT_KNN_MAX
+    knn = exact_neighbors(x, n_neighbors, metric) if exact else (None, None, None)
     UMAP = _umap_class()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*n_jobs value.*")
         warnings.filterwarnings("ignore", message=".*[Cc]annot cache.*")
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")  # no transform() of new data needed
         reducer = UMAP(n_components=n_components, n_neighbors=n_neighbors, min_dist=min_dist, metric=metric,
-                       random_state=seed)
+                       random_state=seed, precomputed_knn=knn)
         coords = reducer.fit_transform(x)
     params = {"n_components": n_components, "n_neighbors": n_neighbors, "min_dist": min_dist, "metric": metric,
-              "seed": seed}
+              "seed": seed, "neighbors": "exact" if exact else "approximate"}
     return Projection(np.asarray(coords, dtype=np.float32), "umap", params)
 
 
 def _key(x: np.ndarray, method: str, params: dict) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"method": method, "params": params, "shape": x.shape, "dtype": str(x.dtype)},
+    h.update(json.dumps({"method": method, "version": VERSIONS[method], "params": params, "shape": x.shape,
+                         "dtype": str(x.dtype)},
                         sort_keys=True).encode())
     h.update(np.ascontiguousarray(x).data)
     return h.hexdigest()[:24]

@@ -11,3 +11,5 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,notebooks,napari]"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e napari_plugin
 .venv/bin/python -c "import medexplore, torch, timm; print('medexplore ready: torch', torch.__version__, 'timm', timm.__version__)"
+# UMAP's numba code compiled once into the cache, so a user's first UMAP view does not wait for it
+.venv/bin/python -c "from medexplore.analysis.projections import warm_umap; print(f'UMAP compiled in {warm_umap():.0f} s')"

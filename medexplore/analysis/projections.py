@@ -18,7 +18,7 @@ import torch
 from ..data.embedded import cache_dir
 from ..errors import UserError
 
-__all__ = ["Projection", "pca", "umap", "exact_neighbors", "project", "projection_cache_dir"]
+__all__ = ["Projection", "pca", "umap", "exact_neighbors", "project", "projection_cache_dir", "warm_umap"]
 
 METHODS = ("pca", "umap")
 VERSIONS = {"pca": 1, "umap": 2}  # part of the cache key: UMAP 2 builds exact neighbour graphs
@@ -167,6 +167,16 @@ def umap(features, n_components: int = 2, n_neighbors: int = 15, min_dist: float
     params = {"n_components": n_components, "n_neighbors": n_neighbors, "min_dist": min_dist, "metric": metric,
               "seed": seed, "neighbors": "exact" if exact else "approximate"}
     return Projection(np.asarray(coords, dtype=np.float32), "umap", params)
+
+
+def warm_umap() -> float:
+    """Compile UMAP's numba code into ``$MEDEXPLORE_CACHE/numba`` (what set-up runs), so that a user's first
+    UMAP in any later process loads it instead; returns the seconds it took."""
+    import time
+
+    start = time.perf_counter()
+    umap(np.random.default_rng(0).normal(size=(500, 8)).astype(np.float32), seed=0)
+    return time.perf_counter() - start
 
 
 def _key(x: np.ndarray, method: str, params: dict) -> str:

@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import ALL_KIND_TASKS, small_model
 
-from medexplore.analysis.inference import estimate_inference_memory, infer_image, iter_infer_image, window_for
+from medexplore.analysis.inference import (estimate_inference_memory, infer_image, iter_infer_image, window_for,
+                                          windows_per_batch)
 from medexplore.analysis.sliding import WindowBlender, window_starts
 from medexplore.models import Domain
 
@@ -93,3 +94,22 @@ def test_arguments_are_checked_before_any_step():
     small, large = (estimate_inference_memory(model, (1, 64, 64, 64), w, ["rollout"]) for w in ((16,) * 3, (64,) * 3))
     assert large > small > 64 ** 3 * 4
     assert {t.name for t in ALL_KIND_TASKS} >= set(infer_image(model, image, MRI).segmentations)
+    for bad_count in (0, 2.5, True):
+        with pytest.raises(ValueError, match="batch_windows"):
+            iter_infer_image(model, image, MRI, batch_windows=bad_count)
+
+
+def test_windows_go_through_the_model_in_batches_by_tokens_with_the_same_result():
+    model = small_model(seg_channels=8)
+    assert windows_per_batch(model, (32, 32, 32)) == 16  # 512 tokens of patch 4: 16 windows in 8,192 tokens
+    assert windows_per_batch(model, (8, 8, 8)) == 1024 and windows_per_batch(model, (256,) * 3) == 1
+    image = torch.rand(1, 20, 24, 18, generator=torch.Generator().manual_seed(2))
+    options = dict(window=8, explain_methods=["rollout", "grad_cam"], explain_task="presence")
+    steps = iter_infer_image(model, image, MRI, **options)
+    assert [done for done, _ in steps] == [0, 36]  # the 36 windows of 8 tokens: one pass by default
+    batched, one_by_one = infer_image(model, image, MRI, **options), infer_image(model, image, MRI, batch_windows=1, **options)
+    for key in batched.maps:
+        np.testing.assert_allclose(batched.maps[key], one_by_one.maps[key], atol=1e-5)
+    np.testing.assert_array_equal(batched.segmentations["tissue"], one_by_one.segmentations["tissue"])
+    for name in batched.scores:
+        np.testing.assert_allclose(batched.scores[name], one_by_one.scores[name], atol=1e-5)

@@ -29,9 +29,10 @@ from ..models.tasks import Domain
 from .attribution import ATTRIBUTION_METHODS, explain_images
 from .sliding import WindowBlender
 
-__all__ = ["ImageInference", "infer_image", "iter_infer_image", "window_for", "estimate_inference_memory"]
+__all__ = ["ImageInference", "infer_image", "iter_infer_image", "window_for", "windows_per_batch",
+           "estimate_inference_memory"]
 
-DEFAULT_BATCH_WINDOWS = 4  # windows per forward pass
+BATCH_TOKENS = 8192  # tokens per forward pass of windows by default: 16 windows of the CPU budget's 512
 _BYTES = 4
 
 
@@ -66,9 +67,17 @@ def window_for(model: Medformer, spatial: Sequence[int], window: int | Sequence[
     return tuple(min(w, f) for w, f in zip(size, fit))
 
 
+def windows_per_batch(model: Medformer, window: Sequence[int]) -> int:
+    """Windows per forward pass by default: as many as hold ``BATCH_TOKENS`` tokens, at least one (a few
+    small windows per pass leave the matmuls too small to run fast; many large ones cost memory)."""
+    tokens = math.prod(w // model.config.patch_sizes[len(window)] for w in window)
+    return max(1, BATCH_TOKENS // tokens)
+
+
 def estimate_inference_memory(model: Medformer, image_shape: Sequence[int], window: Sequence[int],
-                              explain_methods: Sequence[str] = (), batch_windows: int = DEFAULT_BATCH_WINDOWS) -> int:
+                              explain_methods: Sequence[str] = (), batch_windows: int | None = None) -> int:
     """Rough peak bytes: the blended outputs at image size plus one batch of windows' activations."""
+    batch_windows = windows_per_batch(model, window) if batch_windows is None else batch_windows
     spatial = tuple(image_shape[1:])
     voxels = math.prod(spatial)
     seg_channels = sum(s.num_outputs for s in model.tasks.values() if kind_entry(s.kind).output == "mask")
@@ -103,7 +112,7 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
                      explain_methods: Sequence[str] = (), explain_task: str | None = None,
                      explain_options: Mapping[str, dict] | None = None,
                      window: int | Sequence[int] | None = None, overlap: float = 0.25,
-                     max_tokens: int | None = None, batch_windows: int = DEFAULT_BATCH_WINDOWS, normalize: bool = True,
+                     max_tokens: int | None = None, batch_windows: int | None = None, normalize: bool = True,
                      box_threshold: float = 0.5, device="cpu") -> Iterator[tuple[int, int]]:
     """Checks the arguments, then returns a generator that yields ``(windows done, total)`` and returns
     the :class:`ImageInference`.
@@ -112,7 +121,8 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     ``(C, *spatial)`` in the intensities of its modality (normalised here as in training unless
     ``normalize=False``). ``window`` is the sliding window in pixels (a multiple of the patch size); by
     default the whole image when it has at most ``max_tokens`` tokens (default: the training token budget
-    of ``device``), else the largest cube that does.
+    of ``device``), else the largest cube that does. ``batch_windows`` windows go through the model
+    at once (default: :func:`windows_per_batch`).
     ``explain_methods`` are names from :data:`ATTRIBUTION_METHODS`; gradient methods explain
     ``explain_task``; ``explain_options`` passes options per method (e.g. ``{"attention": {"block": 3,
     "head": 0}}``). Stop iterating (a GUI's cancel) and nothing is computed further; bad arguments
@@ -120,6 +130,9 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     """
     if not 0 <= overlap < 1:
         raise UserError(f"overlap must be in [0, 1), got {overlap}")
+    if batch_windows is not None and (isinstance(batch_windows, bool) or not isinstance(batch_windows, int)
+                                      or batch_windows < 1):
+        raise UserError(f"batch_windows must be a positive integer, got {batch_windows!r}")
     unknown = [m for m in explain_methods if m not in ATTRIBUTION_METHODS]
     if unknown:
         raise UserError(f"unknown explanation {unknown[0]!r}; choose from {ATTRIBUTION_METHODS}")
@@ -136,6 +149,7 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     if normalize:
         image = normalize_intensity(image, domain.modality)
     roi = window_for(model, tuple(image.shape[1:]), window, max_tokens, device)
+    batch_windows = windows_per_batch(model, roi) if batch_windows is None else batch_windows
     return _infer_steps(model, image, domain, tasks, explain_methods, explain_task, explain_options, roi, overlap,
                         batch_windows, box_threshold, device)
 

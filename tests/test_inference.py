@@ -4,8 +4,7 @@ import pytest
 import torch
 from conftest import ALL_KIND_TASKS, small_model
 
-from medexplore.analysis.inference import (estimate_inference_memory, infer_image, iter_infer_image, window_for,
-                                          windows_per_batch)
+from medexplore.analysis.inference import estimate_inference_memory, infer_image, iter_infer_image, window_for, windows_per_batch
 from medexplore.analysis.sliding import WindowBlender, window_starts
 from medexplore.models import Domain
 

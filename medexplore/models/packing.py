@@ -122,11 +122,19 @@ class Segment:
 
         Compact rows are gathered (padding slots repeat a real token; attention masks them as keys).
         """
-        return piece.unflatten(0, (self.batch, self.length)) if self.gather is None else piece[self.gather]
+        if self.gather is None:
+            return piece.unflatten(0, (self.batch, self.length))
+        # index_select: its backward is one index_add, where advanced indexing's accumulates with a sort
+        return piece.index_select(0, self.gather.flatten()).unflatten(0, (self.batch, self.length))
 
     def from_rows(self, rows: Tensor) -> Tensor:
         """(batch, length, ...) rows back to the segment's (size, ...) tokens."""
-        return rows.flatten(0, 1) if self.gather is None else rows[self.key_mask]
+        return rows.flatten(0, 1) if self.gather is None else rows.flatten(0, 1).index_select(0, self.real_slots)
+
+    @functools.cached_property
+    def real_slots(self) -> Tensor:
+        """Flat (batch * length) indices of the real tokens' slots of a compact segment, in packed order."""
+        return self.key_mask.flatten().nonzero().squeeze(1)
 
 
 @dataclass

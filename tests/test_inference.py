@@ -100,8 +100,8 @@ def test_arguments_are_checked_before_any_step():
 
 def test_windows_go_through_the_model_in_batches_by_tokens_with_the_same_result():
     model = small_model(seg_channels=8)
-    assert windows_per_batch(model, (32, 32, 32)) == 16  # 512 tokens of patch 4: 16 windows in 8,192 tokens
-    assert windows_per_batch(model, (8, 8, 8)) == 1024 and windows_per_batch(model, (256,) * 3) == 1
+    assert windows_per_batch(model, (32, 32, 32)) == 4  # 512 tokens of patch 4: 4 windows in 2,048 tokens
+    assert windows_per_batch(model, (8, 8, 8)) == 256 and windows_per_batch(model, (256,) * 3) == 1
     image = torch.rand(1, 20, 24, 18, generator=torch.Generator().manual_seed(2))
     options = dict(window=8, explain_methods=["rollout", "grad_cam"], explain_task="presence")
     steps = iter_infer_image(model, image, MRI, **options)

@@ -141,10 +141,12 @@ def test_explorer_lasso_and_right_click_in_jupyterlab(lab):
         text = _run_in_new_cell(page, "print('SELECTED', len(explorer.selected))")
         assert f"SELECTED {count}" in text  # the kernel holds what the browser shows
 
-        # a right-click on one point: where the kernel says that point is drawn on the canvas
+        # a right-click on one point: where the kernel says that point is drawn on the canvas (a central point
+        # with no other within 4 pixels, so that the click can only mean it)
         text = _run_in_new_cell(page, (
             "import numpy as np; xy = explorer.ax.transData.transform(explorer.coords); "
-            "i = int(np.argmin(np.abs(xy - np.median(xy, 0)).sum(1))); "
+            "gap = np.linalg.norm(xy[:, None] - xy[None], axis=-1); np.fill_diagonal(gap, np.inf); "
+            "i = int(np.argmin(np.where(gap.min(1) > 4, np.abs(xy - np.median(xy, 0)).sum(1), np.inf))); "
             "print('POINT', i, xy[i, 0], explorer.figure.bbox.height - xy[i, 1], explorer.figure.bbox.width)"))
         _, index, x, y, width = re.search(r"POINT (\S+) (\S+) (\S+) (\S+)", text)[0].split()
         canvas.scroll_into_view_if_needed()

@@ -68,10 +68,8 @@ def window_for(model: Medformer, spatial: Sequence[int], window: int | Sequence[
 
 
 def windows_per_batch(model: Medformer, window: Sequence[int]) -> int:
-    """Windows per forward pass by default: as many as hold ``BATCH_TOKENS`` tokens, at least one (tiny
-    windows go many at a time; 16 windows of 512 tokens per pass instead of 4 measured slower, 11.9 s
-    against 10.6-11.3 s for the shipped model's overlays on a 128^3 volume, and 45.6 s against 26-28 s
-    with full-resolution segmentation decoders on 64^3 windows: ``benchmarks/bench_napari.py``)."""
+    """Windows per forward pass by default: as many as hold ``BATCH_TOKENS`` tokens, at least one (larger
+    passes measured slower in ``benchmarks/bench_napari.py``; see the README's benchmark table)."""
     tokens = math.prod(w // model.config.patch_sizes[len(window)] for w in window)
     return max(1, BATCH_TOKENS // tokens)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,8 +173,6 @@ def umap(features, n_components: int = 2, n_neighbors: int = 15, min_dist: float
 def warm_umap() -> float:
     """Compile UMAP's numba code into ``$MEDEXPLORE_CACHE/numba`` (what set-up runs), so that a user's first
     UMAP in any later process loads it instead; returns the seconds it took."""
-    import time
-
     start = time.perf_counter()
     umap(np.random.default_rng(0).normal(size=(500, 8)).astype(np.float32), seed=0)
     return time.perf_counter() - start

@@ -393,7 +393,7 @@ def test_a_training_step_runs_only_the_heads_of_labelled_tasks(mixed_batch):
     total, per_task = objective.loss(model, batch, step=0, device=torch.device("cpu"))
     assert ran == ["organ"] and list(per_task) == ["organ"]
     total.backward()
-    assert model.heads["organ"].parameters().__next__().grad is not None
+    assert next(model.heads["organ"].parameters()).grad is not None
     # the loss is the one a full forward gives: skipping heads changes nothing that is learned
     full_total, _ = model.compute_loss(model(batch), batch)
     assert torch.allclose(total, full_total)

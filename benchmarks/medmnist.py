@@ -15,7 +15,8 @@ It prints and writes (``OUT/results.md``, ``OUT/results.json``) per dataset: tes
 parameters. Finished runs are reused, so an interrupted benchmark continues where it stopped.
 
 Usage: python benchmarks/medmnist.py --root ../shared/data/medmnist [--seeds 0 1 2] [--datasets breastmnist ...]
-       [--out runs/medmnist] [--one-model] [--no-baseline] [--no-single] [--report] [--set train.lr=5e-4 ...]
+       [--out runs/medmnist] [--one-model [--pretrain STEPS]] [--no-baseline] [--no-single] [--report]
+       [--set train.lr=5e-4 ...]
 """
 from __future__ import annotations
 
@@ -41,16 +42,18 @@ PUBLISHED = {
 }
 
 
-def run_cli(args: list[str], root: Path, seed: int, out: Path, flags: list[str], train: bool = True) -> dict | None:
+def run_cli(args: list[str], root: Path, seed: int, out: Path, flags: list[str], train: bool = True,
+            command: str = "train") -> dict | None:
     """One ``medexplore train`` run (reused when finished, resumed when interrupted): per dataset its test
     metrics and best validation AUC, with the run's wall time and parameters. ``train=False``: only a
-    finished run's record (None if there is none)."""
+    finished run's record (None if there is none). ``command="pretrain"``: a VICReg run, whose record is
+    its wall time only."""
     record = out / "outcome.json"
     if record.exists():
         return json.loads(record.read_text())
     if not train:
         return None
-    cmd = [sys.executable, "-m", "medexplore.cli", "train", *args, "--out", str(out), "--quiet",
+    cmd = [sys.executable, "-m", "medexplore.cli", command, *args, "--out", str(out), "--quiet",
            "--set", f"data.root={root}", "--set", f"train.seed={seed}"]
     if (out / "checkpoints" / "last").exists():
         cmd.append("--resume")
@@ -62,6 +65,9 @@ def run_cli(args: list[str], root: Path, seed: int, out: Path, flags: list[str],
     finally:
         out.mkdir(parents=True, exist_ok=True)
         spent.write_text(f"{before + time.perf_counter() - start:.1f}\n")
+    if command == "pretrain":
+        record.write_text(json.dumps({"seed": seed, "wall_s": float(spent.read_text())}))
+        return json.loads(record.read_text())
     return record_outcome(out, seed, flags)
 
 
@@ -85,13 +91,30 @@ def train_ours(flag: str, root: Path, seed: int, out: Path, overrides: list[str]
 
 
 def train_one_model(flags: list[str], root: Path, seed: int, out: Path, overrides: list[str],
-                    train: bool = True) -> dict | None:
-    """ONE Medformer on all ``flags`` together (``configs/medmnist.yaml``, the same recipe)."""
+                    train: bool = True, pretrain_steps: int = 0) -> dict | None:
+    """ONE Medformer on all ``flags`` together (``configs/medmnist.yaml``, the same recipe).
+
+    ``pretrain_steps > 0``: first VICReg on the training images of all ``flags`` for that many steps
+    (same model, batch and learning rate; ``OUT-vicreg``), then the supervised run starts from it
+    (``--init``); the wall time reported is both runs'."""
     config = ROOT / "configs" / "medmnist.yaml"
     args = ["--config", str(config)]
     if set(flags) != set(yaml.safe_load(config.read_text())["data"]["datasets"]):
         args += ["--set", f"data.datasets={json.dumps(flags)}"]
-    return run_cli([*args, *sum([["--set", s] for s in overrides], [])], root, seed, out, flags, train)
+    args += sum([["--set", s] for s in overrides], [])
+    pretrained = None
+    if pretrain_steps:
+        vicreg_out = out.with_name(out.name + "-vicreg")
+        epochs = max(1, round(pretrain_steps / 100))
+        length = ["--set", f"train.epochs={epochs}", "--set", f"train.steps_per_epoch={pretrain_steps // epochs}"]
+        pretrained = run_cli([*args, *length], root, seed, vicreg_out, flags, train, command="pretrain")
+        if pretrained is None:
+            return None
+        args += ["--init", str(vicreg_out / "checkpoints" / "last")]
+    run = run_cli(args, root, seed, out, flags, train)
+    if run is not None and pretrained is not None:
+        run = {**run, "wall_s": run["wall_s"] + pretrained["wall_s"], "pretrain_wall_s": pretrained["wall_s"]}
+    return run
 
 
 def mean_sd(values: list[float]) -> str:
@@ -146,6 +169,8 @@ def main():
     p.add_argument("--no-single", action="store_true", help="train no one-dataset Medformer")
     p.add_argument("--one-model", action="store_true",
                    help="also train ONE Medformer on all the datasets together (configs/medmnist.yaml)")
+    p.add_argument("--pretrain", type=int, default=0, metavar="STEPS",
+                   help="one model: VICReg pretraining on all the datasets' training images for STEPS steps first")
     p.add_argument("--report", action="store_true", help="train nothing: the table of the finished runs")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change the recipe")
     args = p.parse_args()
@@ -171,7 +196,8 @@ def main():
                                 f"({run['wall_s'] / 60:.1f} min)")
             print(" ".join(line), flush=True)
         if args.one_model:
-            run = train_one_model(flags, root, seed, out / f"one-model-seed{seed}", args.set, train=not args.report)
+            run = train_one_model(flags, root, seed, out / f"one-model-seed{seed}", args.set, train=not args.report,
+                                  pretrain_steps=args.pretrain)
             if run is not None:
                 one_model.append(run)
                 print(f"one model seed {seed}: " + ", ".join(

@@ -45,6 +45,9 @@ def test_pretrain_then_finetune(tmp_path, npz):
                  "--set", "train.expander=[32,32]"]) == 0
     assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(tmp_path / "ft"),
                  "--init", str(pre / "checkpoints" / "last"), *TINY]) == 0
+    recorded = json.loads((tmp_path / "ft" / "config.json").read_text())  # where the weights came from
+    assert recorded["init"] == str((pre / "checkpoints" / "last").resolve())
+    assert json.loads((pre / "config.json").read_text())["init"] is None
 
 
 @pytest.mark.parametrize("args, message", [

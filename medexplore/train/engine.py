@@ -42,6 +42,9 @@ RESUMABLE_CHANGES = {"epochs", "device", "num_workers", "checkpoint_every", "kee
 class Trainer:
     """Trains ``model`` on ``train_data`` (Samples), writing ``run_dir`` and emitting events.
 
+    ``run_dir/config.json`` records the run's settings, ``data_config`` and ``init`` (the checkpoint the
+    weights were initialised from, if any).
+
     Example:
         >>> trainer = Trainer(model, train_set, TrainConfig(epochs=2), "runs/demo", val_data=val_set)
         >>> result = trainer.fit()  # doctest: +SKIP
@@ -50,7 +53,7 @@ class Trainer:
     def __init__(self, model: Medformer, train_data: Dataset, config: TrainConfig, run_dir: str | Path,
                  val_data: Dataset | None = None, callbacks: Sequence[Callable[[Event], None]] = (),
                  control: RunControl | None = None, data_config: dict | None = None,
-                 run_callbacks: Sequence[RunCallback] | None = None):
+                 run_callbacks: Sequence[RunCallback] | None = None, init: str | None = None):
         if len(train_data) == 0:
             raise UserError("Trainer: the training dataset is empty")
         if config.mode == "supervised" and not model.tasks:
@@ -61,6 +64,7 @@ class Trainer:
         self.run_callbacks = list(run_callbacks) if run_callbacks is not None else [c() for c in DEFAULT_CALLBACKS]
         self.control = control or RunControl()
         self.data_config = dict(data_config or {})
+        self.init = init
         self.distributed = is_distributed()
         self.device = resolve_device(config.device)
         if self.device.type == "cuda" and self.device.index is None and self.distributed:
@@ -262,7 +266,8 @@ class Trainer:
                 raise FileExistsError(f"{self.run_dir} already holds a run; use resume or another directory")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(
-                {"run": self.config.to_dict(), "data": self.data_config, "model": self.model.spec_dict()}, indent=2))
+                {"run": self.config.to_dict(), "data": self.data_config, "model": self.model.spec_dict(),
+                 "init": self.init}, indent=2))
 
     def _optimizer_steps(self, loader: DataLoader) -> Iterator[list[Batch]]:
         """The rest of the current epoch, as lists of ``accum_steps`` micro-batches (after a resume, the

@@ -25,7 +25,7 @@ from ..models.config import MedformerConfig
 from ..models.kinds import kind_entry
 from ..models.medformer import Medformer
 from ..typed import coerce_fields
-from .checkpoint import checkpoint_exists, final_checkpoint, init_from_checkpoint, load_model, recover_checkpoints
+from .checkpoint import checkpoint_exists, final_checkpoint, init_from_checkpoint, load_model, recover_checkpoints, resolve_checkpoint
 from .config import TrainConfig
 from .device import is_distributed, resolve_device
 from .engine import Trainer
@@ -213,7 +213,7 @@ def run_training(config: dict, out: str | Path, mode: str = "supervised", init: 
             torch.distributed.broadcast(flag, 0)
             resume = bool(flag.item())
         trainer = Trainer(model, train_set, train_cfg, out, val_data=val_set, callbacks=callbacks, control=control,
-                          data_config=config["data"])
+                          data_config=config["data"], init=init and str(resolve_checkpoint(init).resolve()))
         result = trainer.fit(resume=resume)
         test_metrics = {}
         if is_main and test_set is not None and not result.stopped:

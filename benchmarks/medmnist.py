@@ -66,8 +66,9 @@ def run_cli(args: list[str], root: Path, seed: int, out: Path, flags: list[str],
         out.mkdir(parents=True, exist_ok=True)
         spent.write_text(f"{before + time.perf_counter() - start:.1f}\n")
     if command == "pretrain":
-        record.write_text(json.dumps({"seed": seed, "wall_s": float(spent.read_text())}))
-        return json.loads(record.read_text())
+        result = {"seed": seed, "wall_s": float(spent.read_text())}
+        record.write_text(json.dumps(result))
+        return result
     return record_outcome(out, seed, flags)
 
 
@@ -94,8 +95,8 @@ def train_one_model(flags: list[str], root: Path, seed: int, out: Path, override
                     train: bool = True, pretrain_steps: int = 0) -> dict | None:
     """ONE Medformer on all ``flags`` together (``configs/medmnist.yaml``, the same recipe).
 
-    ``pretrain_steps > 0``: first VICReg on the training images of all ``flags`` for that many steps
-    (same model, batch and learning rate; ``OUT-vicreg``), then the supervised run starts from it
+    ``pretrain_steps > 0``: first VICReg on the training images of all ``flags`` for about that many steps
+    (epochs of ~100 steps, so it can resume; same model, batch and learning rate; ``OUT-vicreg``), then the supervised run starts from it
     (``--init``); the wall time reported is both runs'."""
     config = ROOT / "configs" / "medmnist.yaml"
     args = ["--config", str(config)]

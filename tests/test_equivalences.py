@@ -14,9 +14,10 @@ def _assert_close(a, b, tol=1e-5):
     assert (a - b).abs().max().item() <= tol, (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("stem, patch_size_3d", [("patch", None), ("conv", None), ("patch", 8), ("conv", 8)])
-def test_packed_forward_equals_each_sample_alone(stem, patch_size_3d, mixed_batch):
-    model = small_model(stem=stem, patch_size_3d=patch_size_3d)
+@pytest.mark.parametrize("stem, patch_size_3d, stem_norm", [
+    ("patch", None, "group"), ("conv", None, "group"), ("patch", 8, "group"), ("conv", 8, "group"), ("conv", None, "batch")])
+def test_packed_forward_equals_each_sample_alone(stem, patch_size_3d, stem_norm, mixed_batch):
+    model = small_model(stem=stem, patch_size_3d=patch_size_3d, stem_norm=stem_norm, layer_scale=0.1)
     packed = model(mixed_batch)
     p3 = patch_size_3d or 4
     assert {g.image_shape: g.grid for g in packed.layout.groups} == {
@@ -62,17 +63,18 @@ def test_group_layout_is_block_diagonal():
     assert layout.coords[-1].tolist() == [1, 1, 1]
 
 
-@pytest.mark.parametrize("img_size, patch, in_chans", [(28, 4, 3), (32, 8, 1)])
-def test_timm_vit_parity(img_size, patch, in_chans):
+@pytest.mark.parametrize("img_size, patch, in_chans, layer_scale", [(28, 4, 3, None), (32, 8, 1, None), (28, 4, 3, 0.1)])
+def test_timm_vit_parity(img_size, patch, in_chans, layer_scale):
     torch.manual_seed(0)
     vit = timm.models.vision_transformer.VisionTransformer(
-        img_size=img_size, patch_size=patch, in_chans=in_chans, embed_dim=48, depth=3, num_heads=3, num_classes=5).eval()
+        img_size=img_size, patch_size=patch, in_chans=in_chans, embed_dim=48, depth=3, num_heads=3, num_classes=5,
+        init_values=layer_scale).eval()
     with torch.no_grad():  # make every parameter non-trivial, so a wrong mapping cannot pass
         for p in vit.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     grid = img_size // patch
     model = small_model([], in_chans=in_chans, depth=3, patch_size=patch, pos_embed="learned", pos_grid=(1, grid, grid),
-                        class_token=True, input_adaptformer=False, output_adaptformer=False)
+                        class_token=True, input_adaptformer=False, output_adaptformer=False, layer_scale=layer_scale)
     missing, _ = load_timm_weights(model, vit.state_dict())
     assert missing == []
     images = torch.randn(4, in_chans, img_size, img_size)
@@ -163,7 +165,9 @@ def test_timm_variants_map_or_refuse_clearly():
     _assert_close(got, vit.forward_features(images))
     for options, message in (({"reg_tokens": 4}, "register tokens"),
                              ({"global_pool": "avg", "fc_norm": True}, "global_pool='avg'"),
-                             ({"class_token": False, "global_pool": "avg", "fc_norm": False}, "has no class token")):
+                             ({"class_token": False, "global_pool": "avg", "fc_norm": False}, "has no class token"),
+                             ({"init_values": 1e-5}, "has LayerScale \\(init_values\\) but the model was built with "
+                                                     "layer_scale=None")):
         other = timm.models.vision_transformer.VisionTransformer(**{**kwargs, **options})
         with pytest.raises(ValueError, match=message):
             load_timm_weights(model, other.state_dict())

@@ -378,6 +378,25 @@ def test_conv_stem_gives_the_patch_grid_and_treats_grey_as_replicated_grey():
         small_model(stem="convolution")
 
 
+def test_batch_norm_stem_and_layer_scale_are_built_and_checked():
+    from timm.layers import LayerScale
+
+    from medexplore.models.tokenizer import ConvStem
+
+    stem = ConvStem(3, 3, 32, 4, norm="batch").eval()
+    assert [type(m).__name__ for m in stem.convs if "Norm" in type(m).__name__] == ["BatchNorm3d"] * 2
+    grey = torch.rand(2, 1, 8, 12, 16)
+    assert torch.allclose(stem(grey), stem(grey.expand(-1, 3, -1, -1, -1)), atol=1e-5)
+    model = small_model(stem="conv", stem_norm="batch", layer_scale=0.1)
+    assert isinstance(model.patch_embed.stem_2d.convs[1], torch.nn.BatchNorm2d)
+    assert isinstance(model.blocks[1].ls2, LayerScale) and torch.equal(model.blocks[1].ls2.gamma, torch.full((48,), 0.1))
+    assert isinstance(small_model().blocks[0].ls1, torch.nn.Identity)  # the default stays timm's plain ViT
+    with pytest.raises(ValueError, match="MedformerConfig.stem_norm must be one of \\('group', 'batch'\\), got 'layer'"):
+        small_model(stem="conv", stem_norm="layer")
+    with pytest.raises(ValueError, match="MedformerConfig.layer_scale must be > 0"):
+        small_model(layer_scale=0.0)
+
+
 def test_a_training_step_runs_only_the_heads_of_labelled_tasks(mixed_batch):
     from medexplore.train.config import TrainConfig
     from medexplore.train.objectives import SupervisedObjective

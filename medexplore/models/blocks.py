@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import Mlp
+from timm.layers import LayerScale, Mlp
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -37,17 +37,21 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))`` (timm ``Block`` names)."""
+    """Pre-norm block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))`` (timm ``Block`` names).
+
+    ``layer_scale`` (timm's ``init_values``): a learnable per-channel scale on each residual branch,
+    starting at that value (None: no scale, ``ls1``/``ls2`` are identities).
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, layer_scale: float | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias)
-        self.ls1 = nn.Identity()
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
-        self.ls2 = nn.Identity()
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path = drop_path
 
     def forward(self, x: Tensor, layout: TokenLayout, rope=None, need_weights: bool = False):

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..errors import UserError
 from .tasks import DIMENSIONALITIES, Domain
-from .tokenizer import STEMS
+from .tokenizer import STEM_NORMS, STEMS
 
 __all__ = ["DomainVocab", "MedformerConfig", "UNKNOWN"]
 
@@ -74,6 +74,7 @@ class MedformerConfig:
             volumes (512 tokens) beside 2D images at patch 4.
         stem: ``patch`` (linear patch embedding, loads timm weights) or ``conv`` (a few stride-2
             convolutions per dimensionality before the projection; patch size a power of 2).
+        stem_norm: normalisation in the ``conv`` stem: ``group`` (per image) or ``batch``.
         in_chans: channels the model is built for; single-channel images are always accepted
             (treated as grey, i.e. the channel replicated).
         pos_embed: ``rope`` (3D rotary on queries/keys), ``learned`` (absolute, timm style),
@@ -86,6 +87,8 @@ class MedformerConfig:
         output_adaptformer: task latent queries read the tokens; off, heads read the pooled token.
         seg_channels: base width of the segmentation decoder.
         drop_path_rate: stochastic depth of the body.
+        layer_scale: initial value of a learnable per-channel scale on every block's residual branches
+            (timm's ``init_values``, e.g. 0.1); None: no scale.
         vocab: the domain vocabulary.
     """
 
@@ -97,6 +100,7 @@ class MedformerConfig:
     patch_size: int = 16
     patch_size_3d: int | None = None
     stem: str = "patch"
+    stem_norm: str = "group"
     in_chans: int = 3
     pos_embed: str = "rope"
     pos_grid: tuple[int, int, int] = (1, 14, 14)
@@ -107,6 +111,7 @@ class MedformerConfig:
     output_adaptformer: bool = True
     seg_channels: int = 32
     drop_path_rate: float = 0.0
+    layer_scale: float | None = None
     vocab: DomainVocab = field(default_factory=DomainVocab)
 
     def __post_init__(self):
@@ -121,6 +126,10 @@ class MedformerConfig:
             raise UserError(f"MedformerConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.stem not in STEMS:
             raise UserError(f"MedformerConfig.stem must be one of {STEMS}, got {self.stem!r}")
+        if self.stem_norm not in STEM_NORMS:
+            raise UserError(f"MedformerConfig.stem_norm must be one of {STEM_NORMS}, got {self.stem_norm!r}")
+        if self.layer_scale is not None and not self.layer_scale > 0:
+            raise UserError(f"MedformerConfig.layer_scale must be > 0 (or null: no scale), got {self.layer_scale}")
         if self.patch_size_3d is not None and self.patch_size_3d < 1:
             raise UserError(f"MedformerConfig.patch_size_3d must be >= 1 (or null: patch_size), got {self.patch_size_3d}")
         for p in set(self.patch_sizes.values()):

@@ -67,7 +67,8 @@ class Medformer(nn.Module):
         self.config = config
         self.tasks: dict[str, TaskSpec] = {}
         d = config.embed_dim
-        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, d, config.stem, config.patch_size_3d)
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, d, config.stem, config.patch_size_3d,
+                                      config.stem_norm)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if config.class_token else None
         self.pos = (LearnedPositions(config.pos_grid, config.num_prefix_tokens, d)
                     if "learned" in config.pos_embed else None)
@@ -75,7 +76,7 @@ class Medformer(nn.Module):
         self.input_adaptformer = (InputAdaptformer(d, config.num_heads, config.vocab, config.domain_latents)
                                   if config.input_adaptformer else None)
         dpr = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
-        self.blocks = nn.ModuleList(Block(d, config.num_heads, config.mlp_ratio, config.qkv_bias, dpr[i])
+        self.blocks = nn.ModuleList(Block(d, config.num_heads, config.mlp_ratio, config.qkv_bias, dpr[i], config.layer_scale)
                                     for i in range(config.depth))
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.feature_depths = feature_depths(config.depth, max(config.patch_sizes.values()))

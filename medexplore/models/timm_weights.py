@@ -20,6 +20,10 @@ def _check_variant(state_dict: dict[str, Tensor], model: Medformer) -> None:
     if "fc_norm.weight" in state_dict and "norm.weight" not in state_dict:
         raise UserError("timm ViT with global_pool='avg' (fc_norm after pooling, no final norm) cannot be loaded "
                          "exactly: a Medformer normalises tokens before pooling; use a class-token ViT")
+    has_scale, scale = any(k.endswith(".ls1.gamma") for k in state_dict), model.config.layer_scale
+    if has_scale != (scale is not None):
+        raise UserError(f"timm ViT {'has' if has_scale else 'has no'} LayerScale (init_values) but the model was built "
+                         f"with layer_scale={scale}; build it with layer_scale={'a value, e.g. 1e-5' if has_scale else None}")
     has_cls = "cls_token" in state_dict
     if has_cls != (model.cls_token is not None):
         raise UserError(f"timm ViT {'has' if has_cls else 'has no'} class token but the model was built with "

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from medexplore.configs import parse_overrides
 from medexplore.data.registry import build_dataset, dataset_tasks, vocab_for
 from medexplore.data.sample import collate
 from medexplore.train.recipes import apply_medmnist_recipe
@@ -43,6 +44,10 @@ def run(model, samples, lr: float, steps: int, batch_size: int, every: int) -> l
     seen: dict[str, float] = {}
     hooks = [module.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(
         name, token_diversity(out[0] if isinstance(out, tuple) else out))) for name, module in sites.items()]
+    if model.config.stem == "conv":  # the stem's (B, D, *grid) output, before the input Adaptformer
+        hooks += [stem.register_forward_hook(lambda _m, _i, out: seen.__setitem__(
+            "stem", token_diversity(out.flatten(2).transpose(1, 2).flatten(0, 1))))
+            for stem in (model.patch_embed.stem_2d, model.patch_embed.stem_3d)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     task = next(iter(model.tasks))
     records = []
@@ -70,15 +75,18 @@ def main():
     p.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "medmnist"))
     p.add_argument("--dataset", default="breastmnist")
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-4, 1e-4])
+    p.add_argument("--size", type=int, default=28, help="MedMNIST(+) image size of the file (28, 64, ...)")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="change the recipe's model, e.g. model.stem_norm=group model.layer_scale=null")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    config = {"model": {}, "data": {"datasets": [args.dataset], "size": 28, "root": args.root, "path": None}, "train": {}}
-    config, note = apply_medmnist_recipe(config)
+    config = {"model": {}, "data": {"datasets": [args.dataset], "size": args.size, "root": args.root, "path": None}, "train": {}}
+    config, note = apply_medmnist_recipe(config, parse_overrides(args.set, config))
     config["model"]["drop_path_rate"] = 0.0
     train = build_dataset(config["data"], "train")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.images].tolist()

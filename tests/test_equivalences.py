@@ -15,7 +15,8 @@ def _assert_close(a, b, tol=1e-5):
 
 
 @pytest.mark.parametrize("stem, patch_size_3d, stem_norm", [
-    ("patch", None, "group"), ("conv", None, "group"), ("patch", 8, "group"), ("conv", 8, "group"), ("conv", None, "batch")])
+    ("patch", None, "group"), ("conv", None, "group"), ("patch", 8, "group"), ("conv", 8, "group"), ("conv", None, "batch"),
+    ("conv", None, "instance")])
 def test_packed_forward_equals_each_sample_alone(stem, patch_size_3d, stem_norm, mixed_batch):
     model = small_model(stem=stem, patch_size_3d=patch_size_3d, stem_norm=stem_norm, layer_scale=0.1)
     packed = model(mixed_batch)

@@ -391,7 +391,11 @@ def test_batch_norm_stem_and_layer_scale_are_built_and_checked():
     assert isinstance(model.patch_embed.stem_2d.convs[1], torch.nn.BatchNorm2d)
     assert isinstance(model.blocks[1].ls2, LayerScale) and torch.equal(model.blocks[1].ls2.gamma, torch.full((48,), 0.1))
     assert isinstance(small_model().blocks[0].ls1, torch.nn.Identity)  # the default stays timm's plain ViT
-    with pytest.raises(ValueError, match="MedformerConfig.stem_norm must be one of \\('group', 'batch'\\), got 'layer'"):
+    instance = small_model(stem="conv", stem_norm="instance").patch_embed.stem_3d.convs[1]
+    assert isinstance(instance, torch.nn.GroupNorm) and instance.num_groups == instance.num_channels
+    with pytest.raises(ValueError, match=r"stem_norm 'instance' needs images larger than one patch \(4 px\)"):
+        ConvStem(3, 1, 32, 4, norm="instance")(torch.rand(1, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match="MedformerConfig.stem_norm must be one of \\('group', 'instance', 'batch'\\), got 'layer'"):
         small_model(stem="conv", stem_norm="layer")
     with pytest.raises(ValueError, match="MedformerConfig.layer_scale must be > 0"):
         small_model(layer_scale=0.0)

@@ -74,7 +74,8 @@ class MedformerConfig:
             volumes (512 tokens) beside 2D images at patch 4.
         stem: ``patch`` (linear patch embedding, loads timm weights) or ``conv`` (a few stride-2
             convolutions per dimensionality before the projection; patch size a power of 2).
-        stem_norm: normalisation in the ``conv`` stem: ``group`` (per image) or ``batch``.
+        stem_norm: normalisation in the ``conv`` stem: ``group``, ``instance`` (per channel and image)
+            or ``batch`` (see :class:`~medexplore.models.tokenizer.ConvStem`).
         in_chans: channels the model is built for; single-channel images are always accepted
             (treated as grey, i.e. the channel replicated).
         pos_embed: ``rope`` (3D rotary on queries/keys), ``learned`` (absolute, timm style),

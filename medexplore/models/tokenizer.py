@@ -14,7 +14,15 @@ from ..errors import UserError
 __all__ = ["PatchEmbed", "ConvStem", "LearnedPositions", "STEMS", "STEM_NORMS"]
 
 STEMS = ("patch", "conv")
-STEM_NORMS = ("group", "batch")
+STEM_NORMS = ("group", "instance", "batch")
+
+
+def _stem_norm(norm: str, dims: int, width: int) -> nn.Module:
+    if norm == "group":
+        return nn.GroupNorm(math.gcd(8, width), width)
+    if norm == "instance":
+        return nn.GroupNorm(width, width)
+    return (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(width)
 
 
 class ConvStem(nn.Module):
@@ -23,10 +31,13 @@ class ConvStem(nn.Module):
     widths rising to ``embed_dim / 2``, then a 1x1 projection to ``embed_dim``. It gives the token grid of a
     patch embedding of the same patch size, with the inductive bias of a small CNN in front.
 
-    ``norm``: ``group`` (GroupNorm, per image) or ``batch`` (BatchNorm, as in the paper; statistics over
-    the images of one call). Per-image statistics are dominated by the background of sparse images (a
-    3D mask with 2% foreground): its few foreground voxels come out of GroupNorm scaled by about
-    1/sqrt(foreground share), differently in every image, where BatchNorm scales every image alike.
+    ``norm``: ``group`` (GroupNorm, 8 groups), ``instance`` (GroupNorm with one channel per group: every
+    channel of every image centred and scaled on its own) or ``batch`` (BatchNorm, as in the paper). In a
+    sparse image (a 3D mask: 98% background) 8 groups leave every channel an offset that is the same at
+    every background voxel, so the tokens differ mostly by one common vector and collapse to it within
+    a few optimizer steps (``benchmarks/early_steps.py``); per-channel centring takes the background to
+    about zero. BatchNorm centres per channel too, but its running averages mix every domain of a
+    multi-domain model, so evaluation normalises an X-ray with statistics partly from fundus photographs.
 
     Example:
         >>> ConvStem(2, 3, 64, 4)(torch.randn(2, 3, 28, 28)).shape
@@ -42,13 +53,11 @@ class ConvStem(nn.Module):
             raise UserError(f"stem 'conv' needs a patch size that is a power of 2 (>= 2), got {patch_size}")
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         widths = [max(8, embed_dim // 2 ** (stages - i)) for i in range(stages)]  # e.g. D/4, D/2 for patch 4
-        self.in_chans = in_chans
+        self.in_chans, self.norm, self.patch_size = in_chans, norm, patch_size
         layers: list[nn.Module] = []
         cin = in_chans
-        batch_norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
         for width in widths:
-            normalise = nn.GroupNorm(math.gcd(8, width), width) if norm == "group" else batch_norm(width)
-            layers += [conv(cin, width, 3, stride=2, padding=1, bias=False), normalise, nn.GELU()]
+            layers += [conv(cin, width, 3, stride=2, padding=1, bias=False), _stem_norm(norm, dims, width), nn.GELU()]
             cin = width
         self.convs = nn.Sequential(*layers)
         self.proj = conv(cin, embed_dim, 1)
@@ -56,6 +65,9 @@ class ConvStem(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """``(B, C, *spatial)`` -> ``(B, embed_dim, *spatial / patch)``; grey images use the channel-summed
         first kernel (the same as replicating grey into every channel)."""
+        if self.norm == "instance" and all(s <= self.patch_size for s in images.shape[2:]):
+            raise UserError(f"stem_norm 'instance' needs images larger than one patch ({self.patch_size} px): "
+                             f"got spatial size {tuple(images.shape[2:])}")
         first, rest = self.convs[0], self.convs[1:]
         weight = first.weight
         if images.shape[1] == 1 and self.in_chans != 1:

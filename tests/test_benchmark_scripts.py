@@ -16,3 +16,20 @@ def test_gpu_check_dry_run_checks_arguments_and_imports_then_stops():
     bad = subprocess.run([sys.executable, str(script), "--dry-run", "--steps", "warp-drive"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "invalid choice: 'warp-drive'" in bad.stderr
+
+
+def test_early_steps_prints_the_stems_and_blocks_token_diversity(tmp_path):
+    from conftest import write_npz
+
+    write_npz(tmp_path / "adrenalmnist3d.npz", "adrenalmnist3d", n=(8, 4, 4))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "early_steps.py"), "--root", str(tmp_path),
+                           "--dataset", "adrenalmnist3d", "--images", "8", "--batch-size", "4", "--steps", "2",
+                           "--every", "1", "--lrs", "1e-3", "1e-4", "--set", "model.stem_norm=instance",
+                           "--set", "model.layer_scale=0.1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("step"))
+    assert header.split() == ["step", "loss", "logit", "sd", "stem", "input"] + [f"block{i}" for i in range(6)]
+    rows = [line.split() for line in proc.stdout.splitlines() if line[:4].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2] * 2
+    assert all(0.0 <= float(v) <= 1.5 for r in rows for v in r[4:])  # diversity ratios
+    assert "against lr 0.001: lr 0.0001: loss after 2 steps" in proc.stdout

@@ -393,8 +393,8 @@ def test_batch_norm_stem_and_layer_scale_are_built_and_checked():
     assert isinstance(small_model().blocks[0].ls1, torch.nn.Identity)  # the default stays timm's plain ViT
     instance = small_model(stem="conv", stem_norm="instance").patch_embed.stem_3d.convs[1]
     assert isinstance(instance, torch.nn.GroupNorm) and instance.num_groups == instance.num_channels
-    with pytest.raises(ValueError, match=r"stem_norm 'instance' needs images larger than one patch \(4 px\)"):
-        ConvStem(3, 1, 32, 4, norm="instance")(torch.rand(1, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"the image: spatial size \(4, 4, 4\) is one 3D patch; stem_norm 'instance'"):
+        small_model(stem="conv", stem_norm="instance").patch_embed.grid((1, 4, 4, 4), where="the image")
     with pytest.raises(ValueError, match="MedformerConfig.stem_norm must be one of \\('group', 'instance', 'batch'\\), got 'layer'"):
         small_model(stem="conv", stem_norm="layer")
     with pytest.raises(ValueError, match="MedformerConfig.layer_scale must be > 0"):

@@ -53,7 +53,7 @@ class ConvStem(nn.Module):
             raise UserError(f"stem 'conv' needs a patch size that is a power of 2 (>= 2), got {patch_size}")
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         widths = [max(8, embed_dim // 2 ** (stages - i)) for i in range(stages)]  # e.g. D/4, D/2 for patch 4
-        self.in_chans, self.norm, self.patch_size = in_chans, norm, patch_size
+        self.in_chans = in_chans
         layers: list[nn.Module] = []
         cin = in_chans
         for width in widths:
@@ -65,9 +65,6 @@ class ConvStem(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """``(B, C, *spatial)`` -> ``(B, embed_dim, *spatial / patch)``; grey images use the channel-summed
         first kernel (the same as replicating grey into every channel)."""
-        if self.norm == "instance" and all(s <= self.patch_size for s in images.shape[2:]):
-            raise UserError(f"stem_norm 'instance' needs images larger than one patch ({self.patch_size} px): "
-                             f"got spatial size {tuple(images.shape[2:])}")
         first, rest = self.convs[0], self.convs[1:]
         weight = first.weight
         if images.shape[1] == 1 and self.in_chans != 1:
@@ -83,8 +80,8 @@ class PatchEmbed(nn.Module):
     ``stem="patch"`` (the default, timm-compatible): a linear embedding of non-overlapping patches;
     ``proj`` is a ``Conv2d`` (timm's ``patch_embed.proj``), ``proj_3d`` a ``Conv3d``, both run as one
     matmul over unfolded patches. ``stem="conv"``: a :class:`ConvStem` per dimensionality
-    (``stem_2d``, ``stem_3d``), normalised by ``stem_norm``. A single-channel image uses the channel-summed kernel, which is the
-    same as replicating grey into every channel.
+    (``stem_2d``, ``stem_3d``), normalised by ``stem_norm``. A single-channel image uses the channel-summed
+    kernel, which is the same as replicating grey into every channel.
     """
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, stem: str = "patch",
@@ -94,7 +91,7 @@ class PatchEmbed(nn.Module):
             raise UserError(f"stem must be one of {STEMS}, got {stem!r}")
         self.patch_sizes = {2: patch_size, 3: patch_size_3d or patch_size}
         self.in_chans = in_chans
-        self.stem = stem
+        self.stem, self.stem_norm = stem, stem_norm
         p2, p3 = self.patch_sizes[2], self.patch_sizes[3]
         if stem == "patch":
             self.proj = nn.Conv2d(in_chans, embed_dim, p2, p2)
@@ -115,7 +112,11 @@ class PatchEmbed(nn.Module):
         if any(s % p or s == 0 for s in spatial):
             raise UserError(f"{where}: spatial size {spatial} is not divisible by the {len(spatial)}D patch size "
                              f"{p}; crop or resize to a multiple of {p}")
-        return tuple(s // p for s in spatial)
+        grid = tuple(s // p for s in spatial)
+        if self.stem == "conv" and self.stem_norm == "instance" and all(g == 1 for g in grid):
+            raise UserError(f"{where}: spatial size {spatial} is one {len(spatial)}D patch; stem_norm 'instance' "
+                             f"needs images larger than one patch ({p} px) to normalise over")
+        return grid
 
     def patches(self, images: Tensor) -> Tensor:
         """(B, n, C * p^dims) flattened patches in row-major (z, y, x) order."""

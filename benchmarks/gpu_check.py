@@ -2,8 +2,10 @@
 
 Steps (each timed; one that fails is reported and the next one runs):
 
-- ``tests``: the test suite's CUDA-only tests (``pytest tests -k cuda``: varlen attention, the CUDA
-  default model against each sample alone).
+- ``tests``: the test suite's CUDA tests (``pytest -k cuda`` on the test modules that ask
+  ``torch.cuda.is_available()``: packed against alone on CUDA, varlen attention, the CUDA default model
+  against each sample alone). Only those modules are collected, so the GUI and notebook extras need not
+  be installed on the GPU machine.
 - ``throughput``: one training step of ``medformer_base`` (224x224 RGB, patch 16: 196 tokens) in bf16
   autocast against timm's ViT-B/16 (SDPA attention) on the same batch, alternated; model FLOPs
   utilisation against the bf16 matmul peak measured in the same run.
@@ -43,10 +45,15 @@ STEPS = ("tests", "throughput", "varlen", "compile", "torchrun", "inference")
 
 
 def check_tests(args, device) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-k", "cuda"],
+    modules = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").glob("test_*.py")
+                     if "cuda.is_available()" in f.read_text())
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *modules, "-k", "cuda"],
                           cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
-    return {"ok": proc.returncode in (0, 5), "summary": summary}  # 5: none collected (no CUDA test selected)
+    out = {"ok": proc.returncode in (0, 5), "modules": " ".join(modules), "summary": summary}  # 5: none selected
+    if not out["ok"]:
+        out["output"] = proc.stdout[-3000:] + proc.stderr[-1000:]
+    return out
 
 
 def check_throughput(args, device) -> dict:
@@ -190,6 +197,10 @@ def check_inference(args, device) -> dict:
             "windows": result.num_windows, "outputs": sorted([*result.scores, *result.boxes, *result.segmentations])}
 
 
+def write_summary(path, device_name: str, rows: dict) -> None:
+    Path(path).write_text(json.dumps({"device": device_name, "torch": torch.__version__, "steps": rows}, indent=1))
+
+
 CHECKS = {"tests": check_tests, "throughput": check_throughput, "varlen": check_varlen, "compile": check_compile,
           "torchrun": check_torchrun, "inference": check_inference}
 
@@ -229,12 +240,12 @@ def main(argv=None) -> int:
             rows[step] = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
         rows[step]["wall_s"] = time.perf_counter() - start
         print(f"[{step}] {'ok' if rows[step]['ok'] else 'FAILED'} ({rows[step]['wall_s']:.0f} s)", flush=True)
+        write_summary(args.out, name, rows)  # after every step: a run stopped midway keeps what it measured
     print("\n| step | ok | figures |\n|---|---|---|")
     for step, row in rows.items():
         figures = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                             if k not in ("ok", "traceback", "wall_s"))
         print(f"| {step} | {'yes' if row['ok'] else 'NO'} | {figures} |")
-    Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "steps": rows}, indent=1))
     print(f"\nwritten: {args.out}")
     return 0 if all(r["ok"] for r in rows.values()) else 1
 

@@ -1,4 +1,5 @@
 """Training loop: exact resume, events, pause/stop, non-finite losses, checkpoints, VICReg mode."""
+import dataclasses
 import json
 
 import pytest
@@ -39,6 +40,7 @@ def toy_model(seed=0, tasks=TASKS, **kw):
 
 
 CFG = TrainConfig(epochs=3, batch_size=8, lr=1e-3, checkpoint_every=2, device="cpu", monitor="acc")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # benchmarks/gpu_check.py runs the cuda cases
 
 
 class Crash(Exception):
@@ -52,16 +54,17 @@ def crash_at(step):
     return callback
 
 
-def test_resumed_run_ends_with_identical_weights(tmp_path):
-    data = toy_data()
-    full = Trainer(toy_model(), data, CFG, tmp_path / "full", val_data=data[:6]).fit()
+@pytest.mark.parametrize("device", DEVICES)
+def test_resumed_run_ends_with_identical_weights(tmp_path, device):
+    data, config = toy_data(), dataclasses.replace(CFG, device=device)  # on CUDA the RNG state comes back on the GPU
+    full = Trainer(toy_model(), data, config, tmp_path / "full", val_data=data[:6]).fit()
     reference = load_model(tmp_path / "full" / "checkpoints" / "last")[0].state_dict()
 
     with pytest.raises(Crash):  # dies after step 5; the last checkpoint is from step 4
-        Trainer(toy_model(), data, CFG, tmp_path / "cut", val_data=data[:6], callbacks=[crash_at(5)]).fit()
+        Trainer(toy_model(), data, config, tmp_path / "cut", val_data=data[:6], callbacks=[crash_at(5)]).fit()
     meta, _, _ = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last")
     assert meta["step"] == 4
-    resumed = Trainer(toy_model(seed=123), data, CFG, tmp_path / "cut", val_data=data[:6]).fit(resume=True)
+    resumed = Trainer(toy_model(seed=123), data, config, tmp_path / "cut", val_data=data[:6]).fit(resume=True)
     assert resumed.step == full.step == 9
     got = load_model(tmp_path / "cut" / "checkpoints" / "last")[0].state_dict()
     assert all(torch.equal(reference[k], got[k]) for k in reference)

@@ -63,11 +63,12 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore :func:`rng_state`; the tensors may come back on the training device (a CUDA run's train state)."""
+    torch.set_rng_state(state["torch"].cpu())
     py = json.loads(state["python"])
     random.setstate((py[0], tuple(py[1]), py[2]))
     np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"], *np_state["gauss"]))
+    np.random.set_state(("MT19937", np_state["keys"].cpu().numpy().astype(np.uint32), np_state["pos"], *np_state["gauss"]))
 
 
 def save_checkpoint(folder: Path, model: Medformer, meta: dict, train_state: dict | None = None,

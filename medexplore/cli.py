@@ -58,7 +58,7 @@ def _run(args, mode: str) -> int:
     if args.dataset:
         config["data"]["datasets"] = [args.dataset]
     if not args.config and uses_medmnist_recipe(config):
-        config, note = apply_medmnist_recipe(config, parse_overrides(args.set, config))
+        config, note = apply_medmnist_recipe(config, parse_overrides(args.set, config), init=args.init)
         print(note, file=sys.stderr)
     for option in ("strategy", "weights", "general"):
         if getattr(args, option, None):

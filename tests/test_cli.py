@@ -196,6 +196,20 @@ def test_medmnist_flags_without_a_config_train_with_the_recipe_for_their_size(tm
     assert chosen["train"]["epochs"] == 3 and chosen["model"]["depth"] == 2 and chosen["model"]["stem"] == "conv"
 
 
+def test_a_recipe_run_from_a_checkpoint_keeps_the_checkpoints_architecture(tmp_path, npz, capsys):
+    """The shipped model predates the recipe's instance stem and LayerScale: fine-tuning it still works."""
+    from medexplore.configs import load_recipe
+    from medexplore.train.recipes import apply_medmnist_recipe
+
+    assert load_recipe("medmnist")["model"]["stem_norm"] == "instance"
+    base = {"model": {"name": "medformer_tiny"}, "data": {"datasets": ["pneumoniamnist"], "path": str(npz)}, "train": {}}
+    config, note = apply_medmnist_recipe(base, {"model": {"drop_path_rate": 0.0}}, init="medformer-medmnist5-v1")
+    assert config["model"]["stem_norm"] == "group" and config["model"].get("layer_scale") is None
+    assert config["model"]["drop_path_rate"] == 0.0 and "the architecture of medformer-medmnist5-v1" in note
+    assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(tmp_path / "ft"),
+                 "--init", "medformer-medmnist5-v1", "--set", "train.epochs=1", "--quiet"]) == 0
+
+
 def test_progress_printer_estimates_the_run_after_five_steps(capsys):
     from medexplore.train import Event
     from medexplore.train.progress import ProgressPrinter

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import torch
 
 from ..configs import load_recipe, token_budget
 from ..data.medmnist import MEDMNIST
 from ..data.registry import build_dataset, dataset_parts
+from .workflow import checkpoint_architecture
 
 __all__ = ["uses_medmnist_recipe", "apply_medmnist_recipe", "patch_sizes_for"]
 
@@ -59,11 +61,14 @@ def _choose_patch_sizes(config: dict, train_set, budget: int, keep_2d: bool) -> 
                                   f"tokens)" for d, p in sorted(sizes.items())) + f" (token budget {budget})"
 
 
-def apply_medmnist_recipe(config: dict, chosen: dict[str, dict] | None = None) -> tuple[dict, str]:
+def apply_medmnist_recipe(config: dict, chosen: dict[str, dict] | None = None, init: str | Path | None = None
+                          ) -> tuple[dict, str]:
     """``config`` with the MedMNIST recipe's model and train sections, the user's ``chosen`` values (the
     ``--set`` overrides, by section) kept on top, ``train.epochs`` derived from the training split's size and
     the patch edge per dimensionality from the recipe's token budget (:func:`patch_sizes_for`), each unless
-    chosen. Returns the config and one line saying what was derived."""
+    chosen. A run that starts from ``init`` (a checkpoint folder or shipped model) keeps that checkpoint's
+    architecture and patch sizes instead of the recipe's model section, so fine-tuning a model trained
+    before a recipe change still works. Returns the config and one line saying what was derived."""
     recipe = load_recipe("medmnist")
     chosen = chosen or {}
     config = copy.deepcopy(config)
@@ -71,12 +76,14 @@ def apply_medmnist_recipe(config: dict, chosen: dict[str, dict] | None = None) -
     dims = {MEDMNIST[name].dims for name in config["data"]["datasets"]}
     samples = max(recipe["samples"][f"{d}d"] for d in dims)
     epochs = max(1, round(samples / len(train_set)))
-    config["model"] = {**recipe["model"], **chosen.get("model", {})}
+    config["model"] = {**(recipe["model"] if init is None else checkpoint_architecture(init)), **chosen.get("model", {})}
     config["train"] = {**recipe["train"], "epochs": epochs, **chosen.get("train", {})}
     note = (f"MedMNIST recipe (medexplore/configs/medmnist.yaml): {config['train']['epochs']} epochs of "
             f"{len(train_set)} training images" + ("" if "epochs" in chosen.get("train", {}) else
                                                   f" (~{samples:,} images seen)"))
-    if "patch_size_3d" not in chosen.get("model", {}):
+    if init is not None:
+        note += f"; the architecture of {init}"
+    elif "patch_size_3d" not in chosen.get("model", {}):
         note += _choose_patch_sizes(config, train_set, _token_budget(str(config["train"].get("device", "auto"))),
                                     keep_2d="patch_size" in chosen.get("model", {}))
     return config, note

@@ -112,3 +112,29 @@ def test_windows_go_through_the_model_in_batches_by_tokens_with_the_same_result(
     np.testing.assert_array_equal(batched.segmentations["tissue"], one_by_one.segmentations["tissue"])
     for name in batched.scores:
         np.testing.assert_allclose(batched.scores[name], one_by_one.scores[name], atol=1e-5)
+
+
+def test_gradient_maps_take_their_targets_from_the_windows_pass_and_equal_explaining_the_image():
+    """Grad-CAM of each window explains its predicted class, taken from the pass that ran the tasks (three
+    forward passes per batch of windows: tasks, rollout, Grad-CAM), and equals ``explain`` on that window."""
+    from medexplore.analysis.attribution import explain
+    from medexplore.data.sample import Sample
+    from medexplore.models import TaskSpec
+
+    model = small_model(tasks=[TaskSpec("grade", "multiclass", 4)])
+    image = torch.rand(1, 8, 8, 8, generator=torch.Generator().manual_seed(5))
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        result = infer_image(model, image, MRI, explain_methods=["rollout", "grad_cam"], explain_task="grade",
+                             normalize=False)
+    finally:
+        handle.remove()
+    assert result.num_windows == 1 and len(calls) == 3
+    alone = explain(model, Sample(image, MRI), "grad_cam", task="grade")
+    np.testing.assert_allclose(result.maps["grad_cam:grade"], alone.values, rtol=1e-4, atol=1e-6)
+    chosen = infer_image(model, image, MRI, explain_methods=["grad_cam"], explain_task="grade", normalize=False,
+                         explain_options={"grad_cam": {"target": 3}})  # a caller's target still wins
+    other = explain(model, Sample(image, MRI), "grad_cam", task="grade", target=3)
+    np.testing.assert_allclose(chosen.maps["grad_cam:grade"], other.values, rtol=1e-4, atol=1e-6)
+    model.zero_grad()

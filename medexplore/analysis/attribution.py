@@ -6,6 +6,7 @@ what ``F.interpolate(..., align_corners=False)`` does for an exact ``patch_size`
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,11 +21,13 @@ from ..models.medformer import Medformer
 from ..models.packing import Batch
 
 __all__ = ["token_map_to_image", "task_outputs", "attention_rollout", "attention_map", "integrated_gradients",
-           "grad_cam", "explain", "explain_images", "ATTRIBUTION_METHODS", "ATTRIBUTION_LABELS", "Explanation"]
+           "grad_cam", "explain", "explain_images", "default_targets", "ATTRIBUTION_METHODS", "GRADIENT_METHODS",
+           "ATTRIBUTION_LABELS", "Explanation"]
 
 ATTRIBUTION_LABELS = {"rollout": "attention rollout", "attention": "attention of one block/head",
                       "integrated_gradients": "Integrated Gradients", "grad_cam": "LayerGradCam"}  # method: what a UI shows
 ATTRIBUTION_METHODS = tuple(ATTRIBUTION_LABELS)
+GRADIENT_METHODS = ("integrated_gradients", "grad_cam")  # explain one task's output
 
 
 def token_map_to_image(values: Tensor, image_shape: tuple[int, ...]) -> Tensor:
@@ -55,6 +58,13 @@ def task_outputs(model: Medformer, task: str, prediction) -> Tensor:
 
 def _default_target(model: Medformer, task: str, outputs: Tensor) -> int:
     return kind_entry(model.tasks[task].kind).default_target(outputs)
+
+
+def default_targets(model: Medformer, task: str, prediction) -> list[int]:
+    """Each image's default output to explain (its predicted class, for multiclass), from a prediction of
+    ``task`` that the caller already has."""
+    outputs = task_outputs(model, task, prediction)
+    return [_default_target(model, task, outputs[b:b + 1]) for b in range(outputs.shape[0])]
 
 
 class _TaskForward(nn.Module):
@@ -189,8 +199,8 @@ class _TokenGridProbe(nn.Module):
         return x
 
 
-def _grad_cam(model: Medformer, images: Tensor, domain, task: str, target: int | None = None, block: int = -1,
-              device="cpu") -> list[np.ndarray]:
+def _grad_cam(model: Medformer, images: Tensor, domain, task: str, target: int | Sequence[int] | None = None,
+              block: int = -1, device="cpu") -> list[np.ndarray]:
     from captum.attr import LayerGradCam
 
     images, grid = _prepare_images(model, images, device)
@@ -213,6 +223,10 @@ def _grad_cam(model: Medformer, images: Tensor, domain, task: str, target: int |
             with torch.no_grad():
                 outputs = forward(images)
             target = [_default_target(model, task, outputs[b:b + 1]) for b in range(len(images))]
+        elif isinstance(target, Sequence):
+            if len(target) != len(images):
+                raise UserError(f"target: {len(target)} targets for {len(images)} images")
+            target = [int(t) for t in target]
         cam = LayerGradCam(forward, probe).attribute(images, target=target, relu_attributions=True)
     finally:
         handle.remove()
@@ -237,10 +251,12 @@ class Explanation:
 
 
 def explain_images(model: Medformer, images: Tensor, domain, method: str, task: str | None = None,
-                   target: int | None = None, device="cpu", **options) -> list[np.ndarray]:
+                   target: int | Sequence[int] | None = None, device="cpu", **options) -> list[np.ndarray]:
     """:func:`explain` for a batch of same-shape images of one domain (e.g. sliding windows): one map per
     image, equal to explaining each alone. Attention maps and Grad-CAM take one pass for the batch;
-    Integrated Gradients (already batched over its steps inside captum) runs image by image."""
+    Integrated Gradients (already batched over its steps inside captum) runs image by image. ``target``
+    is one output index for all images or one per image; by default each image's own (a caller that has
+    already run the model passes them and saves Grad-CAM a forward pass)."""
     if method not in ATTRIBUTION_METHODS:
         raise UserError(f"method must be one of {ATTRIBUTION_METHODS}, got {method!r}")
     if method == "rollout":
@@ -251,7 +267,11 @@ def explain_images(model: Medformer, images: Tensor, domain, method: str, task: 
         raise UserError(f"{method} explains one task: pass task= (one of {sorted(model.tasks)})")
     if method == "grad_cam":
         return _grad_cam(model, images, domain, task, target, device=device, **options)
-    return [integrated_gradients(model, Sample(image, domain), task, target, device=device, **options) for image in images]
+    targets = list(target) if isinstance(target, Sequence) else [target] * len(images)
+    if len(targets) != len(images):
+        raise UserError(f"target: {len(targets)} targets for {len(images)} images")
+    return [integrated_gradients(model, Sample(image, domain), task, t, device=device, **options)
+            for image, t in zip(images, targets)]
 
 
 def explain(model: Medformer, sample: Sample, method: str, task: str | None = None, target: int | None = None,
@@ -260,5 +280,5 @@ def explain(model: Medformer, sample: Sample, method: str, task: str | None = No
     (:func:`explain_images` on a batch of one)."""
     image, _ = _prepare(model, sample, device)
     values = explain_images(model, image[None], sample.domain, method, task, target, device, **options)[0]
-    gradient = method in ("integrated_gradients", "grad_cam")
+    gradient = method in GRADIENT_METHODS
     return Explanation(values, method, task if gradient else None, target if gradient else None)

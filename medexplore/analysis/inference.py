@@ -26,7 +26,7 @@ from ..models.heads import SegmentationHead
 from ..models.kinds import kind_entry, task_scores
 from ..models.medformer import Medformer
 from ..models.tasks import Domain
-from .attribution import ATTRIBUTION_METHODS, explain_images
+from .attribution import ATTRIBUTION_METHODS, GRADIENT_METHODS, default_targets, explain_images
 from .sliding import WindowBlender
 
 __all__ = ["ImageInference", "infer_image", "iter_infer_image", "window_for", "windows_per_batch",
@@ -87,7 +87,7 @@ def estimate_inference_memory(model: Medformer, image_shape: Sequence[int], wind
     activations = tokens * cfg.embed_dim * cfg.depth * (6 + 2 * cfg.mlp_ratio) * _BYTES
     if any(m in ("rollout", "attention") for m in explain_methods):
         activations += tokens * tokens * cfg.num_heads * cfg.depth * _BYTES
-    if any(m in ("integrated_gradients", "grad_cam") for m in explain_methods):
+    if any(m in GRADIENT_METHODS for m in explain_methods):
         activations *= 3  # the backward pass keeps the forward's activations and their gradients
     return int(outputs + activations * batch_windows + image_shape[0] * voxels * _BYTES * 2)
 
@@ -141,7 +141,7 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     for name in tasks:
         if name not in applicable:
             raise UserError(f"task {name!r} does not apply to {domain} (tasks here: {applicable})")
-    if any(m in ("integrated_gradients", "grad_cam") for m in explain_methods) and explain_task not in applicable:
+    if any(m in GRADIENT_METHODS for m in explain_methods) and explain_task not in applicable:
         raise UserError(f"gradient explanations need explain_task, one of {applicable}; got {explain_task!r}")
     image = prepare_image(image, domain, normalize=False)
     model.patch_embed.grid((image.shape[0], *(model.config.patch_sizes[image.dim() - 1],) * (image.dim() - 1)),
@@ -187,7 +187,9 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
                     offset = torch.tensor(start, dtype=torch.float32).repeat(2)
                     found_boxes[name].append((boxes.float().cpu()[keep] + offset, score[keep]))
         for method, key in zip(explain_methods, map_names):
-            options = (explain_options or {}).get(method, {})
+            options = dict((explain_options or {}).get(method, {}))
+            if method in GRADIENT_METHODS and explain_task in predictions:  # the targets of the pass just run
+                options.setdefault("target", default_targets(model, explain_task, predictions[explain_task]))
             maps = explain_images(model, windows, domain, method, task=explain_task, device=device, **options)
             spatial_out[key] = torch.from_numpy(np.stack(maps))[:, None]
         blender.add(starts, spatial_out)

@@ -115,8 +115,9 @@ def test_windows_go_through_the_model_in_batches_by_tokens_with_the_same_result(
 
 
 def test_gradient_maps_take_their_targets_from_the_windows_pass_and_equal_explaining_the_image():
-    """Grad-CAM of each window explains its predicted class, taken from the pass that ran the tasks (three
-    forward passes per batch of windows: tasks, rollout, Grad-CAM), and equals ``explain`` on that window."""
+    """Grad-CAM of each window explains its predicted class and rollout reads the attention, both taken from
+    the pass that ran the tasks (two forward passes per batch of windows: tasks with attention, Grad-CAM), and
+    each map equals ``explain`` on that window."""
     from medexplore.analysis.attribution import explain
     from medexplore.data.sample import Sample
     from medexplore.models import TaskSpec
@@ -130,9 +131,10 @@ def test_gradient_maps_take_their_targets_from_the_windows_pass_and_equal_explai
                              normalize=False)
     finally:
         handle.remove()
-    assert result.num_windows == 1 and len(calls) == 3
-    alone = explain(model, Sample(image, MRI), "grad_cam", task="grade")
-    np.testing.assert_allclose(result.maps["grad_cam:grade"], alone.values, rtol=1e-4, atol=1e-6)
+    assert result.num_windows == 1 and len(calls) == 2
+    for method, key in (("grad_cam", "grad_cam:grade"), ("rollout", "rollout")):
+        alone = explain(model, Sample(image, MRI), method, task="grade")
+        np.testing.assert_allclose(result.maps[key], alone.values, rtol=1e-4, atol=1e-6)
     chosen = infer_image(model, image, MRI, explain_methods=["grad_cam"], explain_task="grade", normalize=False,
                          explain_options={"grad_cam": {"target": 3}})  # a caller's target still wins
     other = explain(model, Sample(image, MRI), "grad_cam", task="grade", target=3)

@@ -21,7 +21,7 @@ from ..models.medformer import Medformer
 from ..models.packing import Batch
 
 __all__ = ["token_map_to_image", "task_outputs", "attention_rollout", "attention_map", "integrated_gradients",
-           "grad_cam", "explain", "explain_images", "default_targets", "ATTRIBUTION_METHODS", "GRADIENT_METHODS",
+           "grad_cam", "explain", "explain_images", "default_targets", "block_attentions", "ATTRIBUTION_METHODS", "GRADIENT_METHODS",
            "ATTRIBUTION_LABELS", "Explanation"]
 
 ATTRIBUTION_LABELS = {"rollout": "attention rollout", "attention": "attention of one block/head",
@@ -100,11 +100,22 @@ def _prepare_images(model: Medformer, images: Tensor, device) -> tuple[Tensor, t
     return images, grid
 
 
-def _batch_attentions(model: Medformer, images: Tensor, domain) -> list[Tensor]:
-    """Per block, the (B, H, n, n) attention of a batch of same-shape images (prefix tokens included)."""
+def block_attentions(output) -> list[Tensor]:
+    """Per block, the (B, H, n, n) attention (prefix tokens included) of a forward pass over same-shape images
+    run with ``return_attention=True``, as the attention maps read it."""
+    return [block[0].float() for block in output.attentions]  # same-shape images: one packed segment
+
+
+def _batch_attentions(model: Medformer, images: Tensor, domain, attentions: list[Tensor] | None = None) -> list[Tensor]:
+    """Per block, the attention of a batch of same-shape images: ``attentions`` when the caller already ran
+    the pass (:func:`block_attentions`), else one forward pass without task heads."""
+    if attentions is not None:
+        if len(attentions) != len(model.blocks) or any(a.shape[0] != len(images) for a in attentions):
+            raise UserError(f"attentions: expected {len(model.blocks)} blocks of {len(images)} images")
+        return attentions
     with torch.no_grad():
         out = model(Batch.from_images(list(images), [domain] * len(images)), return_attention=True, tasks=[])
-    return [block[0].float() for block in out.attentions]  # same-shape images: one packed segment
+    return block_attentions(out)
 
 
 def _maps_to_images(values: Tensor, grid: tuple[int, ...], image_shape: tuple[int, ...]) -> list[np.ndarray]:
@@ -112,7 +123,7 @@ def _maps_to_images(values: Tensor, grid: tuple[int, ...], image_shape: tuple[in
 
 
 def _rollout(model: Medformer, images: Tensor, domain, head_fusion: str = "mean", discard_ratio: float = 0.0,
-             device="cpu") -> list[np.ndarray]:
+             device="cpu", attentions: list[Tensor] | None = None) -> list[np.ndarray]:
     if head_fusion not in ("mean", "max", "min"):
         raise UserError(f"head_fusion must be mean, max or min, got {head_fusion!r}")
     if not 0 <= discard_ratio < 1:
@@ -120,7 +131,7 @@ def _rollout(model: Medformer, images: Tensor, domain, head_fusion: str = "mean"
     images, grid = _prepare_images(model, images, device)
     p = model.num_prefix_tokens
     rollout = None
-    for attn in _batch_attentions(model, images, domain):
+    for attn in _batch_attentions(model, images, domain, attentions):
         a = getattr(attn, head_fusion)(1)
         a = a.values if head_fusion != "mean" else a
         if discard_ratio:
@@ -134,9 +145,9 @@ def _rollout(model: Medformer, images: Tensor, domain, head_fusion: str = "mean"
 
 
 def _attention(model: Medformer, images: Tensor, domain, block: int = -1, head: int | None = None,
-               device="cpu") -> list[np.ndarray]:
+               device="cpu", attentions: list[Tensor] | None = None) -> list[np.ndarray]:
     images, grid = _prepare_images(model, images, device)
-    attentions = _batch_attentions(model, images, domain)
+    attentions = _batch_attentions(model, images, domain, attentions)
     if not -len(attentions) <= block < len(attentions):
         raise UserError(f"block must be in {-len(attentions)}..{len(attentions) - 1}, got {block}")
     attn = attentions[block]
@@ -256,7 +267,8 @@ def explain_images(model: Medformer, images: Tensor, domain, method: str, task: 
     image, equal to explaining each alone. Attention maps and Grad-CAM take one pass for the batch;
     Integrated Gradients (already batched over its steps inside captum) runs image by image. ``target``
     is one output index for all images or one per image; by default each image's own (a caller that has
-    already run the model passes them and saves Grad-CAM a forward pass)."""
+    already run the model passes them and saves Grad-CAM a forward pass). Likewise ``attentions=``
+    (:func:`block_attentions` of that pass) saves the attention maps theirs."""
     if method not in ATTRIBUTION_METHODS:
         raise UserError(f"method must be one of {ATTRIBUTION_METHODS}, got {method!r}")
     if method == "rollout":

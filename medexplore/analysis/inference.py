@@ -26,7 +26,7 @@ from ..models.heads import SegmentationHead
 from ..models.kinds import kind_entry, task_scores
 from ..models.medformer import Medformer
 from ..models.tasks import Domain
-from .attribution import ATTRIBUTION_METHODS, GRADIENT_METHODS, default_targets, explain_images
+from .attribution import ATTRIBUTION_METHODS, GRADIENT_METHODS, block_attentions, default_targets, explain_images
 from .sliding import WindowBlender
 
 __all__ = ["ImageInference", "infer_image", "iter_infer_image", "window_for", "windows_per_batch",
@@ -93,9 +93,12 @@ def estimate_inference_memory(model: Medformer, image_shape: Sequence[int], wind
 
 
 @torch.no_grad()
-def _window_outputs(model: Medformer, windows: Tensor, domain: Domain, tasks: Sequence[str]) -> dict:
-    out = model(Batch.from_images(list(windows), [domain] * len(windows)), tasks=list(tasks))
-    return out.predictions
+def _window_outputs(model: Medformer, windows: Tensor, domain: Domain, tasks: Sequence[str],
+                    attention: bool = False) -> tuple[dict, list[Tensor] | None]:
+    """The tasks' predictions for a batch of windows and, with ``attention``, each block's attention from the
+    same pass (what the attention maps read)."""
+    out = model(Batch.from_images(list(windows), [domain] * len(windows)), tasks=list(tasks), return_attention=attention)
+    return out.predictions, block_attentions(out) if attention else None
 
 
 def infer_image(model: Medformer, image, domain: Domain, **options) -> ImageInference:
@@ -163,7 +166,8 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
     seg_tasks = [n for n in tasks if outputs[n] == "mask"]
     vector_tasks = [n for n in tasks if outputs[n] == "vector"]
     det_tasks = [n for n in tasks if outputs[n] == "boxes"]
-    map_names = [m if m in ("rollout", "attention") else f"{m}:{explain_task}" for m in explain_methods]
+    attention_methods = [m for m in explain_methods if m in ("rollout", "attention")]
+    map_names = [m if m in attention_methods else f"{m}:{explain_task}" for m in explain_methods]
     channels = {**{n: model.tasks[n].num_outputs for n in seg_tasks}, **{k: 1 for k in map_names}}
     blender = WindowBlender(spatial, roi, overlap, channels)
     vector_sums = {n: 0.0 for n in vector_tasks}
@@ -172,7 +176,7 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
     for done, starts in blender.batches(batch_windows):
         windows = torch.stack([image[(slice(None), *blender.region(s))] for s in starts]).to(device)
         windows = blender.pad(windows)
-        predictions = _window_outputs(model, windows, domain, tasks)
+        predictions, attentions = _window_outputs(model, windows, domain, tasks, attention=bool(attention_methods))
         spatial_out = {}
         for name in seg_tasks:
             per_sample = SegmentationHead.per_sample(predictions[name], len(windows))
@@ -190,6 +194,8 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
             options = dict((explain_options or {}).get(method, {}))
             if method in GRADIENT_METHODS and explain_task in predictions:  # the targets of the pass just run
                 options.setdefault("target", default_targets(model, explain_task, predictions[explain_task]))
+            if method in attention_methods:  # the attention of the pass just run
+                options["attentions"] = attentions
             maps = explain_images(model, windows, domain, method, task=explain_task, device=device, **options)
             spatial_out[key] = torch.from_numpy(np.stack(maps))[:, None]
         blender.add(starts, spatial_out)

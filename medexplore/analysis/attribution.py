@@ -21,12 +21,13 @@ from ..models.medformer import Medformer
 from ..models.packing import Batch
 
 __all__ = ["token_map_to_image", "task_outputs", "attention_rollout", "attention_map", "integrated_gradients",
-           "grad_cam", "explain", "explain_images", "default_targets", "block_attentions", "ATTRIBUTION_METHODS", "GRADIENT_METHODS",
-           "ATTRIBUTION_LABELS", "Explanation"]
+           "grad_cam", "explain", "explain_images", "default_targets", "block_attentions", "ATTRIBUTION_METHODS",
+           "ATTENTION_METHODS", "GRADIENT_METHODS", "ATTRIBUTION_LABELS", "Explanation"]
 
 ATTRIBUTION_LABELS = {"rollout": "attention rollout", "attention": "attention of one block/head",
                       "integrated_gradients": "Integrated Gradients", "grad_cam": "LayerGradCam"}  # method: what a UI shows
 ATTRIBUTION_METHODS = tuple(ATTRIBUTION_LABELS)
+ATTENTION_METHODS = ("rollout", "attention")  # read the blocks' attention
 GRADIENT_METHODS = ("integrated_gradients", "grad_cam")  # explain one task's output
 
 
@@ -60,11 +61,15 @@ def _default_target(model: Medformer, task: str, outputs: Tensor) -> int:
     return kind_entry(model.tasks[task].kind).default_target(outputs)
 
 
+def _default_targets(model: Medformer, task: str, outputs: Tensor) -> list[int]:
+    """Per image, the default target of (N, K) task outputs."""
+    return [_default_target(model, task, outputs[b:b + 1]) for b in range(outputs.shape[0])]
+
+
 def default_targets(model: Medformer, task: str, prediction) -> list[int]:
     """Each image's default output to explain (its predicted class, for multiclass), from a prediction of
     ``task`` that the caller already has."""
-    outputs = task_outputs(model, task, prediction)
-    return [_default_target(model, task, outputs[b:b + 1]) for b in range(outputs.shape[0])]
+    return _default_targets(model, task, task_outputs(model, task, prediction))
 
 
 class _TaskForward(nn.Module):
@@ -210,7 +215,7 @@ class _TokenGridProbe(nn.Module):
         return x
 
 
-def _grad_cam(model: Medformer, images: Tensor, domain, task: str, target: int | Sequence[int] | None = None,
+def _grad_cam(model: Medformer, images: Tensor, domain, task: str, target: int | list[int] | None = None,
               block: int = -1, device="cpu") -> list[np.ndarray]:
     from captum.attr import LayerGradCam
 
@@ -233,11 +238,7 @@ def _grad_cam(model: Medformer, images: Tensor, domain, task: str, target: int |
         if target is None:  # each image's own default target (its predicted class, for multiclass)
             with torch.no_grad():
                 outputs = forward(images)
-            target = [_default_target(model, task, outputs[b:b + 1]) for b in range(len(images))]
-        elif isinstance(target, Sequence):
-            if len(target) != len(images):
-                raise UserError(f"target: {len(target)} targets for {len(images)} images")
-            target = [int(t) for t in target]
+            target = _default_targets(model, task, outputs)
         cam = LayerGradCam(forward, probe).attribute(images, target=target, relu_attributions=True)
     finally:
         handle.remove()
@@ -277,11 +278,13 @@ def explain_images(model: Medformer, images: Tensor, domain, method: str, task: 
         return _attention(model, images, domain, device=device, **options)
     if task is None:
         raise UserError(f"{method} explains one task: pass task= (one of {sorted(model.tasks)})")
+    if isinstance(target, Sequence):
+        if len(target) != len(images):
+            raise UserError(f"target: {len(target)} targets for {len(images)} images")
+        target = [int(t) for t in target]
     if method == "grad_cam":
         return _grad_cam(model, images, domain, task, target, device=device, **options)
-    targets = list(target) if isinstance(target, Sequence) else [target] * len(images)
-    if len(targets) != len(images):
-        raise UserError(f"target: {len(targets)} targets for {len(images)} images")
+    targets = target if isinstance(target, list) else [target] * len(images)
     return [integrated_gradients(model, Sample(image, domain), task, t, device=device, **options)
             for image, t in zip(images, targets)]
 

@@ -26,7 +26,7 @@ from ..models.heads import SegmentationHead
 from ..models.kinds import kind_entry, task_scores
 from ..models.medformer import Medformer
 from ..models.tasks import Domain
-from .attribution import ATTRIBUTION_METHODS, GRADIENT_METHODS, block_attentions, default_targets, explain_images
+from .attribution import ATTENTION_METHODS, ATTRIBUTION_METHODS, GRADIENT_METHODS, block_attentions, default_targets, explain_images
 from .sliding import WindowBlender
 
 __all__ = ["ImageInference", "infer_image", "iter_infer_image", "window_for", "windows_per_batch",
@@ -85,7 +85,7 @@ def estimate_inference_memory(model: Medformer, image_shape: Sequence[int], wind
     tokens = math.prod(w // model.config.patch_sizes[len(window)] for w in window)
     cfg = model.config
     activations = tokens * cfg.embed_dim * cfg.depth * (6 + 2 * cfg.mlp_ratio) * _BYTES
-    if any(m in ("rollout", "attention") for m in explain_methods):
+    if any(m in ATTENTION_METHODS for m in explain_methods):
         activations += tokens * tokens * cfg.num_heads * cfg.depth * _BYTES
     if any(m in GRADIENT_METHODS for m in explain_methods):
         activations *= 3  # the backward pass keeps the forward's activations and their gradients
@@ -166,8 +166,8 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
     seg_tasks = [n for n in tasks if outputs[n] == "mask"]
     vector_tasks = [n for n in tasks if outputs[n] == "vector"]
     det_tasks = [n for n in tasks if outputs[n] == "boxes"]
-    attention_methods = [m for m in explain_methods if m in ("rollout", "attention")]
-    map_names = [m if m in attention_methods else f"{m}:{explain_task}" for m in explain_methods]
+    reads_attention = any(m in ATTENTION_METHODS for m in explain_methods)
+    map_names = [m if m in ATTENTION_METHODS else f"{m}:{explain_task}" for m in explain_methods]
     channels = {**{n: model.tasks[n].num_outputs for n in seg_tasks}, **{k: 1 for k in map_names}}
     blender = WindowBlender(spatial, roi, overlap, channels)
     vector_sums = {n: 0.0 for n in vector_tasks}
@@ -176,7 +176,7 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
     for done, starts in blender.batches(batch_windows):
         windows = torch.stack([image[(slice(None), *blender.region(s))] for s in starts]).to(device)
         windows = blender.pad(windows)
-        predictions, attentions = _window_outputs(model, windows, domain, tasks, attention=bool(attention_methods))
+        predictions, attentions = _window_outputs(model, windows, domain, tasks, attention=reads_attention)
         spatial_out = {}
         for name in seg_tasks:
             per_sample = SegmentationHead.per_sample(predictions[name], len(windows))
@@ -190,11 +190,12 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
                     keep = score >= box_threshold
                     offset = torch.tensor(start, dtype=torch.float32).repeat(2)
                     found_boxes[name].append((boxes.float().cpu()[keep] + offset, score[keep]))
+        targets = default_targets(model, explain_task, predictions[explain_task]) if explain_task in predictions else None
         for method, key in zip(explain_methods, map_names):
             options = dict((explain_options or {}).get(method, {}))
-            if method in GRADIENT_METHODS and explain_task in predictions:  # the targets of the pass just run
-                options.setdefault("target", default_targets(model, explain_task, predictions[explain_task]))
-            if method in attention_methods:  # the attention of the pass just run
+            if method in GRADIENT_METHODS and targets is not None:  # the targets of the pass just run
+                options.setdefault("target", targets)
+            if method in ATTENTION_METHODS:  # the attention of the pass just run
                 options["attentions"] = attentions
             maps = explain_images(model, windows, domain, method, task=explain_task, device=device, **options)
             spatial_out[key] = torch.from_numpy(np.stack(maps))[:, None]

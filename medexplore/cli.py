@@ -1,4 +1,4 @@
-"""The ``medexplore`` command line: demo, models, datasets, pretrain, train, evaluate, embed.
+"""The ``medexplore`` command line: demo, models, datasets, pretrain, train, evaluate, calibrate, embed.
 
 A thin layer over :mod:`medexplore.train.workflow`: parse, call the library, print.
 """
@@ -131,6 +131,22 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .errors import UserError
+    from .pretrained import FOLDER
+    from .train.checkpoint import resolve_checkpoint
+    from .train.workflow import calibrate_checkpoint
+
+    folder = resolve_checkpoint(args.checkpoint)
+    if folder.resolve().is_relative_to(FOLDER):
+        raise UserError(f"{args.checkpoint} is a shipped model: copy it to a folder of your own to calibrate it")
+    _, device, dataset = _checkpoint_data(args)
+    defaults = calibrate_checkpoint(folder, dataset, device=device)
+    print(json.dumps(defaults.to_dict(), indent=1))
+    print(f"stored in {folder / 'meta.json'}")
+    return 0
+
+
 def cmd_embed(args) -> int:
     from .analysis.embeddings import compute_embeddings
     from .errors import UserError
@@ -258,17 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_experiment)
 
     for name, func, text in (("evaluate", cmd_evaluate, "metrics of a checkpoint on a split"),
+                             ("calibrate", cmd_calibrate, "store in a checkpoint its sliding-window size and the box and mask "
+                              "thresholds with the best F1 / Dice on a split (default val; training runs do this themselves)"),
                              ("embed", cmd_embed, "embeddings (pooled, per task, per block) and metadata of a split, to one npz file "
                               "(read it with medexplore.analysis.load_embeddings)")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("checkpoint", help="checkpoint folder (run/checkpoints/best) or shipped model name "
                        "(`medexplore models`)")
-        p.add_argument("--split", default="test", choices=("train", "val", "test"))
+        p.add_argument("--split", default="val" if name == "calibrate" else "test", choices=("train", "val", "test"))
         p.add_argument("--root", help="folder of the MedMNIST files (default: the run's, else $MEDMNIST_ROOT "
                        "or ~/.medmnist)")
         p.add_argument("--data-path", help="an explicit npz file (default: the one the run used)")
         p.add_argument("--device", default="auto")
-        p.add_argument("--output", required=(name == "embed"), help="output file")
+        if name != "calibrate":
+            p.add_argument("--output", required=(name == "embed"), help="output file")
         if name == "evaluate":
             p.add_argument("--flips", action="store_true",
                            help="average image-level predictions over each image and its left-right mirror")

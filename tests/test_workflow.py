@@ -8,6 +8,7 @@ from medexplore.analysis import predict_samples
 from medexplore.data import PerAnnotationView
 from medexplore.data.embedded import EMBEDDED_TASKS, EmbeddedConfig, EmbeddedDataset, build_embedded
 from medexplore.data.registry import dataset_tasks, vocab_for
+from medexplore.errors import UserError
 from medexplore.experiments.demo import demo, gallery_samples
 from medexplore.models import create_model
 from medexplore.viz import prediction_gallery, training_curves
@@ -40,6 +41,25 @@ def test_embedded_is_deterministic_and_multi_annotated(train_set):
             region = s.labels["lesion_mask"][tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
             assert region.sum() > 0
     assert [t.name for t in dataset_tasks(train_set)] == [t.name for t in EMBEDDED_TASKS]
+
+
+def test_background_crops_are_lesion_free_and_reach_outside_the_tissue():
+    arrays = build_embedded(EmbeddedConfig(per_source_2d=3, num_3d=12, size_3d=24, background=1.0))
+    assert arrays["counts2d"].sum() == 0 and arrays["counts3d"].sum() == 0 and arrays["masks3d"].sum() == 0
+    assert (arrays["tissue3d"] == 0).mean() > 0.3  # crops centred anywhere: much air and skull
+    centred = build_embedded(EmbeddedConfig(per_source_2d=3, num_3d=12, size_3d=24, lesion_free=1.0))
+    assert (centred["tissue3d"] == 0).mean() < (arrays["tissue3d"] == 0).mean()
+    with pytest.raises(UserError, match="background"):
+        EmbeddedConfig(background=1.5)
+
+
+def test_data_embedded_section_sets_the_crops_and_names_unknown_keys():
+    from medexplore.data.registry import embedded_config
+
+    config = embedded_config({"embedded": {"size_2d": 48, "background": 0.25}, "volume_size": 28, "seed": 3})
+    assert (config.size_2d, config.size_3d, config.background, config.seed) == (48, 28, 0.25, 3)
+    with pytest.raises(UserError, match=r"data.embedded: unknown key\(s\) \['size'\]"):
+        embedded_config({"embedded": {"size": 48}})
 
 
 def test_image_centric_vs_decentralized_views(train_set):

@@ -51,10 +51,13 @@ class ImageInference:
 def window_for(model: Medformer, spatial: Sequence[int], window: int | Sequence[int] | None = None,
                max_tokens: int | None = None, device: str = "cpu") -> tuple[int, ...]:
     """The sliding window for an image of size ``spatial``: ``window`` checked, or the automatic choice:
-    the whole image when it has at most ``max_tokens`` tokens (default: the training token budget of
-    ``device``, :func:`medexplore.configs.token_budget`), else the largest cube that does."""
+    the whole image when it has at most ``max_tokens`` tokens, else the largest cube that does. By default
+    ``max_tokens`` is the model's (``model.inference.max_tokens``: the largest image it was calibrated on),
+    else the training token budget of ``device`` (:func:`medexplore.configs.token_budget`)."""
     patch = model.config.patch_sizes[len(spatial)]
-    max_tokens = token_budget(str(device)) if max_tokens is None else int(max_tokens)
+    if max_tokens is None:
+        max_tokens = model.inference.max_tokens.get(f"{len(spatial)}d") or token_budget(str(device))
+    max_tokens = int(max_tokens)
     fit = tuple(math.ceil(s / patch) * patch for s in spatial)  # the whole image, padded to whole patches
     if window is None:
         if math.prod(f // patch for f in fit) <= max_tokens:
@@ -116,7 +119,7 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
                      explain_options: Mapping[str, dict] | None = None,
                      window: int | Sequence[int] | None = None, overlap: float = 0.25,
                      max_tokens: int | None = None, batch_windows: int | None = None, normalize: bool = True,
-                     box_threshold: float = 0.5, device="cpu") -> Iterator[tuple[int, int]]:
+                     box_threshold: float | None = None, device="cpu") -> Iterator[tuple[int, int]]:
     """Checks the arguments, then returns a generator that yields ``(windows done, total)`` and returns
     the :class:`ImageInference`.
 
@@ -125,7 +128,9 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     ``normalize=False``). ``window`` is the sliding window in pixels (a multiple of the patch size); by
     default the whole image when it has at most ``max_tokens`` tokens (default: the training token budget
     of ``device``), else the largest cube that does. ``batch_windows`` windows go through the model
-    at once (default: :func:`windows_per_batch`).
+    at once (default: :func:`windows_per_batch`). A box needs a score of ``box_threshold`` (default: the
+    model's calibrated threshold per task, :class:`~medexplore.models.InferenceDefaults`, else 0.5); a
+    two-class mask with a calibrated threshold marks the pixels whose foreground probability reaches it.
     ``explain_methods`` are names from :data:`ATTRIBUTION_METHODS`; gradient methods explain
     ``explain_task``; ``explain_options`` passes options per method (e.g. ``{"attention": {"block": 3,
     "head": 0}}``). Stop iterating (a GUI's cancel) and nothing is computed further; bad arguments
@@ -133,6 +138,8 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     """
     if not 0 <= overlap < 1:
         raise UserError(f"overlap must be in [0, 1), got {overlap}")
+    if box_threshold is not None and not 0 <= box_threshold <= 1:
+        raise UserError(f"box_threshold must be in [0, 1], got {box_threshold}")
     if batch_windows is not None and (isinstance(batch_windows, bool) or not isinstance(batch_windows, int)
                                       or batch_windows < 1):
         raise UserError(f"batch_windows must be a positive integer, got {batch_windows!r}")
@@ -147,11 +154,12 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     if any(m in GRADIENT_METHODS for m in explain_methods) and explain_task not in applicable:
         raise UserError(f"gradient explanations need explain_task, one of {applicable}; got {explain_task!r}")
     image = prepare_image(image, domain, normalize=False)
-    model.patch_embed.grid((image.shape[0], *(model.config.patch_sizes[image.dim() - 1],) * (image.dim() - 1)),
-                           where="the image")
+    if image.dim() - 1 not in model.config.patch_sizes:
+        raise UserError(f"the image: expected (C, H, W) or (C, D, H, W), got shape {tuple(image.shape)}")
+    roi = window_for(model, tuple(image.shape[1:]), window, max_tokens, device)
+    model.patch_embed.grid((image.shape[0], *roi), where="the image")  # channels, and what the stem needs
     if normalize:
         image = normalize_intensity(image, domain.modality)
-    roi = window_for(model, tuple(image.shape[1:]), window, max_tokens, device)
     batch_windows = windows_per_batch(model, roi) if batch_windows is None else batch_windows
     return _infer_steps(model, image, domain, tasks, explain_methods, explain_task, explain_options, roi, overlap,
                         batch_windows, box_threshold, device)
@@ -187,7 +195,7 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
             scores = predictions[name]["logits"].sigmoid().float().cpu()
             for boxes, score, start in zip(predictions[name]["boxes"], scores, starts):
                 if boxes is not None:
-                    keep = score >= box_threshold
+                    keep = score >= (model.inference.box_threshold(name) if box_threshold is None else box_threshold)
                     offset = torch.tensor(start, dtype=torch.float32).repeat(2)
                     found_boxes[name].append((boxes.float().cpu()[keep] + offset, score[keep]))
         targets = default_targets(model, explain_task, predictions[explain_task]) if explain_task in predictions else None
@@ -204,7 +212,9 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
     blended = blender.result()
     result = ImageInference(window=roi, num_windows=blender.num_windows)
     for name in seg_tasks:
-        result.segmentations[name] = blended[name].argmax(0).numpy().astype(np.int32)
+        threshold = model.inference.mask_thresholds.get(name)
+        labels = blended[name].argmax(0) if threshold is None else (blended[name][1] >= threshold)
+        result.segmentations[name] = labels.numpy().astype(np.int32)
     for key in map_names:
         result.maps[key] = blended[key][0].numpy()
     for name in vector_tasks:

@@ -51,7 +51,13 @@ SOURCES_2D = {  # name: (modality, body part)
 
 @dataclass(frozen=True)
 class EmbeddedConfig:
-    """Size of the embedded dataset; the defaults train within minutes on 2 CPU cores."""
+    """Size of the embedded dataset; the defaults train within minutes on 2 CPU cores.
+
+    ``size_2d`` / ``size_3d`` are the crop sides; ``background`` is the share of crops cut anywhere in the
+    full-size image (air, skull, the black surround of a fundus photograph included) and kept lesion-free:
+    the windows a sliding-window pass over a whole healthy image meets, which crops centred on tissue
+    never show.
+    """
 
     seed: int = 0
     per_source_2d: int = 80
@@ -59,7 +65,16 @@ class EmbeddedConfig:
     size_2d: int = 32
     size_3d: int = 16
     lesion_free: float = 0.35
+    background: float = 0.0
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
+
+    def __post_init__(self):
+        for name in ("per_source_2d", "num_3d", "size_2d", "size_3d"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"embedded {name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("lesion_free", "background"):
+            if not 0 <= float(getattr(self, name)) <= 1:
+                raise UserError(f"embedded {name} must be a fraction in [0, 1], got {getattr(self, name)!r}")
 
     def key(self) -> str:
         text = json.dumps({"version": VERSION, **asdict(self)}, sort_keys=True)
@@ -142,11 +157,13 @@ def lesion_radii(spatial: tuple[int, ...]) -> tuple[float, float]:
     return max(2.0, side / 10), max(2.5, side / 5)
 
 
-def add_lesions(rng, image: np.ndarray, count: int, allowed: np.ndarray | None):
-    """Blend ``count`` smooth blobs into ``image``; returns (image, mask, boxes (count, 2d))."""
+def add_lesions(rng, image: np.ndarray, count: int, allowed: np.ndarray | None,
+                radii: tuple[float, float] | None = None):
+    """Blend ``count`` smooth blobs into ``image``; returns (image, mask, boxes (count, 2d)). Their radii are
+    drawn from ``radii`` (default :func:`lesion_radii` of the image)."""
     spatial = image.shape[1:]
     dims = len(spatial)
-    low, high = lesion_radii(spatial)
+    low, high = lesion_radii(spatial) if radii is None else radii
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in spatial], indexing="ij"), -1).astype(np.float32)
     mask = np.zeros(spatial, np.uint8)
     boxes, centres = [], []
@@ -173,6 +190,16 @@ def add_lesions(rng, image: np.ndarray, count: int, allowed: np.ndarray | None):
     return image, mask, np.array(boxes, np.float32).reshape(-1, 2 * dims)
 
 
+def _is_background(rng, config: EmbeddedConfig) -> bool:
+    """Whether the next crop is a background crop (no draw at ``background=0``, so such data stays as it was)."""
+    return bool(config.background) and bool(rng.random() < config.background)
+
+
+def _lesion_count(rng, config: EmbeddedConfig, background: bool) -> int:
+    lesion_free = rng.random() < config.lesion_free  # drawn for background crops too: one random stream
+    return 0 if lesion_free or background else int(rng.integers(1, MAX_LESIONS + 1))
+
+
 def build_embedded(config: EmbeddedConfig = EmbeddedConfig()) -> dict[str, np.ndarray]:
     """Generate the dataset's arrays (deterministic from ``config.seed``)."""
     rng = np.random.default_rng(config.seed)
@@ -183,18 +210,19 @@ def build_embedded(config: EmbeddedConfig = EmbeddedConfig()) -> dict[str, np.nd
     slice_vol = src["t1"][0].transpose(2, 0, 1)
     for name, (modality, body) in SOURCES_2D.items():
         for _ in range(config.per_source_2d):
+            anywhere = _is_background(rng, config)
             if name == "mri_slice":
                 z = int(rng.integers(25, 70))
-                img, sl = _crop(rng, slice_vol[z][None], s2, 2, brain_slices[z])
+                img, sl = _crop(rng, slice_vol[z][None], s2, 2, None if anywhere else brain_slices[z])
                 allowed = brain_slices[z][sl]
             else:
                 inside = (src[name].mean(0) > src[name].mean(0).min() + 0.2) if name == "retina" else None
-                img, _ = _crop(rng, src[name], s2, 2, inside)
+                img, _ = _crop(rng, src[name], s2, 2, None if anywhere else inside)
                 allowed = None
             img = img * rng.uniform(0.8, 1.2) + rng.uniform(-0.2, 0.2)
             if rng.random() < 0.5:
                 img = img[:, :, ::-1]
-            count = 0 if rng.random() < config.lesion_free else int(rng.integers(1, MAX_LESIONS + 1))
+            count = _lesion_count(rng, config, anywhere)
             img, mask, boxes = add_lesions(rng, np.ascontiguousarray(img), count, allowed)
             padded = np.zeros((3, s2, s2), np.float32)
             padded[:img.shape[0]] = img
@@ -202,12 +230,13 @@ def build_embedded(config: EmbeddedConfig = EmbeddedConfig()) -> dict[str, np.nd
             mods2d.append(modality), bodies2d.append(body), names2d.append((boxes, name))
     images3d, masks3d, tissue3d, boxes3d = [], [], [], []
     for _ in range(config.num_3d):
-        img, sl = _crop(rng, src["t1"], s3, 3, src["brain"])
+        anywhere = _is_background(rng, config)
+        img, sl = _crop(rng, src["t1"], s3, 3, None if anywhere else src["brain"])
         tissue = src["tissue"][sl]
         if rng.random() < 0.5:
             img, tissue = img[:, ::-1], tissue[::-1]
         img = img * rng.uniform(0.8, 1.2) + rng.uniform(-0.2, 0.2)
-        count = 0 if rng.random() < config.lesion_free else int(rng.integers(1, MAX_LESIONS + 1))
+        count = _lesion_count(rng, config, anywhere)
         img, mask, boxes = add_lesions(rng, np.ascontiguousarray(img), count, np.ascontiguousarray(tissue) > 0)
         images3d.append(img), masks3d.append(mask), tissue3d.append(np.ascontiguousarray(tissue)), boxes3d.append(boxes)
 

@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..models.tasks import Domain
-from .embedded import TISSUE_LABELS, add_lesions, mni152
+from .embedded import TISSUE_LABELS, add_lesions, lesion_radii, mni152
 from .readers import read_dicom
 
-__all__ = ["Example", "mni152_t1", "ct_slice", "retina_with_lesions", "EXAMPLES"]
+__all__ = ["Example", "mni152_t1", "ct_slice", "retina_with_lesions", "EXAMPLES", "LESION_WINDOW"]
+
+LESION_WINDOW = 48  # the sample's lesions are sized as in crops of this side (the shipped model's 2D window)
 
 
 @dataclass
@@ -47,12 +49,16 @@ def ct_slice() -> Example:
 
 
 def retina_with_lesions(seed: int = 0, count: int = 3) -> Example:
-    """scikit-image's fundus photograph (353 x 353 RGB) with ``count`` inserted lesions and their mask."""
+    """scikit-image's fundus photograph (353 x 353 RGB) with ``count`` inserted lesions and their mask.
+
+    The lesions have the size they have in a training crop of :data:`LESION_WINDOW` pixels (radii of 4.8 to
+    9.6 pixels): a lesion is a local finding, not a fifth of the eye."""
     from skimage import data as skdata
 
     image = skdata.retina()[::4, ::4].astype(np.float32).transpose(2, 0, 1)
     inside = image.mean(0) > image.mean(0).min() + 20
-    image, mask, boxes = add_lesions(np.random.default_rng(seed), image, count, inside)
+    image, mask, boxes = add_lesions(np.random.default_rng(seed), image, count, inside,
+                                     radii=lesion_radii((LESION_WINDOW, LESION_WINDOW)))
     return Example("retina with lesions", np.clip(image, 0, 255).astype(np.float32), (1.0, 1.0),
                    Domain("2d", "fundus", "eye"), mask.astype(np.uint8), ("background", "lesion"), boxes,
                    metadata={"source": "scikit-image retina"})

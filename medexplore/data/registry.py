@@ -1,7 +1,7 @@
 """Datasets by name: one data-config dict describes what to load (used by the CLI, napari, notebooks)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from torch.utils.data import Dataset
 
@@ -38,6 +38,7 @@ class DataSection:
     pseudo_labels: str | None = None
     keep_tasks: list | None = None
     volume_size: int | None = None
+    embedded: dict | None = None
 
 
 def check_data_config(data: dict) -> dict:
@@ -49,10 +50,26 @@ def available_datasets() -> list[str]:
     return ["embedded", "folder", "natural", *MEDMNIST]
 
 
+def embedded_config(data: dict) -> EmbeddedConfig:
+    """The embedded dataset's configuration: ``data.embedded`` (EmbeddedConfig fields), ``data.seed`` and
+    ``data.volume_size`` (the side of its 3D crops)."""
+    options = dict(data.get("embedded") or {})
+    unknown = sorted(set(options) - {f.name for f in fields(EmbeddedConfig)} - {"seed"})
+    if unknown:
+        raise UserError(f"data.embedded: unknown key(s) {unknown}; known: {[f.name for f in fields(EmbeddedConfig)]}")
+    if data.get("volume_size"):
+        options.setdefault("size_3d", int(data["volume_size"]))
+    options.setdefault("seed", int(data.get("seed", 0)))
+    try:
+        options = {k: (tuple(v) if isinstance(v, list) else type(getattr(EmbeddedConfig, k))(v)) for k, v in options.items()}
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"data.embedded {options}: {exc}") from exc
+    return EmbeddedConfig(**options)
+
+
 def _one(name: str, data: dict, split: str) -> Dataset:
     if name == "embedded":
-        volume = data.get("volume_size") or EmbeddedConfig.size_3d  # side of the embedded 3D volumes
-        return EmbeddedDataset(split, EmbeddedConfig(seed=int(data.get("seed", 0)), size_3d=int(volume)))
+        return EmbeddedDataset(split, embedded_config(data))
     if name == "folder":
         if not data.get("csv") or not data.get("tasks"):
             raise UserError("the 'folder' dataset needs data.csv (the label table) and data.tasks (task specs)")

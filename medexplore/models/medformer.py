@@ -13,6 +13,7 @@ from .adaptformer import InputAdaptformer, OutputAdaptformer
 from .blocks import Block
 from .config import DomainVocab, MedformerConfig
 from .heads import HeadContext, LabelError
+from .inference_defaults import InferenceDefaults
 from .kinds import HeadDims, kind_entry
 from .packing import Batch, TokenLayout
 from .rope import Rotary3D
@@ -85,6 +86,7 @@ class Medformer(nn.Module):
         self.prompts: nn.Module | None = None  # visual prompt tokens (medexplore.adapt)
         self.adaptation: dict | None = None  # how medexplore.adapt changed this model, for checkpoints
         self.frozen_modules: list[str] = []  # kept in eval mode by train()
+        self.inference = InferenceDefaults()  # sliding window and thresholds on whole images, for checkpoints
         for task in tasks:
             self.add_task(task)
         if self.cls_token is not None:
@@ -261,6 +263,8 @@ class Medformer(nn.Module):
         spec = {"config": self.config.to_dict(), "tasks": [t.to_dict() for t in self.tasks.values()]}
         if self.adaptation is not None:
             spec["adaptation"] = dict(self.adaptation)
+        if self.inference:
+            spec["inference"] = self.inference.to_dict()
         return spec
 
     @classmethod
@@ -272,7 +276,9 @@ class Medformer(nn.Module):
         if spec.get("adaptation"):
             raise UserError(f"the model is adapted ({spec['adaptation'].get('strategy')}); rebuild it with "
                              "medexplore.adapt.model_from_spec")
-        return cls(MedformerConfig.from_dict(spec["config"]), [TaskSpec.from_dict(t) for t in spec.get("tasks", [])])
+        model = cls(MedformerConfig.from_dict(spec["config"]), [TaskSpec.from_dict(t) for t in spec.get("tasks", [])])
+        model.inference = InferenceDefaults.from_dict(spec.get("inference"))
+        return model
 
     def num_params(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

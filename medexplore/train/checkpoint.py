@@ -22,12 +22,13 @@ from safetensors.torch import load_file, save_file
 
 from ..adapt.strategies import model_from_spec
 from ..errors import UserError
+from ..models.inference_defaults import InferenceDefaults
 from ..models.medformer import Medformer
 from ..pretrained import pretrained_folder, pretrained_models
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "CheckpointError", "rng_state", "set_rng_state",
            "recover_checkpoints", "snapshot_name", "list_snapshots", "checkpoint_exists", "final_checkpoint",
-           "init_from_checkpoint", "resolve_checkpoint", "export_checkpoint"]
+           "init_from_checkpoint", "resolve_checkpoint", "export_checkpoint", "save_inference_defaults"]
 
 FORMAT = "medexplore-checkpoint/1"
 
@@ -126,6 +127,22 @@ def export_checkpoint(source: str | Path, folder: str | Path, record: dict | Non
     if any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values())):
         raise CheckpointError(f"{out}: the exported weights differ from {source}")
     return out
+
+
+def save_inference_defaults(folder: str | Path, defaults: InferenceDefaults) -> Path:
+    """Store ``defaults`` in checkpoint ``folder``'s ``meta.json`` (``model.inference``; weights untouched,
+    the file replaced atomically)."""
+    path = _resolve(Path(folder)) / "meta.json"
+    meta = json.loads(path.read_text())
+    meta["model"] = {**meta["model"], "inference": defaults.to_dict()}
+    tmp = path.with_name(f"meta.json.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(json.dumps(meta, indent=2, default=str))
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path} ({exc.strerror or exc}); it is unchanged") from exc
+    return path
 
 
 def recover_checkpoints(checkpoints: str | Path) -> None:

@@ -22,10 +22,20 @@ from ..data.sample import collate
 from ..errors import UserError
 from ..models import create_model
 from ..models.config import MedformerConfig
+from ..models.inference_defaults import InferenceDefaults
 from ..models.kinds import kind_entry
 from ..models.medformer import Medformer
 from ..typed import coerce_fields
-from .checkpoint import checkpoint_exists, final_checkpoint, init_from_checkpoint, load_model, recover_checkpoints, resolve_checkpoint
+from .calibration import calibrate_inference
+from .checkpoint import (
+    checkpoint_exists,
+    final_checkpoint,
+    init_from_checkpoint,
+    load_model,
+    recover_checkpoints,
+    resolve_checkpoint,
+    save_inference_defaults,
+)
 from .config import TrainConfig
 from .device import is_distributed, resolve_device
 from .engine import Trainer
@@ -34,7 +44,8 @@ from .events import Event, EventKind, RunControl, RunResult
 from .runlock import LOCK_NAME, RunLock
 from .weights import adapt_model
 
-__all__ = ["DEFAULT_CONFIG", "check_adapt_config", "find_runs", "build_model", "run_training", "RunOutcome"]
+__all__ = ["DEFAULT_CONFIG", "check_adapt_config", "find_runs", "build_model", "run_training", "RunOutcome",
+           "calibrate_checkpoint"]
 
 DEFAULT_CONFIG = load_recipe("defaults")  # every run config starts from it (medexplore/configs/defaults.yaml)
 
@@ -164,6 +175,15 @@ def _run_model(config: dict, train_cfg: TrainConfig, train_set: Dataset, model: 
     return model
 
 
+def calibrate_checkpoint(folder: str | Path, val_set: Dataset, batch_size: int = 32, device="cpu") -> InferenceDefaults:
+    """Calibrate a checkpoint's inference defaults on ``val_set`` and store them in it
+    (:func:`medexplore.train.calibration.calibrate_inference`); returns them."""
+    model, _ = load_model(Path(folder), device)
+    defaults = calibrate_inference(model, val_set, batch_size, device)
+    save_inference_defaults(folder, defaults)
+    return defaults
+
+
 def run_training(config: dict, out: str | Path, mode: str = "supervised", init: str | Path | None = None,
                  resume: bool = False, callbacks: Sequence[Callable[[Event], None]] = (),
                  control: RunControl | None = None, test: bool = True,
@@ -216,6 +236,8 @@ def run_training(config: dict, out: str | Path, mode: str = "supervised", init: 
                           data_config=config["data"], init=init and str(resolve_checkpoint(init).resolve()))
         result = trainer.fit(resume=resume)
         test_metrics = {}
+        if is_main and val_set is not None and not result.stopped:
+            calibrate_checkpoint(final_checkpoint(out), val_set, train_cfg.eval_batch_size, trainer.device)
         if is_main and test_set is not None and not result.stopped:
             best_model, _ = load_model(final_checkpoint(out), trainer.device)
             test_metrics = evaluate(best_model, test_set, train_cfg.eval_batch_size, trainer.device)

@@ -11,6 +11,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label,
 from medexplore.analysis.attribution import ATTRIBUTION_LABELS
 from medexplore.analysis.inference import estimate_inference_memory, iter_infer_image, window_for
 from medexplore.errors import UserError
+from medexplore.models.kinds import kind_entry
 
 from ._common import DEVICES, CheckpointPicker, DomainFields, image_layers, report_error
 from ._layers import layer_image, result_features, result_layers
@@ -65,6 +66,9 @@ class InferenceWidget(Container):
             self.status.value = report_error(exc, "loading the checkpoint")
             return
         self._tasks = list(model.tasks)
+        detection = [name for name, spec in model.tasks.items() if kind_entry(spec.kind).output == "boxes"]
+        if detection:  # the checkpoint's calibrated threshold (0.5 when it has none) is the default
+            self.box_threshold.value = model.inference.box_threshold(detection[0])
         self.explain_task.reset_choices()
         if self.explain_task.value is None and model.tasks:
             self.explain_task.value = next(iter(model.tasks))

@@ -1,0 +1,56 @@
+"""What a trained model's inference on a whole image uses unless told otherwise.
+
+A model sees images of one size in training; on a larger image, inference slides windows of that size
+(as many tokens as the largest training image of the same dimensionality), and turns box scores and mask
+probabilities into boxes and masks at thresholds calibrated on validation data
+(:func:`medexplore.train.calibration.calibrate_inference`). The defaults travel with the model in its
+checkpoint (``meta.json``, ``model.inference``).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import UserError
+
+__all__ = ["InferenceDefaults", "DEFAULT_BOX_THRESHOLD"]
+
+DEFAULT_BOX_THRESHOLD = 0.5  # box score threshold of a model without calibration
+DIMENSIONALITIES = ("2d", "3d")
+
+
+@dataclass(frozen=True)
+class InferenceDefaults:
+    """``max_tokens``: per dimensionality (``"2d"``, ``"3d"``), the tokens of a sliding window;
+    ``box_thresholds``: per detection task, the score a box needs; ``mask_thresholds``: per two-class
+    segmentation task, the foreground probability a pixel needs (instead of the argmax)."""
+
+    max_tokens: dict[str, int] = field(default_factory=dict)
+    box_thresholds: dict[str, float] = field(default_factory=dict)
+    mask_thresholds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for dims, tokens in self.max_tokens.items():
+            if dims not in DIMENSIONALITIES or isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+                raise UserError(f"inference max_tokens: {dims!r}: {tokens!r} (want a positive integer for '2d' or '3d')")
+        for kind, thresholds in (("box_thresholds", self.box_thresholds), ("mask_thresholds", self.mask_thresholds)):
+            for task, value in thresholds.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                    raise UserError(f"inference {kind}: task {task!r}: {value!r} is not a probability in [0, 1]")
+
+    def __bool__(self) -> bool:
+        return bool(self.max_tokens or self.box_thresholds or self.mask_thresholds)
+
+    def box_threshold(self, task: str) -> float:
+        return float(self.box_thresholds.get(task, DEFAULT_BOX_THRESHOLD))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "InferenceDefaults":
+        data = dict(data or {})
+        unknown = sorted(set(data) - {"max_tokens", "box_thresholds", "mask_thresholds"})
+        if unknown:
+            raise UserError(f"inference defaults: unknown key(s) {unknown}")
+        return cls(dict(data.get("max_tokens") or {}), dict(data.get("box_thresholds") or {}),
+                   dict(data.get("mask_thresholds") or {}))

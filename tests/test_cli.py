@@ -35,6 +35,12 @@ def test_train_evaluate_embed(tmp_path, npz, capsys):
     assert emb.pooled.shape == (8, 24) and emb.blocks.shape == (8, 1, 24) and list(emb.metadata["modality"][:1]) == ["xray"]
     assert emb.metadata["label:pneumoniamnist"].notna().sum() == 8 and "correct:pneumoniamnist" in emb.metadata
     assert main(["embed", str(out / "checkpoints" / "last"), "--output", str(tmp_path)]) == 2  # a directory
+    # the run calibrated its best checkpoint on the validation split; calibrate does it for any checkpoint
+    best = json.loads((out / "checkpoints" / "best" / "meta.json").read_text())["model"]["inference"]
+    assert best["max_tokens"] == {"2d": 49}  # 28 x 28 with patch 4
+    assert main(["calibrate", str(out / "checkpoints" / "last"), "--root", str(tmp_path)]) == 0
+    assert json.loads((out / "checkpoints" / "last" / "meta.json").read_text())["model"]["inference"] == best
+    assert main(["calibrate", "medformer-medmnist5-v1"]) == 2 and "shipped model" in capsys.readouterr().err
     # resume of a finished run is a no-op that still succeeds
     assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(out), "--resume", *TINY]) == 0
 

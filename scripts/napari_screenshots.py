@@ -4,7 +4,8 @@
 
 Every panel with the shipped models (medformer-medmnist5-v1, and medformer-photos-vicreg-v1 as the GMoE's
 general expert) on real MedMNIST images (the official files: ``--root``, ``$MEDMNIST_ROOT`` or
-``../shared/data/medmnist``).
+``../shared/data/medmnist``); then medformer-medmnist-embedded-v1 on the sample images (``--only-samples``:
+just those).
 """
 from __future__ import annotations
 
@@ -65,11 +66,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/napari")
     parser.add_argument("--root", default=None, help="folder of the official MedMNIST files")
+    parser.add_argument("--only-samples", action="store_true", help="only the sample images with the embedded model")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     import napari
+
+    if args.only_samples:
+        app = QApplication.instance() or napari.qt.get_qapp()
+        viewer = napari.Viewer(show=True)
+        viewer.window.resize(1500, 950)
+        samples(app, viewer, out)
+        viewer.close()
+        return
 
     from medexplore.experiments.showcase import SHIPPED_MEDMNIST, official_medmnist_root
     from medexplore.pretrained import pretrained_folder
@@ -158,7 +168,34 @@ def main() -> None:
     train.start()
     wait_idle(app, lambda: train.start_button.enabled and train.history)
     save(viewer, out / "training.png")
+    samples(app, viewer, out)
     viewer.close()
+
+
+def samples(app, viewer, out: Path) -> None:
+    """The embedded shipped model on File > Open Sample's images: the retina with lesions (lesion mask and
+    boxes) and the healthy MNI152 brain (tissue, no lesion), each with the defaults it was calibrated to."""
+    from medexplore.pretrained import pretrained_folder
+
+    model = str(pretrained_folder("medformer-medmnist-embedded-v1"))
+    viewer.layers.clear()
+    retina, truth = viewer.open_sample(PLUGIN, "retina_with_lesions")
+    truth.visible = False  # the inserted lesions' own mask: the model's mask and boxes show instead
+    infer = open_widget(viewer, "Run a checkpoint")
+    infer.checkpoint.folder.value = model
+    infer.select_layer(retina)
+    infer.run()
+    wait_idle(app, lambda: infer.run_button.enabled and "done" in infer.status.value)
+    save(viewer, out / "inference_retina_lesions.png")
+
+    viewer.layers.clear()
+    t1, _ = viewer.open_sample(PLUGIN, "mni152_t1")
+    viewer.layers.remove(viewer.layers[-1])  # the template's own labels: the model's tissue layer shows instead
+    infer.select_layer(t1)
+    infer.run()
+    wait_idle(app, lambda: infer.run_button.enabled and "done" in infer.status.value)
+    viewer.dims.set_current_step(0, t1.data.shape[0] // 2)
+    save(viewer, out / "inference_mni152.png")
 
 
 if __name__ == "__main__":

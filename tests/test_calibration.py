@@ -34,6 +34,10 @@ def test_best_threshold_has_the_best_f1_and_ties_go_to_the_higher_threshold():
     counts = np.array([[5, 5, 0], [5, 1, 0], [4, 0, 1], [0, 0, 5]])  # F1: 0.67, 0.91, 0.89, 0
     assert best_threshold(counts, [0.1, 0.2, 0.3, 0.4]) == 0.2
     assert best_threshold(np.array([[1, 0, 0], [1, 0, 0], [0, 0, 1]]), [0.1, 0.2, 0.3]) == 0.2
+    # F0.5 weighs precision: 10 hits with 6 false alarms (F1 0.77, F0.5 0.68) lose to 6 hits and none (0.75, 0.88)
+    precision_or_recall = np.array([[10, 6, 0], [6, 0, 4]])
+    assert best_threshold(precision_or_recall, [0.1, 0.2]) == 0.1
+    assert best_threshold(precision_or_recall, [0.1, 0.2], beta=0.5) == 0.2
 
 
 def _samples(n=6, size=16):

@@ -31,7 +31,7 @@ from .transforms import normalize_intensity
 __all__ = ["EmbeddedConfig", "EmbeddedDataset", "EMBEDDED_TASKS", "TISSUE_LABELS", "build_embedded", "cache_dir", "mni152",
            "add_lesions"]
 
-VERSION = 3  # 2: lesion radii from lesion_radii (larger); 3: contrast 3-4 image SDs (was 1.2-2)
+VERSION = 4  # 2: lesion radii from lesion_radii (larger); 3: contrast 3-4 image SDs (was 1.2-2); 4: photographs saturate
 TISSUE_LABELS = ("background", "csf and other", "grey matter", "white matter")
 MAX_LESIONS = 3
 LESION_CONTRAST = (3.0, 4.0)  # lesion amplitude in units of the image's standard deviation (either sign)
@@ -43,6 +43,7 @@ EMBEDDED_TASKS = (
     TaskSpec("tissue", "segmentation", 4, dimensionalities=("3d",), modalities=("mri",), body_parts=("brain",),
              label_names=TISSUE_LABELS),
 )
+PHOTOGRAPHS = ("fundus", "pathology")  # 8-bit colour photographs: inserted lesions saturate like the image
 SOURCES_2D = {  # name: (modality, body part)
     "mri_slice": ("mri", "brain"), "ct": ("ct", "head"), "mr": ("mri", "head"),
     "retina": ("fundus", "eye"), "microaneurysms": ("fundus", "eye"), "ihc": ("pathology", "colon"),
@@ -158,16 +159,17 @@ def lesion_radii(spatial: tuple[int, ...]) -> tuple[float, float]:
 
 
 def add_lesions(rng, image: np.ndarray, count: int, allowed: np.ndarray | None,
-                radii: tuple[float, float] | None = None):
+                radii: tuple[float, float] | None = None, contrast_within: np.ndarray | None = None):
     """Blend ``count`` smooth blobs into ``image``; returns (image, mask, boxes (count, 2d)). Their radii are
-    drawn from ``radii`` (default :func:`lesion_radii` of the image)."""
+    drawn from ``radii`` (default :func:`lesion_radii` of the image), their amplitude in standard deviations
+    of the image's pixels (of those in ``contrast_within`` when given: the tissue, not a black surround)."""
     spatial = image.shape[1:]
     dims = len(spatial)
     low, high = lesion_radii(spatial) if radii is None else radii
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in spatial], indexing="ij"), -1).astype(np.float32)
     mask = np.zeros(spatial, np.uint8)
     boxes, centres = [], []
-    scale = float(image.std()) or 1.0
+    scale = float(image.std() if contrast_within is None else image[:, contrast_within].std()) or 1.0
     for _ in range(count):
         for _attempt in range(50):
             r = float(rng.uniform(low, high))
@@ -219,11 +221,14 @@ def build_embedded(config: EmbeddedConfig = EmbeddedConfig()) -> dict[str, np.nd
                 inside = (src[name].mean(0) > src[name].mean(0).min() + 0.2) if name == "retina" else None
                 img, _ = _crop(rng, src[name], s2, 2, None if anywhere else inside)
                 allowed = None
-            img = img * rng.uniform(0.8, 1.2) + rng.uniform(-0.2, 0.2)
+            gain, offset = rng.uniform(0.8, 1.2), rng.uniform(-0.2, 0.2)
+            img = img * gain + offset
             if rng.random() < 0.5:
                 img = img[:, :, ::-1]
             count = _lesion_count(rng, config, anywhere)
             img, mask, boxes = add_lesions(rng, np.ascontiguousarray(img), count, allowed)
+            if modality in PHOTOGRAPHS:  # an 8-bit photograph saturates: lesions stop at its black and white
+                img = np.clip(img, src[name].min() * gain + offset, src[name].max() * gain + offset)
             padded = np.zeros((3, s2, s2), np.float32)
             padded[:img.shape[0]] = img
             images2d.append(padded), ch2d.append(img.shape[0]), masks2d.append(mask)

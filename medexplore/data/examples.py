@@ -52,13 +52,14 @@ def retina_with_lesions(seed: int = 0, count: int = 3) -> Example:
     """scikit-image's fundus photograph (353 x 353 RGB) with ``count`` inserted lesions and their mask.
 
     The lesions have the size they have in a training crop of :data:`LESION_WINDOW` pixels (radii of 4.8 to
-    9.6 pixels): a lesion is a local finding, not a fifth of the eye."""
+    9.6 pixels: a lesion is a local finding, not a fifth of the eye) and their contrast in standard deviations
+    of the fundus, not of the whole photograph with its black surround (which made them saturated discs)."""
     from skimage import data as skdata
 
     image = skdata.retina()[::4, ::4].astype(np.float32).transpose(2, 0, 1)
     inside = image.mean(0) > image.mean(0).min() + 20
     image, mask, boxes = add_lesions(np.random.default_rng(seed), image, count, inside,
-                                     radii=lesion_radii((LESION_WINDOW, LESION_WINDOW)))
+                                     radii=lesion_radii((LESION_WINDOW, LESION_WINDOW)), contrast_within=inside)
     return Example("retina with lesions", np.clip(image, 0, 255).astype(np.float32), (1.0, 1.0),
                    Domain("2d", "fundus", "eye"), mask.astype(np.uint8), ("background", "lesion"), boxes,
                    metadata={"source": "scikit-image retina"})

@@ -183,6 +183,7 @@ def samples(app, viewer, out: Path) -> None:
     truth.visible = False  # the inserted lesions' own mask: the model's mask and boxes show instead
     infer = open_widget(viewer, "Run a checkpoint")
     infer.checkpoint.folder.value = model
+    infer.explain_boxes["rollout"].value = False  # the lesion mask and boxes alone, on the photograph
     infer.select_layer(retina)
     infer.run()
     wait_idle(app, lambda: infer.run_button.enabled and "done" in infer.status.value)

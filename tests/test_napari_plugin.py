@@ -165,20 +165,30 @@ def test_inference_on_a_volume_adds_aligned_layers_and_a_table(make_napari_viewe
     assert "27 window(s)" in widget.status.value
 
 
-def test_inference_on_a_2d_rgb_image_places_boxes_on_it(make_napari_viewer, qtbot, tiny_checkpoint):
+def test_inference_on_a_2d_rgb_image_places_boxes_on_it_with_the_checkpoints_thresholds(
+        make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    from medexplore.models import InferenceDefaults
+    from medexplore.train.checkpoint import load_model
+
+    model, _ = load_model(tiny_checkpoint)
+    model.inference = InferenceDefaults(box_thresholds={"lesion_boxes": 0.35}, mask_thresholds={"lesion_mask": 0.0})
+    calibrated = checkpoint_of(model, tmp_path / "calibrated")
     viewer = make_napari_viewer()
     retina, _ = viewer.open_sample(PLUGIN, "retina_with_lesions")
     widget = dock(viewer, "Run a checkpoint")
-    widget.checkpoint.folder.value = tiny_checkpoint
+    widget.checkpoint.folder.value = calibrated
+    assert widget.box_threshold.value == pytest.approx(0.35)  # the checkpoint's threshold is the field's default
     widget.select_layer(retina)
     widget.explain_boxes["rollout"].value = False
     run_inference(qtbot, widget)
     mask = viewer.layers["retina with lesions lesion_mask"]
-    assert mask.data.shape == (353, 353)
+    assert mask.data.shape == (353, 353) and mask.data.all()  # every probability reaches the stored 0.0
     boxes = [layer for layer in viewer.layers if isinstance(layer, Shapes)]
     if boxes:  # an untrained model may find none above the threshold
-        assert boxes[0].features["score"].min() >= 0.5
+        assert boxes[0].features["score"].min() >= 0.35
         assert boxes[0].data[0].shape == (4, 2)
+    widget.checkpoint.folder.value = tiny_checkpoint  # a checkpoint without calibration: back to 0.5
+    assert widget.box_threshold.value == pytest.approx(0.5)
 
 
 def test_attribution_overlay_is_brightest_where_the_answer_is(make_napari_viewer, qtbot, tmp_path, region_model):

@@ -274,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_experiment)
 
     for name, func, text in (("evaluate", cmd_evaluate, "metrics of a checkpoint on a split"),
-                             ("calibrate", cmd_calibrate, "store in a checkpoint its sliding-window size and the box and mask "
-                              "thresholds with the best F1 / Dice on a split (default val; training runs do this themselves)"),
+                             ("calibrate", cmd_calibrate, "store in a checkpoint its sliding-window size, the box threshold with the best "
+                              "F0.5 and the mask threshold with the best Dice on a split (default val; training runs do this themselves)"),
                              ("embed", cmd_embed, "embeddings (pooled, per task, per block) and metadata of a split, to one npz file "
                               "(read it with medexplore.analysis.load_embeddings)")):
         p = sub.add_parser(name, help=text, description=text)

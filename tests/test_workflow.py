@@ -58,8 +58,10 @@ def test_data_embedded_section_sets_the_crops_and_names_unknown_keys():
 
     config = embedded_config({"embedded": {"size_2d": 48, "background": 0.25}, "volume_size": 28, "seed": 3})
     assert (config.size_2d, config.size_3d, config.background, config.seed) == (48, 28, 0.25, 3)
-    with pytest.raises(UserError, match=r"data.embedded: unknown key\(s\) \['size'\]"):
+    with pytest.raises(UserError, match=r"data.embedded: unknown option\(s\) \['size'\]"):
         embedded_config({"embedded": {"size": 48}})
+    with pytest.raises(UserError, match="data.embedded.background"):
+        embedded_config({"embedded": {"background": "a quarter"}})
 
 
 def test_image_centric_vs_decentralized_views(train_set):

@@ -1,7 +1,7 @@
 """Datasets by name: one data-config dict describes what to load (used by the CLI, napari, notebooks)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
@@ -54,17 +54,10 @@ def embedded_config(data: dict) -> EmbeddedConfig:
     """The embedded dataset's configuration: ``data.embedded`` (EmbeddedConfig fields), ``data.seed`` and
     ``data.volume_size`` (the side of its 3D crops)."""
     options = dict(data.get("embedded") or {})
-    unknown = sorted(set(options) - {f.name for f in fields(EmbeddedConfig)} - {"seed"})
-    if unknown:
-        raise UserError(f"data.embedded: unknown key(s) {unknown}; known: {[f.name for f in fields(EmbeddedConfig)]}")
     if data.get("volume_size"):
-        options.setdefault("size_3d", int(data["volume_size"]))
-    options.setdefault("seed", int(data.get("seed", 0)))
-    try:
-        options = {k: (tuple(v) if isinstance(v, list) else type(getattr(EmbeddedConfig, k))(v)) for k, v in options.items()}
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"data.embedded {options}: {exc}") from exc
-    return EmbeddedConfig(**options)
+        options.setdefault("size_3d", data["volume_size"])
+    options.setdefault("seed", data.get("seed", 0))
+    return EmbeddedConfig(**coerce_fields(EmbeddedConfig, options, "data.embedded"))
 
 
 def _one(name: str, data: dict, split: str) -> Dataset:

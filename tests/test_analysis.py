@@ -261,6 +261,41 @@ def test_grad_cam_equals_the_definition(region_model):
     model.zero_grad()
 
 
+def test_grad_cam_equals_captums_layer_grad_cam_on_a_batch(region_model):
+    """Our Grad-CAM (read from a pass the caller runs, GradCamProbe) against captum's LayerGradCam on an
+    identity layer that views the last block's patch tokens as a (B, D, 8, 8) grid."""
+    from captum.attr import LayerGradCam
+
+    from medexplore.analysis.attribution import task_outputs
+
+    model, positives = region_model
+    images = torch.stack([s.image for s in positives])
+    domain = positives[0].domain
+    ours = A.explain_images(model, images, domain, "grad_cam", task="target", target=0)
+    grid_view, p = torch.nn.Identity(), model.num_prefix_tokens
+
+    def as_grid(module, args, output):
+        x, weights = output
+        rows = x.reshape(len(images), p + 64, -1)
+        tokens = grid_view(rows[:, p:].reshape(len(images), 8, 8, -1).movedim(-1, 1)).movedim(1, -1)
+        return torch.cat([rows[:, :p], tokens.reshape(len(images), 64, -1)], 1).reshape(x.shape), weights
+
+    def forward(x):
+        prediction = model(Batch.from_images(x, [domain] * len(x)), tasks=["target"]).predictions["target"]
+        return task_outputs(model, "target", prediction)  # (N, 1): the logit
+
+    handle = model.blocks[-1].register_forward_hook(as_grid)
+    try:
+        cams = LayerGradCam(forward, grid_view).attribute(images, target=0, relu_attributions=True)
+    finally:
+        handle.remove()
+    model.zero_grad()
+    assert float(cams.detach().abs().max()) > 0
+    for mine, theirs in zip(ours, cams.detach()):
+        np.testing.assert_allclose(mine, A.token_map_to_image(theirs[0], (32, 32)).numpy(), rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # ours leaves no gradient behind
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_explaining_a_batch_of_windows_equals_explaining_each_alone(dims):
     model = small_model(tasks=[TaskSpec("grade", "multiclass", 4)])  # per-image default targets differ

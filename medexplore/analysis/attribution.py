@@ -21,7 +21,7 @@ from ..models.medformer import Medformer
 from ..models.packing import Batch
 
 __all__ = ["token_map_to_image", "task_outputs", "attention_rollout", "attention_map", "integrated_gradients",
-           "grad_cam", "explain", "explain_images", "default_targets", "block_attentions", "ATTRIBUTION_METHODS",
+           "grad_cam", "GradCamProbe", "explain", "explain_images", "default_targets", "block_attentions", "ATTRIBUTION_METHODS",
            "ATTENTION_METHODS", "GRADIENT_METHODS", "ATTRIBUTION_LABELS", "Explanation"]
 
 ATTRIBUTION_LABELS = {"rollout": "attention rollout", "attention": "attention of one block/head",
@@ -208,46 +208,66 @@ def integrated_gradients(model: Medformer, sample: Sample, task: str, target: in
     return attributions[0].sum(0).detach().float().cpu().numpy()
 
 
-class _TokenGridProbe(nn.Module):
-    """Identity on a (B, D, *grid) view of one block's tokens, for captum's layer methods."""
+class GradCamProbe:
+    """Grad-CAM read from a forward pass the caller runs (so a pass that also runs every task can explain one):
+    inside ``with probe:`` the pass keeps block ``block``'s tokens; :meth:`maps` then takes the gradient of each
+    image's target output with respect to them. The map is captum's ``LayerGradCam`` on that block's patch
+    tokens (channel weights: the gradient averaged over the token grid), ReLU'd, at image size.
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x
+    Run the pass with gradients enabled; it needs no gradient on the parameters and leaves none there.
+    """
+
+    def __init__(self, model: Medformer, block: int = -1):
+        if not -len(model.blocks) <= block < len(model.blocks):
+            raise UserError(f"block must be in {-len(model.blocks)}..{len(model.blocks) - 1}, got {block}")
+        self.model, self.block = model, block
+        self.tokens: Tensor | None = None
+        self._handle = None
+
+    def _keep(self, module, args, output) -> None:
+        self.tokens = output[0]
+
+    def __enter__(self) -> "GradCamProbe":
+        self.tokens = None
+        self._handle = self.model.blocks[self.block].register_forward_hook(self._keep)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def maps(self, task: str, prediction, grid: tuple[int, ...], image_shape: tuple[int, ...],
+             target: int | list[int] | None = None) -> list[np.ndarray]:
+        """One map per image of the pass: ``task``'s ``prediction`` from that pass explained at ``target`` (one
+        output index for all images or one per image; by default each image's own, :func:`default_targets`)."""
+        if self.tokens is None or not self.tokens.requires_grad:
+            raise RuntimeError("GradCamProbe.maps needs a forward pass with gradients enabled inside `with probe:`")
+        outputs = task_outputs(self.model, task, prediction)
+        if target is None:
+            target = _default_targets(self.model, task, outputs.detach())
+        targets = torch.as_tensor(target if isinstance(target, list) else [target] * len(outputs), device=outputs.device)
+        chosen = outputs.gather(1, targets.view(-1, 1)).sum()  # images are independent: one backward for all
+        gradients = torch.autograd.grad(chosen, self.tokens)[0]
+        p, n = self.model.num_prefix_tokens, int(np.prod(grid))
+        tokens = self.tokens.detach().reshape(-1, p + n, self.tokens.shape[-1])[:, p:]
+        gradients = gradients.reshape(tokens.shape[0], p + n, -1)[:, p:]
+        cam = torch.relu((tokens * gradients.mean(1, keepdim=True)).sum(-1))
+        self.tokens = None
+        return _maps_to_images(cam, grid, image_shape)
 
 
 def _grad_cam(model: Medformer, images: Tensor, domain, task: str, target: int | list[int] | None = None,
               block: int = -1, device="cpu") -> list[np.ndarray]:
-    from captum.attr import LayerGradCam
-
     images, grid = _prepare_images(model, images, device)
-    if not -len(model.blocks) <= block < len(model.blocks):
-        raise UserError(f"block must be in {-len(model.blocks)}..{len(model.blocks) - 1}, got {block}")
-    forward = _TaskForward(model, task, domain)
-    probe = _TokenGridProbe()
-    p, n = model.num_prefix_tokens, int(np.prod(grid))
-
-    def as_grid(module, args, output):
-        x, weights = output
-        rows = x.reshape(-1, p + n, x.shape[-1])
-        tokens = probe(rows[:, p:].reshape(rows.shape[0], *grid, -1).movedim(-1, 1))
-        tokens = tokens.movedim(1, -1).reshape(rows.shape[0], n, -1)
-        return torch.cat([rows[:, :p], tokens], 1).reshape(x.shape), weights
-
-    handle = model.blocks[block].register_forward_hook(as_grid)
-    try:
-        if target is None:  # each image's own default target (its predicted class, for multiclass)
-            with torch.no_grad():
-                outputs = forward(images)
-            target = _default_targets(model, task, outputs)
-        cam = LayerGradCam(forward, probe).attribute(images, target=target, relu_attributions=True)
-    finally:
-        handle.remove()
-    return _maps_to_images(cam[:, 0].detach().flatten(1), grid, tuple(images.shape[2:]))
+    _TaskForward(model, task, domain)  # checks that the task exists and applies
+    with GradCamProbe(model, block) as probe, torch.enable_grad():
+        prediction = model(Batch.from_images(images, [domain] * images.shape[0]), tasks=[task]).predictions[task]
+        return probe.maps(task, prediction, grid, tuple(images.shape[2:]), target)
 
 
 def grad_cam(model: Medformer, sample: Sample, task: str, target: int | None = None, block: int = -1,
              device="cpu") -> np.ndarray:
-    """Grad-CAM (captum's LayerGradCam) on the patch tokens after ``block``, ReLU'd, at image size."""
+    """Grad-CAM (as captum's LayerGradCam, :class:`GradCamProbe`) on the patch tokens after ``block``, ReLU'd, at
+    image size."""
     image, _ = _prepare(model, sample, device)
     return _grad_cam(model, image[None], sample.domain, task, target, block, device)[0]
 

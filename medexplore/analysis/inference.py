@@ -9,6 +9,7 @@ Front-ends (napari, notebooks) call :func:`infer_image`; it holds no UI code.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
@@ -26,7 +27,15 @@ from ..models.heads import SegmentationHead
 from ..models.kinds import kind_entry, task_scores
 from ..models.medformer import Medformer
 from ..models.tasks import Domain
-from .attribution import ATTENTION_METHODS, ATTRIBUTION_METHODS, GRADIENT_METHODS, block_attentions, default_targets, explain_images
+from .attribution import (
+    ATTENTION_METHODS,
+    ATTRIBUTION_METHODS,
+    GRADIENT_METHODS,
+    GradCamProbe,
+    block_attentions,
+    default_targets,
+    explain_images,
+)
 from .sliding import WindowBlender
 
 __all__ = ["ImageInference", "infer_image", "iter_infer_image", "window_for", "windows_per_batch",
@@ -95,13 +104,14 @@ def estimate_inference_memory(model: Medformer, image_shape: Sequence[int], wind
     return int(outputs + activations * batch_windows + image_shape[0] * voxels * _BYTES * 2)
 
 
-@torch.no_grad()
-def _window_outputs(model: Medformer, windows: Tensor, domain: Domain, tasks: Sequence[str],
-                    attention: bool = False) -> tuple[dict, list[Tensor] | None]:
+def _window_outputs(model: Medformer, windows: Tensor, domain: Domain, tasks: Sequence[str], attention: bool = False,
+                    probe: GradCamProbe | None = None) -> tuple[dict, list[Tensor] | None]:
     """The tasks' predictions for a batch of windows and, with ``attention``, each block's attention from the
-    same pass (what the attention maps read)."""
-    out = model(Batch.from_images(list(windows), [domain] * len(windows)), tasks=list(tasks), return_attention=attention)
-    return out.predictions, block_attentions(out) if attention else None
+    same pass (what the attention maps read); with a Grad-CAM ``probe`` the pass keeps what it needs (the
+    predictions then carry gradients: detach what you keep)."""
+    with torch.set_grad_enabled(probe is not None), (probe if probe is not None else contextlib.nullcontext()):
+        out = model(Batch.from_images(list(windows), [domain] * len(windows)), tasks=list(tasks), return_attention=attention)
+    return out.predictions, [a.detach() for a in block_attentions(out)] if attention else None
 
 
 def infer_image(model: Medformer, image, domain: Domain, **options) -> ImageInference:
@@ -153,6 +163,11 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
             raise UserError(f"task {name!r} does not apply to {domain} (tasks here: {applicable})")
     if any(m in GRADIENT_METHODS for m in explain_methods) and explain_task not in applicable:
         raise UserError(f"gradient explanations need explain_task, one of {applicable}; got {explain_task!r}")
+    unknown = sorted(set((explain_options or {}).get("grad_cam", {})) - {"block", "target"})
+    if unknown:
+        raise UserError(f"explain_options['grad_cam']: unknown option(s) {unknown}; it takes block and target")
+    if "grad_cam" in explain_methods:
+        GradCamProbe(model, (explain_options or {}).get("grad_cam", {}).get("block", -1))  # checks the block
     image = prepare_image(image, domain, normalize=False)
     if image.dim() - 1 not in model.config.patch_sizes:
         raise UserError(f"the image: expected (C, H, W) or (C, D, H, W), got shape {tuple(image.shape)}")
@@ -181,11 +196,20 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
     vector_sums = {n: 0.0 for n in vector_tasks}
     found_boxes: dict[str, list] = {n: [] for n in det_tasks}
     yield 0, blender.num_windows
+    cam_options = dict((explain_options or {}).get("grad_cam", {}))
+    probe = GradCamProbe(model, cam_options.get("block", -1)) if "grad_cam" in explain_methods else None
+    pass_tasks = list(dict.fromkeys([*tasks, *([explain_task] if probe else [])]))
     for done, starts in blender.batches(batch_windows):
         windows = torch.stack([image[(slice(None), *blender.region(s))] for s in starts]).to(device)
         windows = blender.pad(windows)
-        predictions, attentions = _window_outputs(model, windows, domain, tasks, attention=reads_attention)
+        predictions, attentions = _window_outputs(model, windows, domain, pass_tasks, attention=reads_attention,
+                                                  probe=probe)
         spatial_out = {}
+        if probe is not None:  # Grad-CAM from the pass just run: its tokens, its predictions' targets
+            spatial_out[f"grad_cam:{explain_task}"] = torch.from_numpy(np.stack(probe.maps(
+                explain_task, predictions[explain_task], model.patch_embed.grid(tuple(windows.shape[1:])),
+                tuple(windows.shape[2:]), cam_options.get("target"))))[:, None]
+            predictions = _detached(predictions)
         for name in seg_tasks:
             per_sample = SegmentationHead.per_sample(predictions[name], len(windows))
             spatial_out[name] = torch.stack([p.float().softmax(0) for p in per_sample]).cpu()
@@ -200,6 +224,8 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
                     found_boxes[name].append((boxes.float().cpu()[keep] + offset, score[keep]))
         targets = default_targets(model, explain_task, predictions[explain_task]) if explain_task in predictions else None
         for method, key in zip(explain_methods, map_names):
+            if method == "grad_cam":
+                continue
             options = dict((explain_options or {}).get(method, {}))
             if method in GRADIENT_METHODS and targets is not None:  # the targets of the pass just run
                 options.setdefault("target", targets)
@@ -222,6 +248,17 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
     for name in det_tasks:
         result.boxes[name] = _merge_boxes(found_boxes[name], spatial)
     return result
+
+
+def _detached(predictions):
+    """Predictions (tensors, or dicts / lists of them, as the heads return) without their autograd graph."""
+    if isinstance(predictions, Tensor):
+        return predictions.detach()
+    if isinstance(predictions, dict):
+        return {k: _detached(v) for k, v in predictions.items()}
+    if isinstance(predictions, (list, tuple)):
+        return type(predictions)(_detached(v) for v in predictions)
+    return predictions
 
 
 def _merge_boxes(found: list[tuple[Tensor, Tensor]], spatial: Sequence[int], iou: float = 0.3

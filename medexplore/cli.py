@@ -125,7 +125,8 @@ def cmd_models(args) -> int:
         print(models[args.card].card.read_text())
         return 0
     for model in models.values():
-        print(f"{model.name}  ({model.size_bytes / 1e6:.1f} MB; tasks: {', '.join(model.tasks)})\n    {model.summary}")
+        heads = f"tasks: {', '.join(model.tasks)}" if model.tasks else "a backbone, no task heads"
+        print(f"{model.name}  ({model.size_bytes / 1e6:.1f} MB; {heads})\n    {model.summary}")
     print(f"{len(models)} shipped model(s); `medexplore models --card NAME` prints one's model card; "
           "use a NAME wherever a checkpoint folder goes")
     return 0

@@ -2,8 +2,8 @@
 
     xvfb-run -a .venv/bin/python scripts/napari_screenshots.py [--out docs/napari] [--root DIR]
 
-Every panel with the shipped models (medformer-medmnist5-v1, and medformer-photos-vicreg-v1 as the GMoE's
-general expert) on real MedMNIST images (the official files: ``--root``, ``$MEDMNIST_ROOT`` or
+Every panel with the shipped models (medformer-medmnist-embedded-v1, and medformer-photos-vicreg-v2 as the
+GMoE's general expert) on real MedMNIST images (the official files: ``--root``, ``$MEDMNIST_ROOT`` or
 ``../shared/data/medmnist``); then medformer-medmnist-embedded-v1 on the sample images (``--only-samples``:
 just those).
 """
@@ -81,7 +81,7 @@ def main() -> None:
         viewer.close()
         return
 
-    from medexplore.experiments.showcase import SHIPPED_MEDMNIST, official_medmnist_root
+    from medexplore.experiments.showcase import SHIPPED_GENERAL, SHIPPED_MEDMNIST, official_medmnist_root
     from medexplore.pretrained import pretrained_folder
 
     root = official_medmnist_root(args.root)
@@ -162,7 +162,7 @@ def main() -> None:
     train.init.value = shipped
     train.size.value = "as the start checkpoint"
     train.strategy.value = "gmoe"
-    train.general.value = str(pretrained_folder("medformer-photos-vicreg-v1"))
+    train.general.value = str(pretrained_folder(SHIPPED_GENERAL))
     train.run_name.value = "breast-gmoe"
     train.epochs.value, train.steps.value = 4, 10
     train.start()
@@ -175,9 +175,10 @@ def main() -> None:
 def samples(app, viewer, out: Path) -> None:
     """The embedded shipped model on File > Open Sample's images: the retina with lesions (lesion mask and
     boxes) and the healthy MNI152 brain (tissue, no lesion), each with the defaults it was calibrated to."""
+    from medexplore.experiments.showcase import SHIPPED_MEDMNIST
     from medexplore.pretrained import pretrained_folder
 
-    model = str(pretrained_folder("medformer-medmnist-embedded-v1"))
+    model = str(pretrained_folder(SHIPPED_MEDMNIST))
     viewer.layers.clear()
     retina, truth = viewer.open_sample(PLUGIN, "retina_with_lesions")
     truth.visible = False  # the inserted lesions' own mask: the model's mask and boxes show instead

@@ -96,7 +96,7 @@ def example_run(out: str | Path = "runs/example", size: str = "small", seed: int
         raise UserError(f"size must be one of {sorted(EXAMPLE_SIZES)}, got {size!r}")
     out = Path(out)
     recipe = EXAMPLE_SIZES[size]
-    config = {"model": dict(recipe["model"]), "data": {"datasets": ["embedded"], "seed": seed},
+    config = {"model": dict(recipe["model"]), "data": {**recipe.get("data", {}), "datasets": ["embedded"], "seed": seed},
               "train": {**recipe["train"], "seed": seed}}
     if not (out / "test_metrics.json").exists():  # not finished: start, or continue where it stopped
         run_training(config, out, resume=True, callbacks=callbacks)

@@ -21,7 +21,7 @@ from medexplore.data.examples import ct_slice, mni152_t1, retina_with_lesions
 from medexplore.models.boxes import box_iou
 from medexplore.train.checkpoint import load_model
 
-DEFAULT_MODEL = "medformer-medmnist-embedded-v1"
+DEFAULT_MODEL = "medformer-medmnist-embedded-v2"
 
 
 def _dice(pred: np.ndarray, target: np.ndarray) -> float:

@@ -164,7 +164,8 @@ def analyze_subspaces(features: np.ndarray, metadata: pd.DataFrame, group: str =
     views = {"shared": centred @ shared, "specific": centred @ all_specific, "all": centred}
     if targets is None:
         targets = [group] + [c for c in ("dimensionality",) if c in metadata.columns and c != group]
-        targets += [c for c in metadata.columns if c.startswith("label:") and metadata[c].nunique(dropna=True) < 20]
+        targets += [c for c in metadata.columns  # labels with 2-19 classes present (none: a task without labels here)
+                    if c.startswith("label:") and 2 <= metadata[c].nunique(dropna=True) < 20]
     decode = []
     for target in targets:
         values = metadata.loc[keep, target]

@@ -4,7 +4,7 @@ files are on this machine, else the notebooks' example model on the embedded dat
 Example:
     >>> show = showcase()                       # doctest: +SKIP
     >>> show.source, len(show.test)              # doctest: +SKIP
-    ('medformer-medmnist-embedded-v1 on the official MedMNIST test splits in ../shared/data/medmnist', 1860)
+    ('medformer-medmnist-embedded-v2 on the official MedMNIST test splits in ../shared/data/medmnist', 1860)
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from ..data.embedded import EmbeddedDataset
-from ..data.medmnist import MedMNIST, medmnist_path
+from ..data.medmnist import MEDMNIST, MedMNIST, medmnist_path
 from ..data.sample import Sample
 from ..data.sampling import MixedDataset
 from ..models.medformer import Medformer
@@ -28,7 +28,7 @@ from .demo import example_run
 __all__ = ["SHIPPED_MEDMNIST", "SHIPPED_GENERAL", "Showcase", "ExplainCase", "official_medmnist_root", "showcase",
            "general_expert", "gmoe_run", "first_of_each_source"]
 
-SHIPPED_MEDMNIST = "medformer-medmnist-embedded-v1"  # the five MedMNIST files and the embedded tasks
+SHIPPED_MEDMNIST = "medformer-medmnist-embedded-v2"  # the five MedMNIST files and the embedded tasks
 SHIPPED_GENERAL = "medformer-photos-vicreg-v2"  # its general expert: VICReg on photographs, same architecture
 FINISHED = "finished"  # marks a run folder whose training ended (not stopped)
 REPOSITORY_SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "medmnist"  # ../shared beside the checkout
@@ -37,7 +37,7 @@ REPOSITORY_SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "m
 def official_medmnist_root(root: str | Path | None = None) -> Path | None:
     """The first of ``root``, ``$MEDMNIST_ROOT`` and ``../shared/data/medmnist`` (beside the repository)
     holding a 28-px file of a task of the shipped MedMNIST model; None when none does."""
-    flags = pretrained_models()[SHIPPED_MEDMNIST].tasks  # one task per MedMNIST flag (and the embedded tasks)
+    flags = [task for task in pretrained_models()[SHIPPED_MEDMNIST].tasks if task in MEDMNIST]  # not the embedded tasks
     for candidate in (root, os.environ.get("MEDMNIST_ROOT"), REPOSITORY_SHARED):
         if candidate and any(medmnist_path(flag, 28, candidate).exists() for flag in flags):
             return Path(candidate)
@@ -102,7 +102,7 @@ def showcase(run: str | Path = "runs/example", size: str = "small", root: str | 
         return Showcase(model, EmbeddedDataset("val"), EmbeddedDataset("test"), "the example model on the embedded data",
                         real=False, checkpoint=str(checkpoint), train=EmbeddedDataset("train"))
     model, _ = load_model(SHIPPED_MEDMNIST)
-    flags = [flag for flag in model.tasks if medmnist_path(flag, 28, found).exists()]
+    flags = [flag for flag in model.tasks if flag in MEDMNIST and medmnist_path(flag, 28, found).exists()]
     splits = {split: ConcatDataset([MedMNIST(flag, split, root=found, download=False) for flag in flags])
               for split in ("val", "test")}
     train = MixedDataset({flag: MedMNIST(flag, "train", root=found, download=False) for flag in flags})

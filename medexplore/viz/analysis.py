@@ -279,13 +279,16 @@ def orthoslice_overlay(volume: np.ndarray, overlay: np.ndarray | None = None, po
 
 
 def explanation_panel(image: np.ndarray, maps: Mapping[str, np.ndarray], mask: np.ndarray | None = None,
-                      title: str = "") -> Figure:
-    """Side by side: the image (with its mask outline) and each map over it. 3D: the slice through
-    the first map's maximum."""
+                      title: str = "", z: int | None = None) -> Figure:
+    """Side by side: the image (with its mask outline) and each map over it. 3D: slice ``z``, by default the
+    slice through the first map's maximum."""
     image = np.asarray(image)
     if image.ndim == 4:
         first = np.asarray(next(iter(maps.values())))
-        z = int(np.unravel_index(np.argmax(np.abs(first)), first.shape)[0])
+        if z is None:
+            z = int(np.unravel_index(np.argmax(np.abs(first)), first.shape)[0])
+        elif not 0 <= z < image.shape[1]:
+            raise UserError(f"z must be in 0..{image.shape[1] - 1}, got {z}")
         image = image[:, z]
         maps = {k: np.asarray(v)[z] for k, v in maps.items()}
         mask = None if mask is None else np.asarray(mask)[z]

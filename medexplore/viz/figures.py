@@ -56,11 +56,14 @@ def _most_marked_slice(mask) -> int | None:
 
 
 def display_image(image: np.ndarray) -> np.ndarray:
-    """A (C, H, W) or (H, W) image as imshow shows it well: RGB or grey, 1st-99th percentile to [0, 1]."""
+    """A (C, H, W) or (H, W) image as imshow shows it well: RGB or grey, 1st-99th percentile to [0, 1] (the full
+    range where those are equal)."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 3:
         image = image.transpose(1, 2, 0) if image.shape[0] == 3 else image[0]
     lo, hi = np.percentile(image, [1, 99])
+    if hi - lo < 1e-6:  # sparse content (a mask volume's edge slice): the full range, not a black image
+        lo, hi = float(image.min()), float(image.max())
     return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
 
 

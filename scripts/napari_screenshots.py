@@ -154,6 +154,8 @@ def main() -> None:
     viewer.dims.set_current_step(0, 0)
     save(viewer, out / "explorer.png")
 
+    samples(app, viewer, out)  # before the training panel, whose "finished" notification would cover them
+
     # 4. training panel: a GMoE-Adapter on BreastMNIST from the two shipped experts, with its live plot
     viewer.layers.clear()
     train = open_widget(viewer, "Train")
@@ -168,7 +170,6 @@ def main() -> None:
     train.start()
     wait_idle(app, lambda: train.start_button.enabled and train.history)
     save(viewer, out / "training.png")
-    samples(app, viewer, out)
     viewer.close()
 
 

@@ -29,7 +29,7 @@ from medexplore.train.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ("pneumoniamnist", "breastmnist", "retinamnist", "adrenalmnist3d", "vesselmnist3d")
-BACKBONE, SUPERVISED = "medformer-medmnist-embedded-vicreg-v1", "medformer-medmnist-embedded-v1"
+BACKBONE, SUPERVISED = "medformer-medmnist-embedded-vicreg-v1", "medformer-medmnist-embedded-v2"
 
 
 def embed(model: Medformer, dataset, flag: str) -> tuple[np.ndarray, np.ndarray]:

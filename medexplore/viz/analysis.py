@@ -178,7 +178,10 @@ def mixing_bars(summary: pd.DataFrame, ax=None, title: str = "mean weight per gr
                label=str(column), capsize=2)
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set(ylabel="mean weight", xlabel=" / ".join(map(str, summary.index.names)), title=title)
-    ax.legend(fontsize=8, frameon=False)
+    if means.shape[1] > 4:  # one bar per latent slot: a legend inside would cover the bars
+        ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8, frameon=False)
     return fig
 
 

@@ -72,15 +72,20 @@ def default_targets(model: Medformer, task: str, prediction) -> list[int]:
     return _default_targets(model, task, task_outputs(model, task, prediction))
 
 
+def _check_task(model: Medformer, task: str, domain) -> None:
+    """Refuse a task the model lacks or that does not apply to ``domain``."""
+    if task not in model.tasks:
+        raise KeyError(f"the model has no task {task!r}; tasks: {sorted(model.tasks)}")
+    if not model.tasks[task].applies_to(domain):
+        raise UserError(f"task {task!r} does not apply to a {domain.dimensionality} {domain.modality} image")
+
+
 class _TaskForward(nn.Module):
     """images (N, C, *spatial) -> (N, K) outputs of one task for a fixed domain (what captum calls)."""
 
     def __init__(self, model: Medformer, task: str, domain):
         super().__init__()
-        if task not in model.tasks:
-            raise KeyError(f"the model has no task {task!r}; tasks: {sorted(model.tasks)}")
-        if not model.tasks[task].applies_to(domain):
-            raise UserError(f"task {task!r} does not apply to a {domain.dimensionality} {domain.modality} image")
+        _check_task(model, task, domain)
         self.model, self.task, self.domain = model, task, domain
 
     def forward(self, images: Tensor) -> Tensor:
@@ -258,7 +263,7 @@ class GradCamProbe:
 def _grad_cam(model: Medformer, images: Tensor, domain, task: str, target: int | list[int] | None = None,
               block: int = -1, device="cpu") -> list[np.ndarray]:
     images, grid = _prepare_images(model, images, device)
-    _TaskForward(model, task, domain)  # checks that the task exists and applies
+    _check_task(model, task, domain)
     with GradCamProbe(model, block) as probe, torch.enable_grad():
         prediction = model(Batch.from_images(images, [domain] * images.shape[0]), tasks=[task]).predictions[task]
         return probe.maps(task, prediction, grid, tuple(images.shape[2:]), target)

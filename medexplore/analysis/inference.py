@@ -163,11 +163,11 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
             raise UserError(f"task {name!r} does not apply to {domain} (tasks here: {applicable})")
     if any(m in GRADIENT_METHODS for m in explain_methods) and explain_task not in applicable:
         raise UserError(f"gradient explanations need explain_task, one of {applicable}; got {explain_task!r}")
-    unknown = sorted(set((explain_options or {}).get("grad_cam", {})) - {"block", "target"})
+    cam_options = dict((explain_options or {}).get("grad_cam", {}))
+    unknown = sorted(set(cam_options) - {"block", "target"})
     if unknown:
         raise UserError(f"explain_options['grad_cam']: unknown option(s) {unknown}; it takes block and target")
-    if "grad_cam" in explain_methods:
-        GradCamProbe(model, (explain_options or {}).get("grad_cam", {}).get("block", -1))  # checks the block
+    probe = GradCamProbe(model, cam_options.get("block", -1)) if "grad_cam" in explain_methods else None
     image = prepare_image(image, domain, normalize=False)
     if image.dim() - 1 not in model.config.patch_sizes:
         raise UserError(f"the image: expected (C, H, W) or (C, D, H, W), got shape {tuple(image.shape)}")
@@ -176,12 +176,12 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     if normalize:
         image = normalize_intensity(image, domain.modality)
     batch_windows = windows_per_batch(model, roi) if batch_windows is None else batch_windows
-    return _infer_steps(model, image, domain, tasks, explain_methods, explain_task, explain_options, roi, overlap,
-                        batch_windows, box_threshold, device)
+    return _infer_steps(model, image, domain, tasks, explain_methods, explain_task, explain_options, probe,
+                        cam_options.get("target"), roi, overlap, batch_windows, box_threshold, device)
 
 
-def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, explain_options, roi, overlap,
-                 batch_windows, box_threshold, device) -> Iterator[tuple[int, int]]:
+def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, explain_options, probe, cam_target, roi,
+                 overlap, batch_windows, box_threshold, device) -> Iterator[tuple[int, int]]:
     spatial = tuple(image.shape[1:])
     model.eval().to(device)
     kinds = {n: model.tasks[n].kind for n in tasks}
@@ -196,8 +196,6 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
     vector_sums = {n: 0.0 for n in vector_tasks}
     found_boxes: dict[str, list] = {n: [] for n in det_tasks}
     yield 0, blender.num_windows
-    cam_options = dict((explain_options or {}).get("grad_cam", {}))
-    probe = GradCamProbe(model, cam_options.get("block", -1)) if "grad_cam" in explain_methods else None
     pass_tasks = list(dict.fromkeys([*tasks, *([explain_task] if probe else [])]))
     for done, starts in blender.batches(batch_windows):
         windows = torch.stack([image[(slice(None), *blender.region(s))] for s in starts]).to(device)
@@ -208,7 +206,7 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
         if probe is not None:  # Grad-CAM from the pass just run: its tokens, its predictions' targets
             spatial_out[f"grad_cam:{explain_task}"] = torch.from_numpy(np.stack(probe.maps(
                 explain_task, predictions[explain_task], model.patch_embed.grid(tuple(windows.shape[1:])),
-                tuple(windows.shape[2:]), cam_options.get("target"))))[:, None]
+                tuple(windows.shape[2:]), cam_target)))[:, None]
             predictions = _detached(predictions)
         for name in seg_tasks:
             per_sample = SegmentationHead.per_sample(predictions[name], len(windows))

@@ -73,6 +73,10 @@ def main() -> None:
 
     import napari
 
+    # medexplore (torch, and triton through it) before the first canvas maps Mesa's LLVM (napari_medexplore._llvm)
+    from medexplore.experiments.showcase import SHIPPED_GENERAL, SHIPPED_MEDMNIST, official_medmnist_root
+    from medexplore.pretrained import pretrained_folder
+
     if args.only_samples:
         app = QApplication.instance() or napari.qt.get_qapp()
         viewer = napari.Viewer(show=True)
@@ -80,9 +84,6 @@ def main() -> None:
         samples(app, viewer, out)
         viewer.close()
         return
-
-    from medexplore.experiments.showcase import SHIPPED_GENERAL, SHIPPED_MEDMNIST, official_medmnist_root
-    from medexplore.pretrained import pretrained_folder
 
     root = official_medmnist_root(args.root)
     if root is None:

@@ -23,6 +23,7 @@ from ..data.sample import Batch
 from ..data.transforms import normalize_intensity, prepare_image
 from ..errors import UserError
 from ..models.boxes import box_iou
+from ..models.findings import kept_regions, region_boxes
 from ..models.heads import SegmentationHead
 from ..models.kinds import kind_entry, task_scores
 from ..models.medformer import Medformer
@@ -141,6 +142,9 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     at once (default: :func:`windows_per_batch`). A box needs a score of ``box_threshold`` (default: the
     model's calibrated threshold per task, :class:`~medexplore.models.InferenceDefaults`, else 0.5); a
     two-class mask with a calibrated threshold marks the pixels whose foreground probability reaches it.
+    With a calibrated region threshold, a mask keeps the connected regions whose mean probability reaches
+    it; a detection task that calibration paired with a mask task reads its boxes off that mask's regions
+    (:mod:`medexplore.models.findings`).
     ``explain_methods`` are names from :data:`ATTRIBUTION_METHODS`; gradient methods explain
     ``explain_task``; ``explain_options`` passes options per method (e.g. ``{"attention": {"block": 3,
     "head": 0}}``). Stop iterating (a GUI's cancel) and nothing is computed further; bad arguments
@@ -176,19 +180,24 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     if normalize:
         image = normalize_intensity(image, domain.modality)
     batch_windows = windows_per_batch(model, roi) if batch_windows is None else batch_windows
-    return _infer_steps(model, image, domain, tasks, explain_methods, explain_task, explain_options, probe,
+    pairs = {boxes: mask for boxes, mask in model.inference.paired_masks.items()
+             if (boxes in tasks or mask in tasks) and boxes in applicable and mask in applicable}
+    return _infer_steps(model, image, domain, tasks, pairs, explain_methods, explain_task, explain_options, probe,
                         cam_options.get("target"), roi, overlap, batch_windows, box_threshold, device)
 
 
-def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, explain_options, probe, cam_target, roi,
-                 overlap, batch_windows, box_threshold, device) -> Iterator[tuple[int, int]]:
+def _infer_steps(model, image, domain, tasks, pairs, explain_methods, explain_task, explain_options, probe, cam_target,
+                 roi, overlap, batch_windows, box_threshold, device) -> Iterator[tuple[int, int]]:
     spatial = tuple(image.shape[1:])
     model.eval().to(device)
+    reported, tasks = tasks, list(dict.fromkeys([*tasks, *pairs.values()]))  # paired boxes come from their mask
     kinds = {n: model.tasks[n].kind for n in tasks}
     outputs = {n: kind_entry(kinds[n]).output for n in tasks}
     seg_tasks = [n for n in tasks if outputs[n] == "mask"]
     vector_tasks = [n for n in tasks if outputs[n] == "vector"]
-    det_tasks = [n for n in tasks if outputs[n] == "boxes"]
+    det_tasks = [n for n in tasks if outputs[n] == "boxes" and n not in pairs]
+    thresholds = {n: model.inference.box_threshold(n) if box_threshold is None else box_threshold
+                  for n in [*det_tasks, *pairs]}
     reads_attention = any(m in ATTENTION_METHODS for m in explain_methods)
     map_names = [m if m in ATTENTION_METHODS else f"{m}:{explain_task}" for m in explain_methods]
     channels = {**{n: model.tasks[n].num_outputs for n in seg_tasks}, **{k: 1 for k in map_names}}
@@ -196,7 +205,7 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
     vector_sums = {n: 0.0 for n in vector_tasks}
     found_boxes: dict[str, list] = {n: [] for n in det_tasks}
     yield 0, blender.num_windows
-    pass_tasks = list(dict.fromkeys([*tasks, *([explain_task] if probe else [])]))
+    pass_tasks = list(dict.fromkeys([*(n for n in tasks if n not in pairs), *([explain_task] if probe else [])]))
     for done, starts in blender.batches(batch_windows):
         windows = torch.stack([image[(slice(None), *blender.region(s))] for s in starts]).to(device)
         windows = blender.pad(windows)
@@ -217,7 +226,7 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
             scores = predictions[name]["logits"].sigmoid().float().cpu()
             for boxes, score, start in zip(predictions[name]["boxes"], scores, starts):
                 if boxes is not None:
-                    keep = score >= (model.inference.box_threshold(name) if box_threshold is None else box_threshold)
+                    keep = score >= thresholds[name]
                     offset = torch.tensor(start, dtype=torch.float32).repeat(2)
                     found_boxes[name].append((boxes.float().cpu()[keep] + offset, score[keep]))
         targets = default_targets(model, explain_task, predictions[explain_task]) if explain_task in predictions else None
@@ -236,15 +245,23 @@ def _infer_steps(model, image, domain, tasks, explain_methods, explain_task, exp
     blended = blender.result()
     result = ImageInference(window=roi, num_windows=blender.num_windows)
     for name in seg_tasks:
-        threshold = model.inference.mask_thresholds.get(name)
-        labels = blended[name].argmax(0) if threshold is None else (blended[name][1] >= threshold)
-        result.segmentations[name] = labels.numpy().astype(np.int32)
+        threshold, region = model.inference.mask_thresholds.get(name), model.inference.region_thresholds.get(name)
+        if region is not None:
+            labels = kept_regions(blended[name][1].numpy(), model.inference.mask_threshold(name), region)
+        else:
+            labels = (blended[name].argmax(0) if threshold is None else (blended[name][1] >= threshold)).numpy()
+        result.segmentations[name] = labels.astype(np.int32)
+    for name, mask in pairs.items():
+        found = region_boxes(blended[mask][1].numpy(), model.inference.mask_threshold(mask), thresholds[name])
+        result.boxes[name] = _merge_boxes([found], spatial)
     for key in map_names:
         result.maps[key] = blended[key][0].numpy()
     for name in vector_tasks:
         result.scores[name] = (vector_sums[name] / blender.num_windows).numpy()
     for name in det_tasks:
         result.boxes[name] = _merge_boxes(found_boxes[name], spatial)
+    result.segmentations = {n: m for n, m in result.segmentations.items() if n in reported}
+    result.boxes = {n: b for n, b in result.boxes.items() if n in reported}
     return result
 
 

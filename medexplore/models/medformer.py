@@ -12,6 +12,7 @@ from ..errors import UserError
 from .adaptformer import InputAdaptformer, OutputAdaptformer
 from .blocks import Block
 from .config import DomainVocab, MedformerConfig
+from .findings import check_pairs
 from .heads import HeadContext, LabelError
 from .inference_defaults import InferenceDefaults
 from .kinds import HeadDims, kind_entry
@@ -278,6 +279,7 @@ class Medformer(nn.Module):
                              "medexplore.adapt.model_from_spec")
         model = cls(MedformerConfig.from_dict(spec["config"]), [TaskSpec.from_dict(t) for t in spec.get("tasks", [])])
         model.inference = InferenceDefaults.from_dict(spec.get("inference"))
+        check_pairs(model.tasks, model.inference.paired_masks)
         return model
 
     def num_params(self, trainable_only: bool = True) -> int:

@@ -7,12 +7,18 @@
   images count every box they get as a false positive.
 * Per two-class segmentation task, the foreground probability threshold with the best Dice over all
   validation pixels pooled.
+* Per two-class segmentation task, the score a connected region of it needs to be kept (its mean
+  probability; :mod:`medexplore.models.findings`), with the best pooled Dice.
+* Per detection task, whether its boxes come from its head or are read off a two-class mask task
+  labelled on the same images, at that mask's threshold (:mod:`medexplore.models.findings`): whichever
+  reaches the better F0.5 (ties: the head), with its best box threshold.
 
 Ties go to the higher threshold (fewer false alarms on healthy images).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,12 +27,13 @@ from torch.utils.data import Dataset
 from ..data.sample import collate
 from ..errors import UserError
 from ..models.boxes import box_iou
+from ..models.findings import kept_regions, mask_regions
 from ..models.heads import SegmentationHead
 from ..models.inference_defaults import InferenceDefaults
 from ..models.kinds import kind_entry, per_sample_predictions
 from ..models.medformer import Medformer
 
-__all__ = ["calibrate_inference", "THRESHOLDS", "best_threshold", "box_counts"]
+__all__ = ["calibrate_inference", "THRESHOLDS", "best_threshold", "box_counts", "f_scores"]
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)  # the candidates, 0.05 apart
 # boxes: F0.5, precision weighted twice recall. A whole image is tens to hundreds of windows, so a false-alarm
@@ -55,15 +62,30 @@ def box_counts(boxes: torch.Tensor, scores: torch.Tensor, targets: torch.Tensor,
     return counts
 
 
-def best_threshold(counts: np.ndarray, thresholds=THRESHOLDS, beta: float = 1.0) -> float:
-    """The threshold with the best F-beta from pooled (tp, fp, fn) rows (beta 1: F1, which for pixels is the
-    Dice; beta < 1 weighs precision more); ties go to the higher threshold."""
-    tp, fp, fn = counts.T.astype(np.float64)
+def f_scores(counts: np.ndarray, beta: float = 1.0) -> np.ndarray:
+    """The F-beta of each pooled (tp, fp, fn) row (beta 1: F1, which for pixels is the Dice; beta < 1 weighs
+    precision more); 0 where a row has nothing to score."""
+    tp, fp, fn = np.asarray(counts).T.astype(np.float64)
     b2 = beta ** 2
     denominator = (1 + b2) * tp + b2 * fn + fp
-    score = np.divide((1 + b2) * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return np.divide((1 + b2) * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+
+
+def best_threshold(counts: np.ndarray, thresholds=THRESHOLDS, beta: float = 1.0) -> float:
+    """The threshold with the best :func:`f_scores` from pooled (tp, fp, fn) rows; ties go to the higher."""
+    score = f_scores(counts, beta)
     best = int(np.flatnonzero(score >= score.max() - 1e-12)[-1])
     return float(thresholds[best])
+
+
+@dataclass
+class _Record:
+    """One validation sample's labels and the predictions calibration scores: foreground probabilities per
+    two-class mask task, (boxes, scores) per detection task."""
+
+    labels: dict
+    foreground: dict = field(default_factory=dict)
+    boxes: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -76,9 +98,7 @@ def calibrate_inference(model: Medformer, dataset: Dataset, batch_size: int = 32
     mask_tasks = [n for n, o in outputs.items() if o == "mask" and model.tasks[n].num_outputs == 2]
     box_tasks = [n for n, o in outputs.items() if o == "boxes"]
     max_tokens: dict[str, int] = {}
-    pixel_counts = {n: np.zeros((len(THRESHOLDS), 3), np.int64) for n in mask_tasks}
-    boxes_counted = {n: np.zeros((len(THRESHOLDS), 3), np.int64) for n in box_tasks}
-    labelled = set()
+    records: list[_Record] = []
     for start in range(0, len(dataset), batch_size):
         samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         for sample in samples:
@@ -86,32 +106,77 @@ def calibrate_inference(model: Medformer, dataset: Dataset, batch_size: int = 32
             patch = model.config.patch_sizes[len(spatial)]
             dims = f"{len(spatial)}d"
             max_tokens[dims] = max(max_tokens.get(dims, 0), math.prod(math.ceil(s / patch) for s in spatial))
-        wanted = [n for n in (*mask_tasks, *box_tasks) if any(n in s.labels for s in samples)]
-        samples = [s for s in samples if any(n in s.labels for n in wanted)]
-        if not wanted:
-            continue
-        predictions = model(collate(samples).to(device), tasks=wanted).predictions
-        for name in wanted:
-            if name in mask_tasks:
-                items = SegmentationHead.per_sample(predictions[name], len(samples))
-            else:
-                items = per_sample_predictions(model.tasks[name].kind, predictions[name], len(samples))
-            for sample, item in zip(samples, items):
-                label = sample.labels.get(name)
-                if label is None or item is None:
-                    continue
-                labelled.add(name)
-                if name in mask_tasks:
-                    foreground = item.float().softmax(0)[1].cpu()
-                    target = torch.as_tensor(label).bool()
-                    for row, threshold in enumerate(THRESHOLDS):
-                        predicted = foreground >= threshold
-                        pixel_counts[name][row] += (int((predicted & target).sum()), int((predicted & ~target).sum()),
-                                                    int((~predicted & target).sum()))
-                else:
-                    boxes, scores = item
-                    targets = torch.as_tensor(label, dtype=torch.float32).reshape(-1, boxes.shape[-1])
-                    boxes_counted[name] += box_counts(boxes, scores, targets)
-    return InferenceDefaults(max_tokens,
-                             {n: best_threshold(c, beta=BOX_BETA) for n, c in boxes_counted.items() if n in labelled},
-                             {n: best_threshold(c) for n, c in pixel_counts.items() if n in labelled})
+        samples = [s for s in samples if any(n in s.labels for n in (*mask_tasks, *box_tasks))]
+        if samples:  # every mask and box head on them: a pairing is judged on the samples of its box task
+            records += _predict(model, samples, mask_tasks, box_tasks, device)
+    labelled = {n for r in records for n in r.labels if n in (*mask_tasks, *box_tasks)}
+    mask_thresholds = {}
+    for name in (n for n in mask_tasks if n in labelled):
+        mask_thresholds[name] = best_threshold(_pixel_counts([r for r in records if name in r.labels and name in r.foreground],
+                                                             name))
+    region_thresholds = {name: best_threshold(_region_counts([r for r in records if name in r.labels and name in r.foreground],
+                                                             name, threshold))
+                         for name, threshold in mask_thresholds.items()}
+    box_thresholds, paired = {}, {}
+    for name in (n for n in box_tasks if n in labelled):
+        scored = [r for r in records if name in r.labels and name in r.boxes]
+        candidates = {None: _box_counts(scored, name)}
+        for mask in mask_thresholds:  # a mask labelled wherever the boxes are: the same finding
+            if scored and all(mask in r.labels and mask in r.foreground for r in scored):
+                candidates[mask] = _box_counts(scored, name, mask, mask_thresholds[mask])
+        best = max(candidates, key=lambda m: (f_scores(candidates[m], BOX_BETA).max(), m is None))  # ties: the head
+        box_thresholds[name] = best_threshold(candidates[best], beta=BOX_BETA)
+        if best is not None:
+            paired[name] = best
+    return InferenceDefaults(max_tokens, box_thresholds, mask_thresholds, region_thresholds, paired)
+
+
+def _predict(model: Medformer, samples: list, mask_tasks: list[str], box_tasks: list[str], device) -> list[_Record]:
+    predictions = model(collate(samples).to(device), tasks=[*mask_tasks, *box_tasks]).predictions
+    records = [_Record({n: y for n, y in s.labels.items() if y is not None}) for s in samples]
+    for name in mask_tasks:
+        for record, item in zip(records, SegmentationHead.per_sample(predictions[name], len(samples))):
+            if item is not None:
+                record.foreground[name] = item.float().softmax(0)[1].cpu()
+    for name in box_tasks:
+        for record, item in zip(records, per_sample_predictions(model.tasks[name].kind, predictions[name], len(samples))):
+            if item is not None:
+                record.boxes[name] = (item[0].float().cpu(), item[1].float().cpu())
+    return records
+
+
+def _box_counts(records: list[_Record], name: str, mask: str | None = None, mask_threshold: float = 0.5) -> np.ndarray:
+    """Pooled :func:`box_counts` of task ``name``: its head's boxes, or those read off ``mask`` at ``mask_threshold``."""
+    counts = np.zeros((len(THRESHOLDS), 3), np.int64)
+    for record in records:
+        boxes, scores = record.boxes[name]
+        if mask is not None:
+            _, boxes, scores = mask_regions(record.foreground[mask].numpy(), mask_threshold)
+        targets = torch.as_tensor(record.labels[name], dtype=torch.float32).reshape(-1, boxes.shape[-1])
+        counts += box_counts(boxes, scores, targets)
+    return counts
+
+
+def _pixel_counts(records: list[_Record], name: str) -> np.ndarray:
+    """Pooled (tp, fp, fn) pixels of mask task ``name`` at each threshold."""
+    counts = np.zeros((len(THRESHOLDS), 3), np.int64)
+    for record in records:
+        foreground = record.foreground[name]
+        target = torch.as_tensor(record.labels[name]).bool()
+        for row, threshold in enumerate(THRESHOLDS):
+            predicted = foreground >= threshold
+            counts[row] += (int((predicted & target).sum()), int((predicted & ~target).sum()), int((~predicted & target).sum()))
+    return counts
+
+
+def _region_counts(records: list[_Record], name: str, threshold: float) -> np.ndarray:
+    """Pooled (tp, fp, fn) pixels of mask task ``name`` at ``threshold`` keeping the regions whose score reaches
+    each of :data:`THRESHOLDS`."""
+    counts = np.zeros((len(THRESHOLDS), 3), np.int64)
+    for record in records:
+        foreground = record.foreground[name].numpy()
+        target = torch.as_tensor(record.labels[name]).bool().numpy()
+        for row, region in enumerate(THRESHOLDS):
+            predicted = kept_regions(foreground, threshold, region)
+            counts[row] += (int((predicted & target).sum()), int((predicted & ~target).sum()), int((~predicted & target).sum()))
+    return counts

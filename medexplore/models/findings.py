@@ -1,0 +1,57 @@
+"""Findings as regions of a two-class mask: a mask task's regions, and a detection task's boxes read off them.
+
+A region is a connected set (faces touching) of pixels whose foreground probability reaches the mask's
+threshold; its score is its mean foreground probability. Calibration on validation data
+(:func:`medexplore.train.calibration.calibrate_inference`) can set, per mask task, the score a region
+needs to be kept (small, hesitant regions are most of the false alarms on a healthy image), and pair a
+detection task with the mask task of the same finding when the regions' boxes score better than the box
+head's (on the embedded lesions: validation F0.5 0.92 against 0.70 for ``medformer-medmnist-embedded-v2``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor
+
+from ..errors import UserError
+from .kinds import kind_entry
+from .tasks import TaskSpec
+
+__all__ = ["check_pairs", "kept_regions", "mask_regions", "region_boxes"]
+
+
+def check_pairs(tasks: dict[str, TaskSpec], paired_masks: dict[str, str]) -> None:
+    """Refuse a pairing that does not name a detection task and a two-class segmentation task of ``tasks``."""
+    for boxes, mask in paired_masks.items():
+        box_spec, mask_spec = tasks.get(boxes), tasks.get(mask)
+        if box_spec is None or kind_entry(box_spec.kind).output != "boxes":
+            raise UserError(f"inference paired_masks: {boxes!r} is not a detection task of the model")
+        if mask_spec is None or kind_entry(mask_spec.kind).output != "mask" or mask_spec.num_outputs != 2:
+            raise UserError(f"inference paired_masks: {boxes!r} is paired with {mask!r}, "
+                            "which is not a two-class segmentation task of the model")
+
+
+def mask_regions(foreground, threshold: float) -> tuple[np.ndarray, Tensor, Tensor]:
+    """The connected regions (faces touching) where ``foreground`` (probabilities over the spatial axes)
+    reaches ``threshold``: their labels (0 outside, 1..N), (N, 2d) bounding boxes in corner form and (N,)
+    mean foreground probabilities."""
+    foreground = np.asarray(foreground, dtype=np.float32)
+    labels, count = ndimage.label(foreground >= threshold)
+    boxes = torch.tensor([[s.start for s in region] + [s.stop for s in region]
+                          for region in ndimage.find_objects(labels)], dtype=torch.float32)
+    scores = ndimage.mean(foreground, labels, np.arange(1, count + 1)) if count else np.zeros(0)
+    return labels, boxes.reshape(count, 2 * foreground.ndim), torch.as_tensor(np.asarray(scores), dtype=torch.float32)
+
+
+def kept_regions(foreground, threshold: float, region_threshold: float) -> np.ndarray:
+    """The boolean mask of the regions of :func:`mask_regions` whose score reaches ``region_threshold``."""
+    labels, _, scores = mask_regions(foreground, threshold)
+    return np.concatenate([[False], (scores >= region_threshold).numpy()])[labels]
+
+
+def region_boxes(foreground, threshold: float, box_threshold: float) -> tuple[Tensor, Tensor]:
+    """The boxes and scores of the regions of :func:`mask_regions` whose score reaches ``box_threshold``."""
+    _, boxes, scores = mask_regions(foreground, threshold)
+    kept = scores >= box_threshold
+    return boxes[kept], scores[kept]

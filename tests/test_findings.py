@@ -1,0 +1,103 @@
+"""Findings as mask regions: region scores, kept regions, boxes read off a mask, and calibration's choice."""
+import numpy as np
+import pytest
+import torch
+from conftest import image, small_model
+
+from medexplore.analysis.inference import infer_image
+from medexplore.data.sample import Sample
+from medexplore.errors import UserError
+from medexplore.models import Domain, InferenceDefaults, Medformer, TaskSpec
+from medexplore.models.findings import kept_regions, mask_regions, region_boxes
+from medexplore.train import calibration
+from medexplore.train.calibration import _Record, calibrate_inference
+
+MRI = Domain("3d", "mri", "brain")
+TASKS = [TaskSpec("lesion_mask", "segmentation", 2), TaskSpec("lesion_boxes", "detection", 2),
+         TaskSpec("tissue", "segmentation", 3)]
+
+
+def _two_regions() -> np.ndarray:
+    foreground = np.zeros((10, 12), np.float32)
+    foreground[1:3, 1:4] = 0.9  # 6 confident pixels
+    foreground[6:9, 8:10] = [[0.6, 0.7], [0.8, 0.6], [0.7, 0.8]]  # 6 hesitant ones, mean 0.7
+    foreground[0, 11] = 0.4  # below the mask threshold: no region
+    return foreground
+
+
+def test_mask_regions_label_box_and_score_each_connected_region():
+    labels, boxes, scores = mask_regions(_two_regions(), 0.5)
+    assert labels.max() == 2 and (labels > 0).sum() == 12
+    assert boxes.tolist() == [[1, 1, 3, 4], [6, 8, 9, 10]]  # corners, ends exclusive: the regions' extent
+    assert scores.numpy() == pytest.approx([0.9, 0.7])
+    kept = kept_regions(_two_regions(), 0.5, 0.8)
+    assert kept.sum() == 6 and kept[1:3, 1:4].all()  # the hesitant region goes whole, not pixel by pixel
+    assert kept_regions(_two_regions(), 0.5, 0.6).sum() == 12
+    boxes, scores = region_boxes(_two_regions(), 0.5, 0.8)
+    assert boxes.tolist() == [[1, 1, 3, 4]] and scores.numpy() == pytest.approx([0.9])
+    labels, boxes, scores = mask_regions(np.zeros((4, 4, 4)), 0.5)  # 3D, nothing found
+    assert not labels.any() and boxes.shape == (0, 6) and scores.shape == (0,)
+
+
+def test_inference_reads_paired_boxes_off_the_mask_regions():
+    model = small_model(TASKS, seg_channels=8)
+    volume = image(3, 16, seed=3)
+    # every pixel reaches 0: one region, the whole volume, scored by its mean foreground probability
+    model.inference = InferenceDefaults(mask_thresholds={"lesion_mask": 0.0}, box_thresholds={"lesion_boxes": 0.0},
+                                        paired_masks={"lesion_boxes": "lesion_mask"})
+    found = infer_image(model, volume, MRI)
+    boxes, scores = found.boxes["lesion_boxes"]
+    assert boxes.tolist() == [[0, 0, 0, 16, 16, 16]] and 0 < scores[0] < 1
+    assert found.segmentations["lesion_mask"].all()
+    only_boxes = infer_image(model, volume, MRI, tasks=["lesion_boxes"])  # the mask runs, unreported
+    assert set(only_boxes.segmentations) == set() and np.allclose(only_boxes.boxes["lesion_boxes"][0], boxes)
+    assert len(infer_image(model, volume, MRI, box_threshold=float(scores[0]) + 1e-3).boxes["lesion_boxes"][1]) == 0
+    model.inference = InferenceDefaults(mask_thresholds={"lesion_mask": 0.0}, region_thresholds={"lesion_mask": 1.0})
+    assert not infer_image(model, volume, MRI).segmentations["lesion_mask"].any()  # no region scores 1
+
+
+def _records(mask_quality: str) -> list[_Record]:
+    """Validation records of 2D crops with one square lesion each: a mask head exact or noisy, a box head
+    noisy or exact."""
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(8):
+        target = np.zeros((16, 16), np.int64)
+        lo = 2 + i % 6
+        target[lo:lo + 5, lo:lo + 5] = 1
+        truth = torch.tensor([[lo, lo, lo + 5, lo + 5]], dtype=torch.float32)
+        exact = torch.as_tensor(target, dtype=torch.float32) * 0.75
+        noisy = torch.as_tensor(rng.uniform(0, 1, (16, 16)), dtype=torch.float32)
+        elsewhere = torch.tensor([[0.0, 10, 3, 13]])
+        good_mask = mask_quality == "good"
+        records.append(_Record({"lesion_mask": target, "lesion_boxes": truth},
+                               {"lesion_mask": exact if good_mask else noisy},
+                               {"lesion_boxes": (elsewhere if good_mask else truth, torch.tensor([0.8]))}))
+    return records
+
+
+@pytest.mark.parametrize("mask_quality", ["good", "bad"])
+def test_calibration_reads_boxes_off_the_mask_when_they_score_better(monkeypatch, mask_quality):
+    model = small_model(TASKS, seg_channels=8)
+    monkeypatch.setattr(calibration, "_predict", lambda model, samples, masks, boxes, device: _records(mask_quality))
+    samples = [Sample(image(2, 16), Domain("2d", "xray", "chest"), {"lesion_mask": torch.zeros(16, 16)})]
+    defaults = calibrate_inference(model, samples)
+    if mask_quality == "good":  # the regions are the lesions (score 0.75); the head's boxes miss them
+        assert defaults.paired_masks == {"lesion_boxes": "lesion_mask"}
+        assert defaults.box_thresholds["lesion_boxes"] == 0.75 and defaults.region_thresholds["lesion_mask"] == 0.75
+    else:  # the head boxes every lesion; noise makes many regions
+        assert defaults.paired_masks == {} and defaults.box_thresholds["lesion_boxes"] == 0.8
+
+
+def test_pairs_that_name_no_such_task_are_refused():
+    spec = small_model(TASKS).spec_dict()
+    for pair, match in [({"tissue": "lesion_mask"}, "'tissue' is not a detection task"),
+                        ({"lesion_boxes": "tissue"}, "'tissue'.*not a two-class"),
+                        ({"lesion_boxes": "nothing"}, "'nothing'")]:
+        spec["inference"] = {"paired_masks": pair}
+        with pytest.raises(UserError, match=match):
+            Medformer.from_spec_dict(spec)
+    with pytest.raises(UserError, match="region_thresholds: task 'm'"):
+        InferenceDefaults.from_dict({"region_thresholds": {"m": 2}})
+    with pytest.raises(UserError, match="paired_masks: task 'b'"):
+        InferenceDefaults.from_dict({"paired_masks": {"b": 3}})

@@ -15,7 +15,7 @@ It prints and writes (``OUT/results.md``, ``OUT/results.json``) per dataset: tes
 parameters. Finished runs are reused, so an interrupted benchmark continues where it stopped.
 
 Usage: python benchmarks/medmnist.py --root ../shared/data/medmnist [--seeds 0 1 2] [--datasets breastmnist ...]
-       [--out runs/medmnist] [--one-model [--pretrain STEPS]] [--no-baseline] [--no-single] [--report]
+       [--out runs/medmnist] [--one-model [--pretrain STEPS | --init CHECKPOINT]] [--no-baseline] [--no-single] [--report]
        [--set train.lr=5e-4 ...]
 """
 from __future__ import annotations
@@ -92,12 +92,13 @@ def train_ours(flag: str, root: Path, seed: int, out: Path, overrides: list[str]
 
 
 def train_one_model(flags: list[str], root: Path, seed: int, out: Path, overrides: list[str],
-                    train: bool = True, pretrain_steps: int = 0) -> dict | None:
+                    train: bool = True, pretrain_steps: int = 0, init: str | None = None) -> dict | None:
     """ONE Medformer on all ``flags`` together (``configs/medmnist.yaml``, the same recipe).
 
     ``pretrain_steps > 0``: first VICReg on the training images of all ``flags`` for about that many steps
     (epochs of ~100 steps, so it can resume; same model, batch and learning rate; ``OUT-vicreg``), then the supervised run starts from it
-    (``--init``); the wall time reported is both runs'."""
+    (``--init``); the wall time reported is both runs'. ``init``: start from that checkpoint or shipped model
+    instead (e.g. a VICReg backbone pretrained elsewhere; its time is not counted)."""
     config = ROOT / "configs" / "medmnist.yaml"
     args = ["--config", str(config)]
     if set(flags) != set(yaml.safe_load(config.read_text())["data"]["datasets"]):
@@ -112,6 +113,8 @@ def train_one_model(flags: list[str], root: Path, seed: int, out: Path, override
         if pretrained is None:
             return None
         args += ["--init", str(vicreg_out / "checkpoints" / "last")]
+    elif init:
+        args += ["--init", init]
     run = run_cli(args, root, seed, out, flags, train)
     if run is not None and pretrained is not None:
         run = {**run, "wall_s": run["wall_s"] + pretrained["wall_s"], "pretrain_wall_s": pretrained["wall_s"]}
@@ -172,9 +175,13 @@ def main():
                    help="also train ONE Medformer on all the datasets together (configs/medmnist.yaml)")
     p.add_argument("--pretrain", type=int, default=0, metavar="STEPS",
                    help="one model: VICReg pretraining on all the datasets' training images for STEPS steps first")
+    p.add_argument("--init", metavar="CHECKPOINT", help="one model: start from this checkpoint or shipped model "
+                   "(e.g. medformer-medmnist-embedded-vicreg-v1); not with --pretrain")
     p.add_argument("--report", action="store_true", help="train nothing: the table of the finished runs")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change the recipe")
     args = p.parse_args()
+    if args.init and args.pretrain:
+        p.error("--init and --pretrain both choose the one model's starting weights; pass one")
     root, out = Path(args.root).resolve(), Path(args.out)
     flags = args.datasets or [f for f in MEDMNIST if (root / f"{f}.npz").exists()]
     missing = [f for f in flags if not (root / f"{f}.npz").exists()]
@@ -198,7 +205,7 @@ def main():
             print(" ".join(line), flush=True)
         if args.one_model:
             run = train_one_model(flags, root, seed, out / f"one-model-seed{seed}", args.set, train=not args.report,
-                                  pretrain_steps=args.pretrain)
+                                  pretrain_steps=args.pretrain, init=args.init)
             if run is not None:
                 one_model.append(run)
                 print(f"one model seed {seed}: " + ", ".join(

@@ -14,32 +14,29 @@ import numpy as np
 import torch
 
 from medexplore.data.registry import build_dataset
-from medexplore.data.sample import collate
 from medexplore.models.findings import mask_regions
-from medexplore.models.heads import SegmentationHead
-from medexplore.models.kinds import kind_entry, per_sample_predictions
+from medexplore.models.kinds import kind_entry
 from medexplore.models.metrics import detection_metrics
-from medexplore.train.calibration import BOX_BETA, box_counts, f_scores
+from medexplore.train.calibration import BOX_BETA, box_counts, f_scores, predict_records
 from medexplore.train.checkpoint import load_model
 
 
 @torch.no_grad()
 def box_sources(model, dataset, box_task: str, mask_task: str, batch_size: int = 32) -> dict[str, list]:
-    """Per source (``head``, ``mask``): (boxes, scores, targets) of each image labelled for ``box_task``."""
+    """Per source (``head``, ``mask``): (boxes, scores, targets) of each image labelled for ``box_task``, from the
+    predictions calibration scores (:func:`medexplore.train.calibration.predict_records`)."""
     model.eval()
     threshold = model.inference.mask_threshold(mask_task)
     found = {"head": [], "mask": []}
     labelled = [i for i in range(len(dataset)) if box_task in dataset[i].labels]
     for start in range(0, len(labelled), batch_size):
         samples = [dataset[i] for i in labelled[start:start + batch_size]]
-        predictions = model(collate(samples), tasks=[box_task, mask_task]).predictions
-        heads = per_sample_predictions(model.tasks[box_task].kind, predictions[box_task], len(samples))
-        masks = SegmentationHead.per_sample(predictions[mask_task], len(samples))  # logits, not the argmax
-        for sample, head, mask in zip(samples, heads, masks):
-            targets = torch.as_tensor(sample.labels[box_task], dtype=torch.float32).reshape(-1, 2 * (sample.image.dim() - 1))
-            found["head"].append((*head, targets))
-            _, boxes, scores = mask_regions(mask.float().softmax(0)[1].numpy(), threshold)
-            found["mask"].append((boxes, scores, targets))
+        for record in predict_records(model, samples, [mask_task], [box_task]):
+            boxes, scores = record.boxes[box_task]
+            targets = torch.as_tensor(record.labels[box_task], dtype=torch.float32).reshape(-1, boxes.shape[-1])
+            regions = mask_regions(record.foreground[mask_task].numpy(), threshold)
+            found["head"].append((boxes, scores, targets))
+            found["mask"].append((regions.boxes, regions.scores, targets))
     return found
 
 

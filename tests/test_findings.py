@@ -8,9 +8,9 @@ from medexplore.analysis.inference import infer_image
 from medexplore.data.sample import Sample
 from medexplore.errors import UserError
 from medexplore.models import Domain, InferenceDefaults, Medformer, TaskSpec
-from medexplore.models.findings import kept_regions, mask_regions, region_boxes
+from medexplore.models.findings import mask_regions
 from medexplore.train import calibration
-from medexplore.train.calibration import _Record, calibrate_inference
+from medexplore.train.calibration import Record, calibrate_inference
 
 MRI = Domain("3d", "mri", "brain")
 TASKS = [TaskSpec("lesion_mask", "segmentation", 2), TaskSpec("lesion_boxes", "detection", 2),
@@ -26,17 +26,17 @@ def _two_regions() -> np.ndarray:
 
 
 def test_mask_regions_label_box_and_score_each_connected_region():
-    labels, boxes, scores = mask_regions(_two_regions(), 0.5)
-    assert labels.max() == 2 and (labels > 0).sum() == 12
-    assert boxes.tolist() == [[1, 1, 3, 4], [6, 8, 9, 10]]  # corners, ends exclusive: the regions' extent
-    assert scores.numpy() == pytest.approx([0.9, 0.7])
-    kept = kept_regions(_two_regions(), 0.5, 0.8)
+    regions = mask_regions(_two_regions(), 0.5)
+    assert regions.labels.max() == 2 and (regions.labels > 0).sum() == 12
+    assert regions.boxes.tolist() == [[1, 1, 3, 4], [6, 8, 9, 10]]  # corners, ends exclusive: the regions' extent
+    assert regions.scores.numpy() == pytest.approx([0.9, 0.7])
+    kept = regions.mask(0.8)
     assert kept.sum() == 6 and kept[1:3, 1:4].all()  # the hesitant region goes whole, not pixel by pixel
-    assert kept_regions(_two_regions(), 0.5, 0.6).sum() == 12
-    boxes, scores = region_boxes(_two_regions(), 0.5, 0.8)
+    assert regions.mask(0.6).sum() == 12
+    boxes, scores = regions.scored_boxes(0.8)
     assert boxes.tolist() == [[1, 1, 3, 4]] and scores.numpy() == pytest.approx([0.9])
-    labels, boxes, scores = mask_regions(np.zeros((4, 4, 4)), 0.5)  # 3D, nothing found
-    assert not labels.any() and boxes.shape == (0, 6) and scores.shape == (0,)
+    empty = mask_regions(np.zeros((4, 4, 4)), 0.5)  # 3D, nothing found
+    assert not empty.labels.any() and empty.boxes.shape == (0, 6) and empty.scores.shape == (0,) and not empty.mask(0).any()
 
 
 def test_inference_reads_paired_boxes_off_the_mask_regions():
@@ -56,7 +56,7 @@ def test_inference_reads_paired_boxes_off_the_mask_regions():
     assert not infer_image(model, volume, MRI).segmentations["lesion_mask"].any()  # no region scores 1
 
 
-def _records(mask_quality: str) -> list[_Record]:
+def _records(mask_quality: str) -> list[Record]:
     """Validation records of 2D crops with one square lesion each: a mask head exact or noisy, a box head
     noisy or exact."""
     rng = np.random.default_rng(0)
@@ -70,7 +70,7 @@ def _records(mask_quality: str) -> list[_Record]:
         noisy = torch.as_tensor(rng.uniform(0, 1, (16, 16)), dtype=torch.float32)
         elsewhere = torch.tensor([[0.0, 10, 3, 13]])
         good_mask = mask_quality == "good"
-        records.append(_Record({"lesion_mask": target, "lesion_boxes": truth},
+        records.append(Record({"lesion_mask": target, "lesion_boxes": truth},
                                {"lesion_mask": exact if good_mask else noisy},
                                {"lesion_boxes": (elsewhere if good_mask else truth, torch.tensor([0.8]))}))
     return records
@@ -79,7 +79,7 @@ def _records(mask_quality: str) -> list[_Record]:
 @pytest.mark.parametrize("mask_quality", ["good", "bad"])
 def test_calibration_reads_boxes_off_the_mask_when_they_score_better(monkeypatch, mask_quality):
     model = small_model(TASKS, seg_channels=8)
-    monkeypatch.setattr(calibration, "_predict", lambda model, samples, masks, boxes, device: _records(mask_quality))
+    monkeypatch.setattr(calibration, "predict_records", lambda model, samples, masks, boxes, device: _records(mask_quality))
     samples = [Sample(image(2, 16), Domain("2d", "xray", "chest"), {"lesion_mask": torch.zeros(16, 16)})]
     defaults = calibrate_inference(model, samples)
     if mask_quality == "good":  # the regions are the lesions (score 0.75); the head's boxes miss them

@@ -23,7 +23,7 @@ from ..data.sample import Batch
 from ..data.transforms import normalize_intensity, prepare_image
 from ..errors import UserError
 from ..models.boxes import box_iou
-from ..models.findings import kept_regions, region_boxes
+from ..models.findings import mask_regions
 from ..models.heads import SegmentationHead
 from ..models.kinds import kind_entry, task_scores
 from ..models.medformer import Medformer
@@ -244,16 +244,18 @@ def _infer_steps(model, image, domain, tasks, pairs, explain_methods, explain_ta
         yield done, blender.num_windows
     blended = blender.result()
     result = ImageInference(window=roi, num_windows=blender.num_windows)
+    defaults = model.inference
+    regions = {n: mask_regions(blended[n][1].numpy(), defaults.mask_threshold(n))  # labelled once per mask
+               for n in seg_tasks if n in defaults.region_thresholds or n in pairs.values()}
     for name in seg_tasks:
-        threshold, region = model.inference.mask_thresholds.get(name), model.inference.region_thresholds.get(name)
-        if region is not None:
-            labels = kept_regions(blended[name][1].numpy(), model.inference.mask_threshold(name), region)
+        threshold = defaults.mask_thresholds.get(name)
+        if name in defaults.region_thresholds:
+            labels = regions[name].mask(defaults.region_thresholds[name])
         else:
             labels = (blended[name].argmax(0) if threshold is None else (blended[name][1] >= threshold)).numpy()
         result.segmentations[name] = labels.astype(np.int32)
     for name, mask in pairs.items():
-        found = region_boxes(blended[mask][1].numpy(), model.inference.mask_threshold(mask), thresholds[name])
-        result.boxes[name] = _merge_boxes([found], spatial)
+        result.boxes[name] = _merge_boxes([regions[mask].scored_boxes(thresholds[name])], spatial)
     for key in map_names:
         result.maps[key] = blended[key][0].numpy()
     for name in vector_tasks:

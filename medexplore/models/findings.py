@@ -9,6 +9,8 @@ head's (on the embedded lesions: validation F0.5 0.92 against 0.70 for ``medform
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -18,7 +20,7 @@ from ..errors import UserError
 from .kinds import kind_entry
 from .tasks import TaskSpec
 
-__all__ = ["check_pairs", "kept_regions", "mask_regions", "region_boxes"]
+__all__ = ["Regions", "check_pairs", "mask_regions"]
 
 
 def check_pairs(tasks: dict[str, TaskSpec], paired_masks: dict[str, str]) -> None:
@@ -32,26 +34,30 @@ def check_pairs(tasks: dict[str, TaskSpec], paired_masks: dict[str, str]) -> Non
                             "which is not a two-class segmentation task of the model")
 
 
-def mask_regions(foreground, threshold: float) -> tuple[np.ndarray, Tensor, Tensor]:
-    """The connected regions (faces touching) where ``foreground`` (probabilities over the spatial axes)
-    reaches ``threshold``: their labels (0 outside, 1..N), (N, 2d) bounding boxes in corner form and (N,)
-    mean foreground probabilities."""
+@dataclass(frozen=True)
+class Regions:
+    """The connected regions (faces touching) of a two-class mask: ``labels`` (0 outside, 1..N), their (N, 2d)
+    bounding ``boxes`` in corner form and (N,) ``scores``, each region's mean foreground probability."""
+
+    labels: np.ndarray
+    boxes: Tensor
+    scores: Tensor
+
+    def mask(self, min_score: float) -> np.ndarray:
+        """The boolean mask of the regions whose score reaches ``min_score``."""
+        return np.concatenate([[False], (self.scores >= min_score).numpy()])[self.labels]
+
+    def scored_boxes(self, min_score: float) -> tuple[Tensor, Tensor]:
+        """The boxes and scores of the regions whose score reaches ``min_score``."""
+        kept = self.scores >= min_score
+        return self.boxes[kept], self.scores[kept]
+
+
+def mask_regions(foreground, threshold: float) -> Regions:
+    """The :class:`Regions` where ``foreground`` (probabilities over the spatial axes) reaches ``threshold``."""
     foreground = np.asarray(foreground, dtype=np.float32)
     labels, count = ndimage.label(foreground >= threshold)
     boxes = torch.tensor([[s.start for s in region] + [s.stop for s in region]
                           for region in ndimage.find_objects(labels)], dtype=torch.float32)
     scores = ndimage.mean(foreground, labels, np.arange(1, count + 1)) if count else np.zeros(0)
-    return labels, boxes.reshape(count, 2 * foreground.ndim), torch.as_tensor(np.asarray(scores), dtype=torch.float32)
-
-
-def kept_regions(foreground, threshold: float, region_threshold: float) -> np.ndarray:
-    """The boolean mask of the regions of :func:`mask_regions` whose score reaches ``region_threshold``."""
-    labels, _, scores = mask_regions(foreground, threshold)
-    return np.concatenate([[False], (scores >= region_threshold).numpy()])[labels]
-
-
-def region_boxes(foreground, threshold: float, box_threshold: float) -> tuple[Tensor, Tensor]:
-    """The boxes and scores of the regions of :func:`mask_regions` whose score reaches ``box_threshold``."""
-    _, boxes, scores = mask_regions(foreground, threshold)
-    kept = scores >= box_threshold
-    return boxes[kept], scores[kept]
+    return Regions(labels, boxes.reshape(count, 2 * foreground.ndim), torch.as_tensor(np.asarray(scores), dtype=torch.float32))

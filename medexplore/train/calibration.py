@@ -27,13 +27,13 @@ from torch.utils.data import Dataset
 from ..data.sample import collate
 from ..errors import UserError
 from ..models.boxes import box_iou
-from ..models.findings import kept_regions, mask_regions
+from ..models.findings import mask_regions
 from ..models.heads import SegmentationHead
 from ..models.inference_defaults import InferenceDefaults
 from ..models.kinds import kind_entry, per_sample_predictions
 from ..models.medformer import Medformer
 
-__all__ = ["calibrate_inference", "THRESHOLDS", "best_threshold", "box_counts", "f_scores"]
+__all__ = ["calibrate_inference", "THRESHOLDS", "Record", "best_threshold", "box_counts", "f_scores", "predict_records"]
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)  # the candidates, 0.05 apart
 # boxes: F0.5, precision weighted twice recall. A whole image is tens to hundreds of windows, so a false-alarm
@@ -79,7 +79,7 @@ def best_threshold(counts: np.ndarray, thresholds=THRESHOLDS, beta: float = 1.0)
 
 
 @dataclass
-class _Record:
+class Record:
     """One validation sample's labels and the predictions calibration scores: foreground probabilities per
     two-class mask task, (boxes, scores) per detection task."""
 
@@ -98,7 +98,7 @@ def calibrate_inference(model: Medformer, dataset: Dataset, batch_size: int = 32
     mask_tasks = [n for n, o in outputs.items() if o == "mask" and model.tasks[n].num_outputs == 2]
     box_tasks = [n for n, o in outputs.items() if o == "boxes"]
     max_tokens: dict[str, int] = {}
-    records: list[_Record] = []
+    records: list[Record] = []
     for start in range(0, len(dataset), batch_size):
         samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         for sample in samples:
@@ -108,7 +108,7 @@ def calibrate_inference(model: Medformer, dataset: Dataset, batch_size: int = 32
             max_tokens[dims] = max(max_tokens.get(dims, 0), math.prod(math.ceil(s / patch) for s in spatial))
         samples = [s for s in samples if any(n in s.labels for n in (*mask_tasks, *box_tasks))]
         if samples:  # every mask and box head on them: a pairing is judged on the samples of its box task
-            records += _predict(model, samples, mask_tasks, box_tasks, device)
+            records += predict_records(model, samples, mask_tasks, box_tasks, device)
     labelled = {n for r in records for n in r.labels if n in (*mask_tasks, *box_tasks)}
     mask_thresholds = {}
     for name in (n for n in mask_tasks if n in labelled):
@@ -131,9 +131,11 @@ def calibrate_inference(model: Medformer, dataset: Dataset, batch_size: int = 32
     return InferenceDefaults(max_tokens, box_thresholds, mask_thresholds, region_thresholds, paired)
 
 
-def _predict(model: Medformer, samples: list, mask_tasks: list[str], box_tasks: list[str], device) -> list[_Record]:
+def predict_records(model: Medformer, samples: list, mask_tasks: list[str], box_tasks: list[str], device="cpu"
+                    ) -> list[Record]:
+    """One :class:`Record` per sample: ``mask_tasks``' foreground probabilities and ``box_tasks``' head boxes."""
     predictions = model(collate(samples).to(device), tasks=[*mask_tasks, *box_tasks]).predictions
-    records = [_Record({n: y for n, y in s.labels.items() if y is not None}) for s in samples]
+    records = [Record({n: y for n, y in s.labels.items() if y is not None}) for s in samples]
     for name in mask_tasks:
         for record, item in zip(records, SegmentationHead.per_sample(predictions[name], len(samples))):
             if item is not None:
@@ -145,38 +147,43 @@ def _predict(model: Medformer, samples: list, mask_tasks: list[str], box_tasks: 
     return records
 
 
-def _box_counts(records: list[_Record], name: str, mask: str | None = None, mask_threshold: float = 0.5) -> np.ndarray:
+def _box_counts(records: list[Record], name: str, mask: str | None = None, mask_threshold: float | None = None
+                ) -> np.ndarray:
     """Pooled :func:`box_counts` of task ``name``: its head's boxes, or those read off ``mask`` at ``mask_threshold``."""
     counts = np.zeros((len(THRESHOLDS), 3), np.int64)
     for record in records:
         boxes, scores = record.boxes[name]
         if mask is not None:
-            _, boxes, scores = mask_regions(record.foreground[mask].numpy(), mask_threshold)
+            regions = mask_regions(record.foreground[mask].numpy(), mask_threshold)
+            boxes, scores = regions.boxes, regions.scores
         targets = torch.as_tensor(record.labels[name], dtype=torch.float32).reshape(-1, boxes.shape[-1])
         counts += box_counts(boxes, scores, targets)
     return counts
 
 
-def _pixel_counts(records: list[_Record], name: str) -> np.ndarray:
+def _confusion(predicted, target) -> tuple[int, int, int]:
+    """(true positive, false positive, false negative) pixels of boolean ``predicted`` against ``target``."""
+    return int((predicted & target).sum()), int((predicted & ~target).sum()), int((~predicted & target).sum())
+
+
+def _pixel_counts(records: list[Record], name: str) -> np.ndarray:
     """Pooled (tp, fp, fn) pixels of mask task ``name`` at each threshold."""
     counts = np.zeros((len(THRESHOLDS), 3), np.int64)
     for record in records:
         foreground = record.foreground[name]
         target = torch.as_tensor(record.labels[name]).bool()
         for row, threshold in enumerate(THRESHOLDS):
-            predicted = foreground >= threshold
-            counts[row] += (int((predicted & target).sum()), int((predicted & ~target).sum()), int((~predicted & target).sum()))
+            counts[row] += _confusion(foreground >= threshold, target)
     return counts
 
 
-def _region_counts(records: list[_Record], name: str, threshold: float) -> np.ndarray:
+def _region_counts(records: list[Record], name: str, threshold: float) -> np.ndarray:
     """Pooled (tp, fp, fn) pixels of mask task ``name`` at ``threshold`` keeping the regions whose score reaches
     each of :data:`THRESHOLDS`."""
     counts = np.zeros((len(THRESHOLDS), 3), np.int64)
     for record in records:
-        foreground = record.foreground[name].numpy()
+        regions = mask_regions(record.foreground[name].numpy(), threshold)
         target = torch.as_tensor(record.labels[name]).bool().numpy()
-        for row, region in enumerate(THRESHOLDS):
-            predicted = kept_regions(foreground, threshold, region)
-            counts[row] += (int((predicted & target).sum()), int((predicted & ~target).sum()), int((~predicted & target).sum()))
+        for row, min_score in enumerate(THRESHOLDS):
+            counts[row] += _confusion(regions.mask(min_score), target)
     return counts

@@ -276,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("evaluate", cmd_evaluate, "metrics of a checkpoint on a split"),
                              ("calibrate", cmd_calibrate, "store in a checkpoint its sliding-window size, the box threshold with the best "
-                              "F0.5, the mask and region thresholds with the best Dice and whether boxes are read off a mask, "
-                              "measured on a split (default val; training runs do this themselves)"),
+                              "F0.5, the mask and region thresholds with the best Dice and whether boxes are read off a mask's kept "
+                              "regions, measured on a split (default val; training runs do this themselves)"),
                              ("embed", cmd_embed, "embeddings (pooled, per task, per block) and metadata of a split, to one npz file "
                               "(read it with medexplore.analysis.load_embeddings)")):
         p = sub.add_parser(name, help=text, description=text)

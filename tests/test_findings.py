@@ -89,6 +89,35 @@ def test_calibration_reads_boxes_off_the_mask_when_they_score_better(monkeypatch
         assert defaults.paired_masks == {} and defaults.box_thresholds["lesion_boxes"] == 0.8
 
 
+def _square(target: np.ndarray, at: tuple[int, int]) -> torch.Tensor:
+    target[at[0]:at[0] + 5, at[1]:at[1] + 5] = 1
+    return torch.tensor([at[0], at[1], at[0] + 5, at[1] + 5], dtype=torch.float32)
+
+
+def test_paired_boxes_are_those_of_the_regions_the_mask_keeps(monkeypatch):
+    """Every record: a sure lesion (0.95); half of them also a hesitant lesion and a false region (0.6). Pixel
+    Dice keeps the hesitant regions (0.857 against 0.8); F0.5 of boxes alone would drop them (0.909 against
+    0.789 at 0.6). The boxes follow the mask: a region without its box (or a box without its region) would
+    show the user two answers."""
+    records = []
+    for i in range(8):
+        target, foreground = np.zeros((24, 24), np.int64), torch.zeros(24, 24)
+        boxes = [_square(target, (1, 1))]
+        foreground[1:6, 1:6] = 0.95
+        if i % 2:
+            boxes.append(_square(target, (10, 10)))
+            foreground[10:15, 10:15] = 0.6
+            foreground[17:22, 1:6] = 0.6  # no lesion there
+        records.append(Record({"lesion_mask": target, "lesion_boxes": torch.stack(boxes)}, {"lesion_mask": foreground},
+                              {"lesion_boxes": (torch.tensor([[0.0, 18, 3, 21]]), torch.tensor([0.8]))}))
+    monkeypatch.setattr(calibration, "predict_records", lambda model, samples, masks, boxes, device: records)
+    samples = [Sample(image(2, 16), Domain("2d", "xray", "chest"), {"lesion_mask": torch.zeros(16, 16)})]
+    defaults = calibrate_inference(small_model(TASKS, seg_channels=8), samples)
+    assert defaults.region_thresholds["lesion_mask"] == 0.6 and defaults.paired_masks == {"lesion_boxes": "lesion_mask"}
+    assert defaults.box_thresholds["lesion_boxes"] == 0.6
+    assert calibration.best_threshold(calibration._box_counts(records, "lesion_boxes", "lesion_mask", 0.6), beta=0.5) == 0.95
+
+
 def test_pairs_that_name_no_such_task_are_refused():
     spec = small_model(TASKS).spec_dict()
     for pair, match in [({"tissue": "lesion_mask"}, "'tissue' is not a detection task"),

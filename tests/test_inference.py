@@ -4,7 +4,14 @@ import pytest
 import torch
 from conftest import ALL_KIND_TASKS, small_model
 
-from medexplore.analysis.inference import estimate_inference_memory, infer_image, iter_infer_image, window_for, windows_per_batch
+from medexplore.analysis.inference import (
+    DEFAULT_OVERLAP,
+    estimate_inference_memory,
+    infer_image,
+    iter_infer_image,
+    window_for,
+    windows_per_batch,
+)
 from medexplore.analysis.sliding import WindowBlender, window_starts
 from medexplore.models import Domain
 
@@ -53,6 +60,17 @@ def test_infer_image_through_windows_gives_every_task_at_image_size():
     if len(boxes):  # moved to image coordinates
         assert (boxes[:, :3] >= -1).all() and (boxes[:, 3:] <= np.array([20, 24, 18]) + 1).all()
         assert (scores >= 0.5).all()
+
+
+def test_default_overlap_is_half_a_window_in_2d_and_a_quarter_in_3d():
+    model = small_model(seg_channels=8)
+    photo = torch.rand(1, 36, 36, generator=torch.Generator().manual_seed(2))
+    found = infer_image(model, photo, Domain("2d", "xray", "chest"), window=16)
+    assert window_starts(36, 16, DEFAULT_OVERLAP[2]) == [0, 8, 16, 20]  # steps of 8, the last flush
+    assert found.num_windows == 4 * 4
+    volume = torch.rand(1, 20, 24, 18, generator=torch.Generator().manual_seed(1))
+    assert infer_image(model, volume, MRI, window=8).num_windows == 3 * 4 * 3  # steps of 6, as overlap=0.25
+    assert infer_image(model, volume, MRI, window=8, overlap=0.5).num_windows == 4 * 5 * 4
 
 
 def test_one_window_equals_the_plain_forward():

@@ -11,7 +11,8 @@
   probability; :mod:`medexplore.models.findings`), with the best pooled Dice.
 * Per detection task, whether its boxes come from its head or are read off a two-class mask task
   labelled on the same images, at that mask's threshold (:mod:`medexplore.models.findings`): whichever
-  reaches the better F0.5 (ties: the head), with its best box threshold.
+  reaches the better F0.5 (ties: the head). Head boxes get their best box threshold; boxes read off a mask
+  get its region threshold, so that every region the mask keeps has its box and every box its region.
 
 Ties go to the higher threshold (fewer false alarms on healthy images).
 """
@@ -120,12 +121,15 @@ def calibrate_inference(model: Medformer, dataset: Dataset, batch_size: int = 32
     box_thresholds, paired = {}, {}
     for name in (n for n in box_tasks if n in labelled):
         scored = [r for r in records if name in r.labels and name in r.boxes]
-        candidates = {None: _box_counts(scored, name)}
+        head = _box_counts(scored, name)
+        candidates = {None: (best_threshold(head, beta=BOX_BETA), f_scores(head, BOX_BETA).max())}
         for mask in mask_thresholds:  # a mask labelled wherever the boxes are: the same finding
             if scored and all(mask in r.labels and mask in r.foreground for r in scored):
-                candidates[mask] = _box_counts(scored, name, mask, mask_thresholds[mask])
-        best = max(candidates, key=lambda m: (f_scores(candidates[m], BOX_BETA).max(), m is None))  # ties: the head
-        box_thresholds[name] = best_threshold(candidates[best], beta=BOX_BETA)
+                at = region_thresholds[mask]  # the boxes of the regions the mask keeps
+                counts = _box_counts(scored, name, mask, mask_thresholds[mask])
+                candidates[mask] = (at, f_scores(counts, BOX_BETA)[np.isclose(THRESHOLDS, at)][0])
+        best = max(candidates, key=lambda m: (candidates[m][1], m is None))  # ties: the head
+        box_thresholds[name] = candidates[best][0]
         if best is not None:
             paired[name] = best
     return InferenceDefaults(max_tokens, box_thresholds, mask_thresholds, region_thresholds, paired)

@@ -176,6 +176,26 @@ def test_adapted_checkpoint_reloads_to_the_same_outputs(strategy, tmp_path):
     assert [p.requires_grad for p in loaded.parameters()] == [p.requires_grad for p in model.parameters()]
 
 
+def test_gate_reads_layer_normalised_tokens_and_older_checkpoints_keep_raw_ones(tmp_path):
+    """The gate's logits do not depend on the tokens' scale (raw tokens of a trained body are small, so a
+    zero-initialised gate read them too slowly); checkpoints written before keep reading raw tokens."""
+    model = _adapted("gmoe")
+    gate = next(m for m in model.modules() if isinstance(m, GatedExperts))
+    torch.nn.init.normal_(gate.gate.weight, std=0.5)
+    tokens = torch.randn(5, SIZE["embed_dim"], generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(gate._logits(tokens * 10), gate._logits(tokens), rtol=1e-4, atol=1e-4)  # LayerNorm eps
+    raw = GatedExperts(list(gate.experts), SIZE["embed_dim"], normalize=False)
+    raw.gate.load_state_dict(gate.gate.state_dict())
+    torch.testing.assert_close(raw._logits(tokens), gate.gate(tokens))
+    assert model.adaptation["gate_norm"] is True
+    save_checkpoint(tmp_path / "new", model, {})
+    assert all(m.normalize for m in load_model(tmp_path / "new")[0].modules() if isinstance(m, GatedExperts))
+    model.adaptation = {k: v for k, v in model.adaptation.items() if k != "gate_norm"}  # as written before
+    save_checkpoint(tmp_path / "old", model, {})
+    old, _ = load_model(tmp_path / "old")
+    assert not any(m.normalize for m in old.modules() if isinstance(m, GatedExperts)) and old.adaptation["gate_norm"] is False
+
+
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="adapt.strategy must be one of"):
         AdaptConfig(strategy="bitfit")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -103,32 +104,40 @@ class PromptTokens(nn.Module):
 class GatedExperts(nn.Module):
     """One body block as an input-dependent mixture of E expert blocks (the GMoE-Adapter's gate).
 
-    The gate reads each sample's mean patch token (or, ``per_token``, every token) and gives
-    softmax weights over the experts; the block's output is the weighted sum of the experts'
-    outputs. The gate starts at zero (equal weights). After each forward, ``gate_weights`` holds the
-    (S, E) weights of each sample (per-token weights averaged over the sample's tokens).
+    The gate reads each sample's mean patch token (or, ``per_token``, every token), layer-normalised
+    without parameters when ``normalize`` (as a V-MoE router reads the normalised tokens), and gives
+    softmax weights over the experts; the block's output is the weighted sum of the experts' outputs.
+    The gate starts at zero (equal weights). Normalising matters for how fast it learns: Adam moves
+    each gate weight by about the learning rate per step, so the logits move in proportion to the
+    input's size, and a body's raw tokens are small (mean tokens of norm 1.1-1.3 over 128 channels in
+    ``medformer-medmnist-embedded-v2``, against sqrt(128) ~ 11 normalised). After each forward,
+    ``gate_weights`` holds the (S, E) weights of each sample (per-token weights averaged over its tokens).
     """
 
-    def __init__(self, experts: list[nn.Module], dim: int, per_token: bool = False):
+    def __init__(self, experts: list[nn.Module], dim: int, per_token: bool = False, normalize: bool = True):
         super().__init__()
         if len(experts) < 2:
             raise UserError(f"a mixture needs >= 2 experts, got {len(experts)}")
         self.experts = nn.ModuleList(experts)
         self.per_token = per_token
+        self.normalize = normalize
         self.gate = nn.Linear(dim, len(experts))
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
         self.gate_weights: Tensor | None = None
 
+    def _logits(self, x: Tensor) -> Tensor:
+        return self.gate(F.layer_norm(x, x.shape[-1:]) if self.normalize else x)
+
     def mixing_weights(self, x: Tensor, layout: TokenLayout) -> tuple[Tensor, Tensor]:
         """(T, E) weights of every token and (S, E) weights of every sample."""
         rows = layout.sample_idx.clamp(min=0)
         if self.per_token:
-            tokens = self.gate(x).softmax(-1)
+            tokens = self._logits(x).softmax(-1)
             real = (layout.sample_idx >= 0).to(tokens.dtype)[:, None]
             sums = tokens.new_zeros(layout.num_samples, tokens.shape[1]).index_add(0, rows, tokens * real)
             return tokens, sums / sums.sum(-1, keepdim=True)
-        samples = self.gate(layout.mean_pool(x)).softmax(-1)
+        samples = self._logits(layout.mean_pool(x)).softmax(-1)
         return samples[rows], samples
 
     def forward(self, x: Tensor, layout: TokenLayout, rope=None, need_weights: bool = False):

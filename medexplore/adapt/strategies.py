@@ -54,6 +54,8 @@ class AdaptConfig:
         prompts: ``vpt_*``: prompt tokens per sample (0 leaves the frozen model as it is).
         rank, alpha: ``lora``: rank and scaling numerator (``alpha / rank``; default ``alpha = rank``).
         gate_per_token: ``gmoe``: one gate per token instead of per sample.
+        gate_norm: ``gmoe``: the gate reads layer-normalised tokens (False: raw tokens, as checkpoints from
+            before 2026-12-05 do; their gates learned slowly, see :class:`GatedExperts`).
         expert_names: ``gmoe``: a name per expert, the model's own weights first.
         weights: backbone weights loaded before adapting: a medexplore checkpoint folder, a timm
             weights file (``.safetensors``, ``.pth``, ``.bin``, ``.npz`` excluded) or a timm model name.
@@ -68,6 +70,7 @@ class AdaptConfig:
     rank: int = 4
     alpha: float | None = None
     gate_per_token: bool = False
+    gate_norm: bool = True
     expert_names: tuple[str, ...] = ("medical", "general")
     weights: str | None = None
     general: str | None = None
@@ -170,7 +173,7 @@ def _build_structure(model: Medformer, cfg: AdaptConfig, experts) -> None:
             blocks = [model.blocks[i]] + [e.blocks[i] for e in others]
             for block in blocks:
                 _wrap_adapters(block, d, cfg)
-            model.blocks[i] = GatedExperts(blocks, d, cfg.gate_per_token).to(
+            model.blocks[i] = GatedExperts(blocks, d, cfg.gate_per_token, cfg.gate_norm).to(
                 device=model.norm.weight.device, dtype=model.norm.weight.dtype)
         model.patch_embed = StaticMixture([model.patch_embed] + [e.patch_embed for e in others])
 
@@ -238,6 +241,8 @@ def model_from_spec(spec: dict) -> Medformer:
 def rebuild_adaptation(model: Medformer, spec: dict) -> None:
     """Recreate a checkpoint's adapted structure on a freshly built model (weights are loaded after)."""
     known = {f.name for f in fields(AdaptConfig)}
+    if spec.get("strategy") == "gmoe":  # written before the gate read normalised tokens: keep its raw ones
+        spec = {"gate_norm": False, **spec}
     cfg = AdaptConfig.from_dict({k: v for k, v in spec.items() if k in known})
     if cfg.strategy == "lora" and spec.get("merged"):
         _freeze(model, cfg)

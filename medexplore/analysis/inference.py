@@ -44,8 +44,8 @@ __all__ = ["DEFAULT_OVERLAP", "ImageInference", "infer_image", "iter_infer_image
 
 BATCH_TOKENS = 2048  # tokens per forward pass of windows by default: 4 windows of the CPU budget's 512
 # Window overlap by dimensionality. Training crops hold their findings whole, and a finding cut by a window's
-# edge scores low there (a lesion of the retina sample: P 0.95-0.99 centred in a 48-px window, 0.01-0.6 in a
-# corner). At 0.5 in 2D every finding up to half a window across lies wholly inside some window, for twice the
+# edge scores low there (lesions of the retina sample: P 0.95-0.99 centred in a 48-px window, 0.01-0.88 and
+# mostly under 0.6 in a corner). At 0.5 in 2D every finding up to half a window across lies wholly inside some window, for twice the
 # windows of 0.25 (0.5 s -> 0.9 s on the retina sample); in 3D 0.5 costs 3.4x the windows of 0.25, past the
 # interactive budget (README, napari benchmarks).
 DEFAULT_OVERLAP = {2: 0.5, 3: 0.25}

@@ -45,9 +45,9 @@ __all__ = ["DEFAULT_OVERLAP", "ImageInference", "infer_image", "iter_infer_image
 BATCH_TOKENS = 2048  # tokens per forward pass of windows by default: 4 windows of the CPU budget's 512
 # Window overlap by dimensionality. Training crops hold their findings whole, and a finding cut by a window's
 # edge scores low there (lesions of the retina sample: P 0.95-0.99 centred in a 48-px window, 0.01-0.88 and
-# mostly under 0.6 in a corner). At 0.5 in 2D every finding up to half a window across lies wholly inside some window, for twice the
-# windows of 0.25 (0.5 s -> 0.9 s on the retina sample); in 3D 0.5 costs 3.4x the windows of 0.25, past the
-# interactive budget (README, napari benchmarks).
+# mostly under 0.6 in a corner). At 0.5 in 2D every finding up to half a window across lies wholly inside
+# some window, for twice the windows of 0.25 (0.5 s -> 0.9 s on the retina sample); in 3D 0.5 costs 3.4x
+# the windows of 0.25, past the interactive budget (README, napari benchmarks).
 DEFAULT_OVERLAP = {2: 0.5, 3: 0.25}
 _BYTES = 4
 
@@ -145,8 +145,8 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     ``normalize=False``). ``window`` is the sliding window in pixels (a multiple of the patch size); by
     default the whole image when it has at most ``max_tokens`` tokens (default: the training token budget
     of ``device``), else the largest cube that does; neighbouring windows overlap by ``overlap`` of their
-    side (default :data:`DEFAULT_OVERLAP` of the image's dimensionality). ``batch_windows`` windows go through the model
-    at once (default: :func:`windows_per_batch`). A box needs a score of ``box_threshold`` (default: the
+    side (default :data:`DEFAULT_OVERLAP` of the image's dimensionality). ``batch_windows`` windows go
+    through the model at once (default: :func:`windows_per_batch`). A box needs a score of ``box_threshold`` (default: the
     model's calibrated threshold per task, :class:`~medexplore.models.InferenceDefaults`, else 0.5); a
     two-class mask with a calibrated threshold marks the pixels whose foreground probability reaches it.
     With a calibrated region threshold, a mask keeps the connected regions whose mean probability reaches

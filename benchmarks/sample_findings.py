@@ -1,11 +1,11 @@
 """What a model finds in the samples napari ships, with infer_image's default options (what Run does).
 
-- retina with 3 inserted lesions, seeds 0-4: lesions found (a box with IoU >= 0.5), lesion Dice, boxes;
+- retina with 3 inserted lesions, seeds 0-4 (``--seeds N``: 0 to N-1): lesions found (a box with IoU >= 0.5), lesion Dice, boxes;
 - MNI152 T1 (healthy): boxes, share of voxels marked lesion, tissue Dice per class against the template's labels;
 - CT slice (healthy): boxes, share of pixels marked lesion;
 each with P(lesion) and the wall time of the call.
 
-Usage: python benchmarks/sample_findings.py [MODEL] [--json OUT]   (MODEL: shipped name or checkpoint folder)
+Usage: python benchmarks/sample_findings.py [MODEL] [--seeds N] [--json OUT]   (MODEL: shipped name or checkpoint folder)
 """
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ def _run(model, example) -> tuple[dict, object]:
     return row, (result, boxes, mask)
 
 
-def sample_findings(model) -> dict:
+def sample_findings(model, seeds: int = 5) -> dict:
     rows = {"retina": []}
-    for seed in range(5):
+    for seed in range(seeds):
         example = retina_with_lesions(seed)
         row, (_, boxes, mask) = _run(model, example)
         targets = torch.as_tensor(example.boxes)
@@ -63,16 +63,22 @@ def sample_findings(model) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    parser.add_argument("--seeds", type=int, default=5, help="retina samples of seeds 0 to N-1 (default 5)")
     parser.add_argument("--json", help="write the rows here too")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, _ = load_model(args.model)
-    rows = sample_findings(model)
+    rows = sample_findings(model, args.seeds)
     print(f"model {args.model}; inference defaults {model.inference.to_dict()}")
     print("| sample | found | lesion Dice | boxes | marked lesion | P(lesion) | s |\n|---|---|---|---|---|---|---|")
     for row in rows["retina"]:
         print(f"| retina seed {row['seed']} | {row['found']}/{row['lesions']} (IoU {row['best_iou']}) | {row['dice']:.3f} | "
               f"{row['boxes']} | {row['lesion_fraction']:.4%} | {row['p_lesion']:.3f} | {row['seconds']} |")
+    found, total = (sum(row[k] for row in rows["retina"]) for k in ("found", "lesions"))
+    print(f"| retina, {args.seeds} seeds | {found}/{total} | {np.mean([row['dice'] for row in rows['retina']]):.3f} (mean) "
+          f"| | | | |")
     for name in ("mni152", "ct"):
         row = rows[name]
         print(f"| {name} (healthy) | - | - | {row['boxes']} | {row['lesion_fraction']:.4%} | {row['p_lesion']:.3f} | {row['seconds']} |")

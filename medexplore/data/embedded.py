@@ -31,7 +31,8 @@ from .transforms import normalize_intensity
 __all__ = ["EmbeddedConfig", "EmbeddedDataset", "EMBEDDED_TASKS", "TISSUE_LABELS", "build_embedded", "cache_dir", "mni152",
            "add_lesions"]
 
-VERSION = 4  # 2: lesion radii from lesion_radii (larger); 3: contrast 3-4 image SDs (was 1.2-2); 4: photographs saturate
+VERSION = 5  # 2: lesion radii from lesion_radii (larger); 3: contrast 3-4 image SDs (was 1.2-2); 4: photographs saturate;
+# 5: contrast in SDs of the tissue, every source saturates at its range, no invisible lesion (add_lesions limits)
 TISSUE_LABELS = ("background", "csf and other", "grey matter", "white matter")
 MAX_LESIONS = 3
 LESION_CONTRAST = (3.0, 4.0)  # lesion amplitude in units of the image's standard deviation (either sign)
@@ -43,7 +44,6 @@ EMBEDDED_TASKS = (
     TaskSpec("tissue", "segmentation", 4, dimensionalities=("3d",), modalities=("mri",), body_parts=("brain",),
              label_names=TISSUE_LABELS),
 )
-PHOTOGRAPHS = ("fundus", "pathology")  # 8-bit colour photographs: inserted lesions saturate like the image
 SOURCES_2D = {  # name: (modality, body part)
     "mri_slice": ("mri", "brain"), "ct": ("ct", "head"), "mr": ("mri", "head"),
     "retina": ("fundus", "eye"), "microaneurysms": ("fundus", "eye"), "ihc": ("pathology", "colon"),
@@ -159,10 +159,16 @@ def lesion_radii(spatial: tuple[int, ...]) -> tuple[float, float]:
 
 
 def add_lesions(rng, image: np.ndarray, count: int, allowed: np.ndarray | None,
-                radii: tuple[float, float] | None = None, contrast_within: np.ndarray | None = None):
+                radii: tuple[float, float] | None = None, contrast_within: np.ndarray | None = None,
+                limits: tuple[float, float] | None = None):
     """Blend ``count`` smooth blobs into ``image``; returns (image, mask, boxes (count, 2d)). Their radii are
     drawn from ``radii`` (default :func:`lesion_radii` of the image), their amplitude in standard deviations
-    of the image's pixels (of those in ``contrast_within`` when given: the tissue, not a black surround)."""
+    of the image's pixels (of those in ``contrast_within`` when given: the tissue, not a black surround).
+
+    ``limits`` is the range the image saturates at (an 8-bit photograph's black and white, the clip bounds of
+    :func:`~medexplore.data.transforms.normalize_intensity`): the result is clipped to it, and a lesion whose
+    centre saturation would flatten to under half its amplitude (a dark lesion on black, a bright one on the
+    brightest tissue) takes the other sign, so every labelled lesion stays visible."""
     spatial = image.shape[1:]
     dims = len(spatial)
     low, high = lesion_radii(spatial) if radii is None else radii
@@ -184,12 +190,21 @@ def add_lesions(rng, image: np.ndarray, count: int, allowed: np.ndarray | None,
         dist = np.linalg.norm(grid - c, axis=-1)
         blob = expit((r - dist) * 3.0)
         amplitude = rng.choice([-1.0, 1.0]) * rng.uniform(*LESION_CONTRAST) * scale
+        if limits is not None and _visible_share(image[(slice(None), *c.astype(int))], amplitude, limits) < 0.5:
+            amplitude = -amplitude
         image = image + amplitude * blob[None]
+        if limits is not None:
+            image = np.clip(image, *limits)
         inside = dist <= r
         mask[inside] = 1
         idx = np.argwhere(inside)
         boxes.append(np.concatenate([idx.min(0), idx.max(0) + 1]).astype(np.float32))
     return image, mask, np.array(boxes, np.float32).reshape(-1, 2 * dims)
+
+
+def _visible_share(centre: np.ndarray, amplitude: float, limits: tuple[float, float]) -> float:
+    """The share of ``amplitude`` left at a pixel of values ``centre`` (per channel) after clipping to ``limits``."""
+    return float(np.mean(np.abs(np.clip(centre + amplitude, *limits) - centre))) / abs(amplitude)
 
 
 def _is_background(rng, config: EmbeddedConfig) -> bool:
@@ -200,6 +215,16 @@ def _is_background(rng, config: EmbeddedConfig) -> bool:
 def _lesion_count(rng, config: EmbeddedConfig, background: bool) -> int:
     lesion_free = rng.random() < config.lesion_free  # drawn for background crops too: one random stream
     return 0 if lesion_free or background else int(rng.integers(1, MAX_LESIONS + 1))
+
+
+def _lesioned(rng, crop: np.ndarray, count: int, tissue: np.ndarray | None, limits: tuple[float, float]):
+    """``crop`` with ``count`` lesions in ``tissue`` (anywhere when None), their contrast in SDs of that tissue
+    (as :mod:`medexplore.data.examples` draws them), saturating at the normalised source's range ``limits``: the
+    crop is cut from a whole normalised image, so a lesion meets the clip bounds a whole image's
+    normalisation sets, as in a sliding-window pass."""
+    has_tissue = tissue is not None and bool(tissue.any())
+    return add_lesions(rng, np.ascontiguousarray(crop), count, np.ascontiguousarray(tissue) if has_tissue else None,
+                       contrast_within=np.ascontiguousarray(tissue) if has_tissue else None, limits=limits)
 
 
 def build_embedded(config: EmbeddedConfig = EmbeddedConfig()) -> dict[str, np.ndarray]:
@@ -219,16 +244,15 @@ def build_embedded(config: EmbeddedConfig = EmbeddedConfig()) -> dict[str, np.nd
                 allowed = brain_slices[z][sl]
             else:
                 inside = (src[name].mean(0) > src[name].mean(0).min() + 0.2) if name == "retina" else None
-                img, _ = _crop(rng, src[name], s2, 2, None if anywhere else inside)
-                allowed = None
+                img, sl = _crop(rng, src[name], s2, 2, None if anywhere else inside)
+                allowed = None if inside is None else inside[sl]
             gain, offset = rng.uniform(0.8, 1.2), rng.uniform(-0.2, 0.2)
             img = img * gain + offset
             if rng.random() < 0.5:
-                img = img[:, :, ::-1]
-            count = _lesion_count(rng, config, anywhere)
-            img, mask, boxes = add_lesions(rng, np.ascontiguousarray(img), count, allowed)
-            if modality in PHOTOGRAPHS:  # an 8-bit photograph saturates: lesions stop at its black and white
-                img = np.clip(img, src[name].min() * gain + offset, src[name].max() * gain + offset)
+                img, allowed = img[:, :, ::-1], None if allowed is None else allowed[:, ::-1]
+            source = slice_vol if name == "mri_slice" else src[name]
+            img, mask, boxes = _lesioned(rng, img, _lesion_count(rng, config, anywhere), allowed,
+                                         (float(source.min()) * gain + offset, float(source.max()) * gain + offset))
             padded = np.zeros((3, s2, s2), np.float32)
             padded[:img.shape[0]] = img
             images2d.append(padded), ch2d.append(img.shape[0]), masks2d.append(mask)
@@ -240,9 +264,10 @@ def build_embedded(config: EmbeddedConfig = EmbeddedConfig()) -> dict[str, np.nd
         tissue = src["tissue"][sl]
         if rng.random() < 0.5:
             img, tissue = img[:, ::-1], tissue[::-1]
-        img = img * rng.uniform(0.8, 1.2) + rng.uniform(-0.2, 0.2)
-        count = _lesion_count(rng, config, anywhere)
-        img, mask, boxes = add_lesions(rng, np.ascontiguousarray(img), count, np.ascontiguousarray(tissue) > 0)
+        gain, offset = rng.uniform(0.8, 1.2), rng.uniform(-0.2, 0.2)
+        img = img * gain + offset
+        img, mask, boxes = _lesioned(rng, img, _lesion_count(rng, config, anywhere), np.ascontiguousarray(tissue) > 0,
+                                     (float(src["t1"].min()) * gain + offset, float(src["t1"].max()) * gain + offset))
         images3d.append(img), masks3d.append(mask), tissue3d.append(np.ascontiguousarray(tissue)), boxes3d.append(boxes)
 
     def pack_boxes(boxes_list, width):

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..models.tasks import Domain
 
-__all__ = ["normalize_intensity", "fit_to_multiple", "resize", "prepare_image", "RGB_MODALITIES"]
+__all__ = ["normalize_intensity", "robust_limits", "fit_to_multiple", "resize", "prepare_image", "RGB_MODALITIES"]
 
 RGB_MODALITIES = ("fundus", "pathology", "dermatoscopy", "microscopy")
 CT_WINDOW = (-1000.0, 1000.0)
@@ -30,12 +30,18 @@ def normalize_intensity(image: Tensor, modality: str) -> Tensor:
         return (x.clamp(lo, hi) - (lo + hi) / 2) / ((hi - lo) / 2)
     if modality in RGB_MODALITIES and x.max() > 1.5:
         return x / 127.5 - 1.0
-    flat = x.flatten()
-    sample = flat if flat.numel() <= 1_000_000 else flat[torch.linspace(0, flat.numel() - 1, 1_000_000).long()]
-    lo, hi = torch.quantile(sample, torch.tensor([0.005, 0.995]))
-    x = x.clamp(lo, hi)
+    x = x.clamp(*robust_limits(x))
     std = x.std()
     return (x - x.mean()) / std if std > 0 else x - x.mean()
+
+
+def robust_limits(image: Tensor) -> tuple[float, float]:
+    """The 0.5 / 99.5 percentiles of ``image`` (of a million evenly spaced values in a larger one): where
+    :func:`normalize_intensity` clips an image that is neither CT nor a photograph."""
+    flat = image.float().flatten()
+    sample = flat if flat.numel() <= 1_000_000 else flat[torch.linspace(0, flat.numel() - 1, 1_000_000).long()]
+    lo, hi = torch.quantile(sample, torch.tensor([0.005, 0.995]))
+    return float(lo), float(hi)
 
 
 def fit_to_multiple(image: Tensor, multiple: int, mode: str = "crop") -> Tensor:

@@ -37,19 +37,23 @@ def test_early_steps_prints_the_stems_and_blocks_token_diversity(tmp_path):
     assert "against lr 0.001: lr 0.0001: loss after 2 steps" in proc.stdout
 
 
-def test_sample_findings_of_the_shipped_model_meet_the_healthy_goals_and_keep_its_lesion_count(tmp_path):
+def test_sample_findings_of_the_shipped_model_meet_the_sample_goals_and_keep_its_3d_lesion_count(tmp_path):
     """The shipped default model on the samples napari opens, through the benchmark that its card quotes."""
     out = tmp_path / "findings.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sample_findings.py"), "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
-    retina = rows["retina"]
-    assert [row["seed"] for row in retina] == [0, 1, 2, 3, 4] and all(row["lesions"] == 3 for row in retina)
-    # 14 of 15 found: the miss is the seed-0 lesion at the rim whose every pixel is the surround's black (the card)
-    found = sum(row["found"] for row in retina)
-    assert found >= 14 and min(row["dice"] for row in retina) >= 0.6
-    assert f"| retina, 5 seeds | {found}/15 |" in proc.stdout
+    retina, brain = rows["retina"], rows["mni152 lesions"]
+    for lesioned in (retina, brain):
+        assert [row["seed"] for row in lesioned] == [0, 1, 2, 3, 4] and all(row["lesions"] == 3 for row in lesioned)
+    assert sum(row["found"] for row in retina) == 15 and min(row["dice"] for row in retina) >= 0.6
+    assert "| retina, 5 seeds | 15/15 |" in proc.stdout
+    # 3D lesions in the whole volume are this model's known weakness (the card): it finds 2 of 15 and marks
+    # no healthy voxel; a change that loses those or draws more than a few boxes elsewhere fails here
+    found_3d = sum(row["found"] for row in brain)
+    assert found_3d >= 2 and sum(row["boxes"] for row in brain) <= found_3d + 2
+    assert f"| mni152 lesions, 5 seeds | {found_3d}/15 |" in proc.stdout
     for healthy in ("mni152", "ct"):
         assert rows[healthy]["boxes"] == 0 and rows[healthy]["lesion_fraction"] < 1e-3, (healthy, rows[healthy])
     assert min(rows["mni152"]["tissue_dice"].values()) >= 0.85, rows["mni152"]["tissue_dice"]

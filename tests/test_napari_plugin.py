@@ -136,6 +136,9 @@ def test_sample_data_is_the_real_anatomy_at_full_size(make_napari_viewer):
     assert ct.data.min() < -500  # Hounsfield units
     retina, lesions = viewer.open_sample(PLUGIN, "retina_with_lesions")
     assert retina.rgb and retina.data.shape == (353, 353, 3) and lesions.data.sum() > 50
+    brain, brain_lesions = viewer.open_sample(PLUGIN, "mni152_with_lesions")
+    assert brain.data.shape == t1.data.shape and brain_lesions.data.max() == 1 and brain_lesions.data.sum() > 100
+    assert brain_lesions.features["name"].tolist() == ["background", "lesion"]
 
 
 # ---------------------------------------------------------------------------- inference

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from medexplore.analysis import predict_samples
 from medexplore.data import PerAnnotationView
@@ -116,3 +117,58 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "demo" / "pretrain" / "checkpoints" / "last" / "model.safetensors").exists()
     with pytest.raises(FileExistsError):
         demo(tmp_path / "demo", pretrain_epochs=1, epochs=1, model=TINY)
+
+
+def test_a_lesion_that_saturation_would_hide_takes_the_other_sign_and_stays_in_range():
+    from medexplore.data.embedded import add_lesions
+
+    black = np.zeros((1, 24, 24), np.float32)  # a dark lesion on black would vanish: it is drawn bright
+    for seed in range(6):
+        image, mask, boxes = add_lesions(np.random.default_rng(seed), black, 1, None, radii=(4.0, 5.0), limits=(0.0, 1.0))
+        assert len(boxes) == 1 and image.min() >= 0.0 and image.max() <= 1.0
+        assert image[0][mask > 0].mean() > 0.5  # saturated at white, never lost in black
+    grey = np.full((1, 24, 24), 0.5, np.float32)
+    signs = {np.sign(add_lesions(np.random.default_rng(s), grey, 1, None, radii=(4.0, 5.0), limits=(-10.0, 10.0))[0][0, 12, 12]
+                     - 0.5) for s in range(12)}
+    assert signs == {-1.0, 1.0}  # far from the limits both signs stay
+
+
+def test_lesion_samples_hold_visible_lesions_where_they_belong():
+    from medexplore.data.examples import mni152_with_lesions, retina_with_lesions
+    from medexplore.data.transforms import robust_limits
+
+    for seed in range(3):
+        retina = retina_with_lesions(seed)
+        assert retina.image.min() >= 0 and retina.image.max() <= 255 and len(retina.boxes) == 3
+        volume = mni152_with_lesions(seed)
+        healthy = mni152_with_lesions(seed, count=0).image
+        brain_sd = healthy[0][healthy[0] > healthy.max() * 0.1].std()
+        assert volume.image.shape == healthy.shape and len(volume.boxes) == 3
+        assert volume.labels.dtype == np.uint8 and set(np.unique(volume.labels)) == {0, 1}
+        lo, hi = robust_limits(torch.from_numpy(healthy))
+        assert volume.image.min() >= lo and volume.image.max() <= hi + 1e-6
+        for box in volume.boxes.astype(int):  # each lesion changes its core by at least one brain SD
+            core = tuple(slice(int(a), int(b)) for a, b in zip(box[:3], box[3:]))
+            change = np.abs(volume.image[0][core] - healthy[0][core])[volume.labels[core] > 0]
+            assert change.mean() > brain_sd, (seed, box)
+
+
+def test_matched_lesions_saturate_at_the_sources_range_and_stay_in_the_tissue():
+    from medexplore.data.embedded import _crop, _lesioned, _load_sources
+
+    src = _load_sources()
+    limits = (src["t1"].min(), src["t1"].max())
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        crop, sl = _crop(rng, src["t1"], 28, 3, src["brain"])
+        tissue = src["tissue"][sl] > 0
+        seed = int(rng.integers(1 << 30))
+        plain, plain_mask, _ = _lesioned(np.random.default_rng(seed), crop, 3, tissue, limits, False, False)
+        matched, mask, boxes = _lesioned(np.random.default_rng(seed), crop, 3, tissue, limits, True, False)
+        lesion = mask > 0  # the same draws: only the lesions' contrast and saturation differ
+        assert len(boxes) == 3 and np.array_equal(lesion, plain_mask > 0) and tissue[lesion].mean() > 0.6
+        assert matched.min() >= limits[0] and matched.max() <= limits[1]
+        ratio = crop[0][tissue].std() / crop.std()  # SDs of the brain, not of a crop with air and skull
+        kept, drawn = (np.abs(image - crop)[0][lesion].mean() for image in (matched, plain))
+        assert kept <= drawn * ratio * 1.05 + 1e-3  # saturation only takes away
+        assert np.abs(matched - crop)[0][lesion].mean() > crop[0][tissue].std()  # yet every lesion stays visible

@@ -31,10 +31,13 @@ from .transforms import normalize_intensity
 __all__ = ["EmbeddedConfig", "EmbeddedDataset", "EMBEDDED_TASKS", "TISSUE_LABELS", "build_embedded", "cache_dir", "mni152",
            "add_lesions"]
 
-VERSION = 5  # 2: lesion radii from lesion_radii (larger); 3: contrast 3-4 image SDs (was 1.2-2); 4: photographs saturate;
-# 5: contrast in SDs of the tissue, every source saturates at its range, no invisible lesion (add_lesions limits)
+VERSION = 6  # 2: lesion radii from lesion_radii (larger); 3: contrast 3-4 image SDs (was 1.2-2); 4: photographs saturate;
+# 5: contrast in SDs of the tissue, every source saturates at its range, no invisible lesion (add_lesions limits);
+# 6: version 4 by default (an MRI slice's brain mask now flips with it), version 5 as ``matched_lesions`` (a lesion
+# flips sign only where that keeps more of it in sight)
 TISSUE_LABELS = ("background", "csf and other", "grey matter", "white matter")
 MAX_LESIONS = 3
+PHOTOGRAPHS = ("fundus", "pathology")  # 8-bit colour photographs: inserted lesions saturate like the image
 LESION_CONTRAST = (3.0, 4.0)  # lesion amplitude in units of the image's standard deviation (either sign)
 EMBEDDED_TASKS = (
     TaskSpec("lesion", "binary", 1),
@@ -57,7 +60,10 @@ class EmbeddedConfig:
     ``size_2d`` / ``size_3d`` are the crop sides; ``background`` is the share of crops cut anywhere in the
     full-size image (air, skull, the black surround of a fundus photograph included) and kept lesion-free:
     the windows a sliding-window pass over a whole healthy image meets, which crops centred on tissue
-    never show.
+    never show. ``matched_lesions`` draws lesions as whole-image inference meets them (and as the samples in
+    :mod:`medexplore.data.examples` hold them): centred in the tissue, their contrast in SDs of that tissue, and
+    saturating at the normalised source's range (a lesion that would vanish takes the other sign); off, their
+    contrast is in SDs of the whole crop and only the 8-bit photographs saturate.
     """
 
     seed: int = 0
@@ -68,6 +74,7 @@ class EmbeddedConfig:
     lesion_free: float = 0.35
     background: float = 0.0
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    matched_lesions: bool = False
 
     def __post_init__(self):
         for name in ("per_source_2d", "num_3d", "size_2d", "size_3d"):
@@ -168,7 +175,7 @@ def add_lesions(rng, image: np.ndarray, count: int, allowed: np.ndarray | None,
     ``limits`` is the range the image saturates at (an 8-bit photograph's black and white, the clip bounds of
     :func:`~medexplore.data.transforms.normalize_intensity`): the result is clipped to it, and a lesion whose
     centre saturation would flatten to under half its amplitude (a dark lesion on black, a bright one on the
-    brightest tissue) takes the other sign, so every labelled lesion stays visible."""
+    brightest tissue) takes the other sign where that keeps more of it, so every labelled lesion stays visible."""
     spatial = image.shape[1:]
     dims = len(spatial)
     low, high = lesion_radii(spatial) if radii is None else radii
@@ -190,8 +197,10 @@ def add_lesions(rng, image: np.ndarray, count: int, allowed: np.ndarray | None,
         dist = np.linalg.norm(grid - c, axis=-1)
         blob = expit((r - dist) * 3.0)
         amplitude = rng.choice([-1.0, 1.0]) * rng.uniform(*LESION_CONTRAST) * scale
-        if limits is not None and _visible_share(image[(slice(None), *c.astype(int))], amplitude, limits) < 0.5:
-            amplitude = -amplitude
+        if limits is not None:
+            centre = image[(slice(None), *c.astype(int))]
+            kept, flipped = _visible_share(centre, amplitude, limits), _visible_share(centre, -amplitude, limits)
+            amplitude = -amplitude if kept < 0.5 and flipped > kept else amplitude
         image = image + amplitude * blob[None]
         if limits is not None:
             image = np.clip(image, *limits)
@@ -217,14 +226,19 @@ def _lesion_count(rng, config: EmbeddedConfig, background: bool) -> int:
     return 0 if lesion_free or background else int(rng.integers(1, MAX_LESIONS + 1))
 
 
-def _lesioned(rng, crop: np.ndarray, count: int, tissue: np.ndarray | None, limits: tuple[float, float]):
-    """``crop`` with ``count`` lesions in ``tissue`` (anywhere when None), their contrast in SDs of that tissue
-    (as :mod:`medexplore.data.examples` draws them), saturating at the normalised source's range ``limits``: the
-    crop is cut from a whole normalised image, so a lesion meets the clip bounds a whole image's
-    normalisation sets, as in a sliding-window pass."""
-    has_tissue = tissue is not None and bool(tissue.any())
-    return add_lesions(rng, np.ascontiguousarray(crop), count, np.ascontiguousarray(tissue) if has_tissue else None,
-                       contrast_within=np.ascontiguousarray(tissue) if has_tissue else None, limits=limits)
+def _lesioned(rng, crop: np.ndarray, count: int, tissue: np.ndarray | None, limits: tuple[float, float],
+              matched: bool, saturates: bool):
+    """``crop`` with ``count`` lesions centred in ``tissue`` (anywhere when None). ``matched``: their contrast in
+    SDs of that tissue (as :mod:`medexplore.data.examples` draws them), saturating at the normalised source's
+    range ``limits`` (the crop is cut from a whole normalised image, so a lesion meets the clip bounds a whole
+    image's normalisation sets, as in a sliding-window pass); else in SDs of the crop, clipped to ``limits``
+    only where the source ``saturates`` (an 8-bit photograph)."""
+    tissue = None if tissue is None else np.ascontiguousarray(tissue)
+    if matched:
+        within = tissue if tissue is not None and tissue.any() else None
+        return add_lesions(rng, np.ascontiguousarray(crop), count, tissue, contrast_within=within, limits=limits)
+    image, mask, boxes = add_lesions(rng, np.ascontiguousarray(crop), count, tissue)
+    return (np.clip(image, *limits) if saturates else image), mask, boxes
 
 
 def build_embedded(config: EmbeddedConfig = EmbeddedConfig()) -> dict[str, np.ndarray]:
@@ -245,14 +259,15 @@ def build_embedded(config: EmbeddedConfig = EmbeddedConfig()) -> dict[str, np.nd
             else:
                 inside = (src[name].mean(0) > src[name].mean(0).min() + 0.2) if name == "retina" else None
                 img, sl = _crop(rng, src[name], s2, 2, None if anywhere else inside)
-                allowed = None if inside is None else inside[sl]
+                allowed = None if inside is None or not config.matched_lesions else inside[sl]
             gain, offset = rng.uniform(0.8, 1.2), rng.uniform(-0.2, 0.2)
             img = img * gain + offset
             if rng.random() < 0.5:
                 img, allowed = img[:, :, ::-1], None if allowed is None else allowed[:, ::-1]
             source = slice_vol if name == "mri_slice" else src[name]
             img, mask, boxes = _lesioned(rng, img, _lesion_count(rng, config, anywhere), allowed,
-                                         (float(source.min()) * gain + offset, float(source.max()) * gain + offset))
+                                         (source.min() * gain + offset, source.max() * gain + offset),
+                                         config.matched_lesions, modality in PHOTOGRAPHS)
             padded = np.zeros((3, s2, s2), np.float32)
             padded[:img.shape[0]] = img
             images2d.append(padded), ch2d.append(img.shape[0]), masks2d.append(mask)
@@ -267,7 +282,8 @@ def build_embedded(config: EmbeddedConfig = EmbeddedConfig()) -> dict[str, np.nd
         gain, offset = rng.uniform(0.8, 1.2), rng.uniform(-0.2, 0.2)
         img = img * gain + offset
         img, mask, boxes = _lesioned(rng, img, _lesion_count(rng, config, anywhere), np.ascontiguousarray(tissue) > 0,
-                                     (float(src["t1"].min()) * gain + offset, float(src["t1"].max()) * gain + offset))
+                                     (src["t1"].min() * gain + offset, src["t1"].max() * gain + offset),
+                                     config.matched_lesions, False)
         images3d.append(img), masks3d.append(mask), tissue3d.append(np.ascontiguousarray(tissue)), boxes3d.append(boxes)
 
     def pack_boxes(boxes_list, width):

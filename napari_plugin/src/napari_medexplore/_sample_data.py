@@ -27,6 +27,10 @@ def mni152_t1():
     return _layers(examples.mni152_t1())
 
 
+def mni152_with_lesions():
+    return _layers(examples.mni152_with_lesions())
+
+
 def ct_slice():
     return _layers(examples.ct_slice())
 

@@ -117,17 +117,24 @@ def test_explorer_lasso_and_right_click_in_jupyterlab(lab):
         errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]', has_text="Traceback")
         assert errors.count() == 0, errors.first.inner_text()
         canvas = page.locator(".jupyter-matplotlib-canvas-div").first
-        canvas.scroll_into_view_if_needed()
         caption = page.locator(".widget-html", has_text=re.compile(r"selected|nearest neighbours")).first
         before = caption.inner_text()  # the notebook's own pick and lasso (from code) wrote it
 
-        # a lasso: a left drag around the middle of the axes, as a user draws it
+        # a lasso: a left drag, as a user draws it, around the middle of the point cloud (where the kernel says
+        # its 30th-70th percentiles are drawn: the layout moves with the data the notebook found)
+        text = _run_in_new_cell(page, (
+            "import numpy as np; xy = explorer.ax.transData.transform(explorer.coords); "
+            "lo, hi = np.percentile(xy, 30, 0), np.percentile(xy, 70, 0); h = explorer.figure.bbox.height; "
+            "print('CLOUD', lo[0], h - hi[1], hi[0], h - lo[1], explorer.figure.bbox.width)"))
+        x0, y0, x1, y1, width = (float(v) for v in re.search(r"CLOUD (\S+) (\S+) (\S+) (\S+) (\S+)", text).groups())
+        canvas.scroll_into_view_if_needed()
         box = canvas.bounding_box()
-        corners = [(0.4, 0.35), (0.8, 0.35), (0.8, 0.75), (0.4, 0.75), (0.4, 0.36)]
-        page.mouse.move(box["x"] + corners[0][0] * box["width"], box["y"] + corners[0][1] * box["height"])
+        scale = box["width"] / width  # CSS pixels per figure pixel
+        corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0 + 1)]
+        page.mouse.move(box["x"] + corners[0][0] * scale, box["y"] + corners[0][1] * scale)
         page.mouse.down()
         for fx, fy in corners[1:]:
-            page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"], steps=8)
+            page.mouse.move(box["x"] + fx * scale, box["y"] + fy * scale, steps=8)
         page.mouse.up()
         sync_api.expect(caption).not_to_have_text(before, timeout=60_000)
         _idle(page)

@@ -70,6 +70,9 @@ class KindEntry:
         explain_outputs: raw output -> ``(N, K)`` scalars an attribution explains; ``default_target``: which K.
         hard_label: ``(spec, item, logits) -> (label, confidence)`` for pseudo-labelling.
         output_names: ``(spec, count) -> names`` of a vector output's entries in tables and viewers.
+        prior_offset: ``(data_share, sampled_share) -> offset`` for a class kind: given each class's share of the
+            training labels and of what the sampler draws, what to add to the raw output in the loss so that the
+            model's probabilities stay those of the data (logit adjustment; :mod:`medexplore.train.priors`).
     """
 
     name: str
@@ -91,6 +94,7 @@ class KindEntry:
     queries_per_output: bool = False  # one Output-Adaptformer query per class or box
     higher_is_better: bool = True
     output_names: Callable[[TaskSpec, int], list[str]] = field(default=lambda spec, count: _output_names(spec, count))
+    prior_offset: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def __post_init__(self):
         if self.output not in OUTPUTS:
@@ -215,6 +219,30 @@ def _values(prediction: Tensor) -> Tensor:
     return prediction.float()
 
 
+_SHARE_FLOOR = 1e-6  # a class share of 0 or 1 would give an infinite logit
+
+
+def _logit(share: Tensor) -> Tensor:
+    share = share.clamp(_SHARE_FLOOR, 1 - _SHARE_FLOOR)
+    return share.log() - (1 - share).log()
+
+
+def _binary_offset(data: Tensor, sampled: Tensor) -> Tensor:
+    """Logit of the sampled positive share minus the data's (one output: the positive logit)."""
+    return _logit(sampled[1]) - _logit(data[1])
+
+
+def _multiclass_offset(data: Tensor, sampled: Tensor) -> Tensor:
+    return sampled.clamp_min(_SHARE_FLOOR).log() - data.clamp_min(_SHARE_FLOOR).log()
+
+
+def _ordinal_offset(data: Tensor, sampled: Tensor) -> Tensor:
+    """Per CORAL threshold k, the logit of P(grade > k) as sampled minus as in the data."""
+    def above(share):
+        return (1 - share.cumsum(0))[:-1]
+    return _logit(above(sampled)) - _logit(above(data))
+
+
 _CLASSIFICATION = ("auc", "acc", "balanced_acc", "f1_macro")
 
 register_kind(KindEntry(
@@ -223,7 +251,7 @@ register_kind(KindEntry(
     prediction_cell=lambda item: float(item),
     agreement=lambda label, pred: ("correct", bool((pred > 0.5) == (label > 0.5))),
     explain_outputs=lambda prediction: prediction[:, None], default_target=_first_output,
-    hard_label=_binary_hard_label, scores=_sigmoid, output_names=_probability_name))
+    hard_label=_binary_hard_label, scores=_sigmoid, output_names=_probability_name, prior_offset=_binary_offset))
 
 register_kind(KindEntry(
     "multiclass", lambda spec, d: VectorHead(spec, d.dim), "vector", _CLASSIFICATION, "auc",
@@ -231,7 +259,7 @@ register_kind(KindEntry(
     prediction_cell=lambda item: int(item.argmax()),
     agreement=lambda label, pred: ("correct", bool(pred == int(label))),
     explain_outputs=lambda prediction: prediction, default_target=_argmax_output,
-    hard_label=_class_index_label, scores=_softmax, min_outputs=2))
+    hard_label=_class_index_label, scores=_softmax, min_outputs=2, prior_offset=_multiclass_offset))
 
 
 def _multilabel_label_cell(value):
@@ -253,7 +281,7 @@ register_kind(KindEntry(
     prediction_cell=lambda item: int(ordinal_rank(item)),
     agreement=lambda label, pred: ("correct", bool(pred == int(label))),
     explain_outputs=lambda prediction: prediction, default_target=_first_output,
-    hard_label=_ordinal_hard_label, scores=_ordinal, min_outputs=2))
+    hard_label=_ordinal_hard_label, scores=_ordinal, min_outputs=2, prior_offset=_ordinal_offset))
 
 
 def _regression_label_cell(value):

@@ -3,6 +3,7 @@ schedule, batch sampler and the DDP wrapper, each a function of the config."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Callable, Sequence
 
 import torch
@@ -13,7 +14,8 @@ from ..data.sampling import WeightedBatchSampler, balanced_weights, labels_of
 from ..errors import UserError
 from .config import TrainConfig
 
-__all__ = ["cosine_schedule", "build_optimizer", "build_scheduler", "build_sampler", "sampling_keys", "wrap_ddp"]
+__all__ = ["cosine_schedule", "build_optimizer", "build_scheduler", "build_sampler", "sampling_keys", "sampling_weights",
+           "wrap_ddp"]
 
 
 def cosine_schedule(total: int, warmup: int, min_fraction: float) -> Callable[[int], float]:
@@ -41,13 +43,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total_steps, warmup, config.min_lr_fraction))
 
 
-def sampling_keys(dataset: Dataset, balance: str) -> list:
-    """What ``train.balance`` makes equally likely, per sample: its source dataset, or its labels."""
-    if balance == "source":
-        source_of = getattr(dataset, "source_of", None)
-        if source_of is None:
-            raise UserError("train.balance=source needs a MixedDataset (several sources)")
-        return [source_of(i) for i in range(len(dataset))]
+def _sources(dataset: Dataset, balance: str) -> list:
+    source_of = getattr(dataset, "source_of", None)
+    if source_of is None:
+        raise UserError(f"train.balance={balance} needs a MixedDataset (several sources)")
+    return [source_of(i) for i in range(len(dataset))]
+
+
+def _label_keys(dataset: Dataset) -> list:
+    """Each sample's scalar labels as one key (vector labels, e.g. multilabel, are left out)."""
     keys = []
     for i in range(len(dataset)):
         labels = labels_of(dataset, i)
@@ -55,13 +59,37 @@ def sampling_keys(dataset: Dataset, balance: str) -> list:
     return keys
 
 
-def build_sampler(dataset: Dataset, config: TrainConfig, steps_per_epoch: int, rank: int = 0, world: int = 1
-                  ) -> WeightedBatchSampler:
-    """Micro-batches of this rank's share, ``steps_per_epoch * accum_steps`` per epoch, balanced as asked."""
+def sampling_keys(dataset: Dataset, balance: str) -> list:
+    """What ``train.balance`` makes equally likely, per sample: its source dataset, its labels, or (for
+    ``source_label``) the pair."""
+    if balance == "source":
+        return _sources(dataset, balance)
+    if balance == "label":
+        return _label_keys(dataset)
+    if balance == "source_label":
+        return list(zip(_sources(dataset, balance), _label_keys(dataset)))
+    raise UserError(f"sampling_keys: no keys for train.balance={balance!r}")
+
+
+def sampling_weights(dataset: Dataset, balance: str) -> torch.Tensor | None:
+    """Per-sample draw probabilities for ``train.balance`` (None for ``none``: a plain shuffle).
+    ``source_label``: every source equally likely, and within each source every label key."""
+    if balance == "none":
+        return None
+    keys = sampling_keys(dataset, balance)
+    if balance != "source_label":
+        return balanced_weights(keys)
+    per_source = Counter(source for source, _ in set(keys))
+    return balanced_weights(keys, {key: 1.0 / per_source[key[0]] for key in set(keys)})
+
+
+def build_sampler(dataset: Dataset, config: TrainConfig, steps_per_epoch: int, rank: int = 0, world: int = 1,
+                  weights: torch.Tensor | None = None) -> WeightedBatchSampler:
+    """Micro-batches of this rank's share, ``steps_per_epoch * accum_steps`` per epoch, drawn by ``weights``
+    (:func:`sampling_weights`)."""
     micro = config.batch_size // config.accum_steps
     if micro % world:
         raise UserError(f"micro-batch {micro} is not divisible by {world} processes")
-    weights = None if config.balance == "none" else balanced_weights(sampling_keys(dataset, config.balance))
     return WeightedBatchSampler(len(dataset), micro, weights, num_batches=steps_per_epoch * config.accum_steps,
                                 seed=config.seed, rank=rank, world_size=world)
 

@@ -13,7 +13,7 @@ from .balancing import LOSS_BALANCES
 __all__ = ["TrainConfig", "MODES", "BALANCE"]
 
 MODES = ("supervised", "vicreg")
-BALANCE = ("none", "source", "label")
+BALANCE = ("none", "source", "label", "source_label")
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,10 @@ class TrainConfig:
         clip_grad: max global gradient norm (None: off).
         device: ``auto`` (CUDA, then MPS, then CPU), or any torch device string.
         compile: ``torch.compile`` the model.
-        balance: sample so that every ``source`` (dataset) or every ``label`` class is equally likely.
+        balance: sample so that every ``source`` (dataset) or every ``label`` class is equally likely, or
+            (``source_label``) every source and, within it, every label class.
+        prior_correction: when ``balance`` changes how often each class is seen, the loss adjusts the class
+            logits so that the model's probabilities stay those of the data (:mod:`medexplore.train.priors`).
         checkpoint_every: save ``last`` every N steps (0: at the end of each epoch only).
         tensorboard: also log losses and metrics for TensorBoard into ``<run>/tensorboard``.
         keep_every: also keep a weights-only snapshot ``checkpoints/step_NNNNNNN`` every N steps
@@ -67,6 +70,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     balance: str = "none"
+    prior_correction: bool = True
     checkpoint_every: int = 0
     keep_every: int = 0
     tensorboard: bool = False

@@ -24,7 +24,7 @@ from ..data.sample import collate
 from ..errors import UserError
 from ..models.medformer import Medformer
 from ..models.packing import Batch
-from .builders import build_optimizer, build_sampler, build_scheduler, wrap_ddp
+from .builders import build_optimizer, build_sampler, build_scheduler, sampling_weights, wrap_ddp
 from .callbacks import DEFAULT_CALLBACKS, RunCallback
 from .checkpoint import load_checkpoint, load_into, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
@@ -33,6 +33,7 @@ from .ema import WeightAverage
 from .evaluate import evaluate
 from .events import Event, EventKind, NonFiniteLossError, RunControl, RunResult
 from .objectives import make_objective
+from .priors import prior_offsets
 
 __all__ = ["Trainer"]
 
@@ -76,14 +77,16 @@ class Trainer:
             from .tensorboard import TensorBoardLogger
 
             self.callbacks.append(TensorBoardLogger(self.run_dir / "tensorboard"))
+        weights = sampling_weights(train_data, config.balance)
+        offsets = prior_offsets(model.tasks, train_data, weights) if config.prior_correction and config.mode == "supervised" else {}
         torch.manual_seed(config.seed)  # the objective's own modules (VICReg's expander) start from the seed
-        self.objective = make_objective(model, config, self.rank, self.distributed)
+        self.objective = make_objective(model, config, self.rank, self.distributed, offsets)
         self.model.to(self.device)
         self.objective.to(self.device)
         self.optimizer = build_optimizer([model, *self.objective.modules()], config, self.objective.param_groups())
         self.steps_per_epoch = config.steps_per_epoch or max(1, len(train_data) // config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.sampler = build_sampler(train_data, config, self.steps_per_epoch, self.rank, self.world)
+        self.sampler = build_sampler(train_data, config, self.steps_per_epoch, self.rank, self.world, weights)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
         self.forward_model = model

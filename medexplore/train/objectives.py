@@ -81,10 +81,17 @@ class Objective:
 
 class SupervisedObjective(Objective):
     """Every task's masked loss on label-consistently augmented images (``train.augment``), combined with
-    the TaskSpec weights or a learned balancer (``train.loss_balance``)."""
+    the TaskSpec weights or a learned balancer (``train.loss_balance``). ``prior_offsets``: per class task,
+    what the loss adds to its raw output because the sampler changed its class shares
+    (:mod:`medexplore.train.priors`)."""
 
-    def __init__(self, model: Medformer, config: TrainConfig, rank: int = 0, distributed: bool = False):
+    def __init__(self, model: Medformer, config: TrainConfig, rank: int = 0, distributed: bool = False,
+                 prior_offsets: dict[str, Tensor] | None = None):
         super().__init__(model, config, rank)
+        self.prior_offsets = dict(prior_offsets or {})
+        unknown = sorted(set(self.prior_offsets) - set(model.tasks))
+        if unknown:
+            raise UserError(f"prior offsets for unknown task(s) {unknown}; the model has {sorted(model.tasks)}")
         self.augment = Augment() if config.augment else None
         self.balancer = make_balancer(config.loss_balance, {n: t.weight for n, t in model.tasks.items()})
         if self.balancer is not None and distributed:
@@ -121,6 +128,9 @@ class SupervisedObjective(Objective):
             batch = self._augmented(batch, step)
         batch = batch.to(device, non_blocking=True)
         out = forward(batch, packing=self.config.packing, tasks=self.model.labelled_tasks(batch))
+        for name, offset in self.prior_offsets.items():
+            if name in out.predictions:
+                out.predictions[name] = out.predictions[name] + offset.to(out.predictions[name].device)
         total, per_task = self.model.compute_loss(out, batch, self.config.label_smoothing)
         if self.balancer is not None and per_task:
             shared = [p for p in self.model.blocks[-1].parameters() if p.requires_grad]
@@ -179,8 +189,9 @@ class VICRegObjective(Objective):
         self.expander.load_state_dict(weights)
 
 
-def make_objective(model: Medformer, config: TrainConfig, rank: int = 0, distributed: bool = False) -> Objective:
-    """The objective ``train.mode`` names."""
+def make_objective(model: Medformer, config: TrainConfig, rank: int = 0, distributed: bool = False,
+                   prior_offsets: dict[str, Tensor] | None = None) -> Objective:
+    """The objective ``train.mode`` names (``prior_offsets``: supervised only, see :class:`SupervisedObjective`)."""
     if config.mode == "vicreg":
         return VICRegObjective(model, config, rank)
-    return SupervisedObjective(model, config, rank, distributed)
+    return SupervisedObjective(model, config, rank, distributed, prior_offsets)

@@ -83,8 +83,8 @@ def sampling_weights(dataset: Dataset, balance: str) -> torch.Tensor | None:
     return balanced_weights(keys, {key: 1.0 / per_source[key[0]] for key in set(keys)})
 
 
-def build_sampler(dataset: Dataset, config: TrainConfig, steps_per_epoch: int, rank: int = 0, world: int = 1,
-                  weights: torch.Tensor | None = None) -> WeightedBatchSampler:
+def build_sampler(dataset: Dataset, config: TrainConfig, steps_per_epoch: int, weights: torch.Tensor | None,
+                  rank: int = 0, world: int = 1) -> WeightedBatchSampler:
     """Micro-batches of this rank's share, ``steps_per_epoch * accum_steps`` per epoch, drawn by ``weights``
     (:func:`sampling_weights`)."""
     micro = config.batch_size // config.accum_steps

@@ -86,7 +86,7 @@ class Trainer:
         self.optimizer = build_optimizer([model, *self.objective.modules()], config, self.objective.param_groups())
         self.steps_per_epoch = config.steps_per_epoch or max(1, len(train_data) // config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.sampler = build_sampler(train_data, config, self.steps_per_epoch, self.rank, self.world, weights)
+        self.sampler = build_sampler(train_data, config, self.steps_per_epoch, weights, self.rank, self.world)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
         self.forward_model = model

@@ -73,6 +73,8 @@ class KindEntry:
         prior_offset: ``(data_share, sampled_share) -> offset`` for a class kind: given each class's share of the
             training labels and of what the sampler draws, what to add to the raw output in the loss so that the
             model's probabilities stay those of the data (logit adjustment; :mod:`medexplore.train.priors`).
+            Only kinds whose offset is exact have one, and only they are class-balanced: re-weighting ordinal
+            grades moves each CORAL threshold by a different, data-dependent amount, so ordinal has none.
     """
 
     name: str
@@ -236,13 +238,6 @@ def _multiclass_offset(data: Tensor, sampled: Tensor) -> Tensor:
     return sampled.clamp_min(_SHARE_FLOOR).log() - data.clamp_min(_SHARE_FLOOR).log()
 
 
-def _ordinal_offset(data: Tensor, sampled: Tensor) -> Tensor:
-    """Per CORAL threshold k, the logit of P(grade > k) as sampled minus as in the data."""
-    def above(share):
-        return (1 - share.cumsum(0))[:-1]
-    return _logit(above(sampled)) - _logit(above(data))
-
-
 _CLASSIFICATION = ("auc", "acc", "balanced_acc", "f1_macro")
 
 register_kind(KindEntry(
@@ -281,7 +276,7 @@ register_kind(KindEntry(
     prediction_cell=lambda item: int(ordinal_rank(item)),
     agreement=lambda label, pred: ("correct", bool(pred == int(label))),
     explain_outputs=lambda prediction: prediction, default_target=_first_output,
-    hard_label=_ordinal_hard_label, scores=_ordinal, min_outputs=2, prior_offset=_ordinal_offset))
+    hard_label=_ordinal_hard_label, scores=_ordinal, min_outputs=2))
 
 
 def _regression_label_cell(value):

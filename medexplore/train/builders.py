@@ -12,9 +12,11 @@ from torch.utils.data import Dataset
 
 from ..data.sampling import WeightedBatchSampler, balanced_weights, labels_of
 from ..errors import UserError
+from ..models.kinds import kind_entry
+from ..models.tasks import TaskSpec
 from .config import TrainConfig
 
-__all__ = ["cosine_schedule", "build_optimizer", "build_scheduler", "build_sampler", "sampling_keys", "sampling_weights",
+__all__ = ["cosine_schedule", "build_optimizer", "build_scheduler", "build_sampler", "sampling_keys", "sampling_weights", "balanced_tasks",
            "wrap_ddp"]
 
 
@@ -50,33 +52,45 @@ def _sources(dataset: Dataset, balance: str) -> list:
     return [source_of(i) for i in range(len(dataset))]
 
 
-def _label_keys(dataset: Dataset) -> list:
-    """Each sample's scalar labels as one key (vector labels, e.g. multilabel, are left out)."""
+def balanced_tasks(tasks: dict[str, TaskSpec]) -> set[str]:
+    """The tasks whose classes ``train.balance`` may re-weight: those whose kind undoes the re-weighting
+    exactly (a ``prior_offset``: binary and multiclass; not ordinal grades, regression or vector labels)."""
+    return {name for name, spec in tasks.items() if kind_entry(spec.kind).prior_offset is not None}
+
+
+def _label_keys(dataset: Dataset, tasks: dict[str, TaskSpec]) -> list:
+    """Each sample's labels of the :func:`balanced_tasks` as one key."""
+    names = balanced_tasks(tasks)
     keys = []
     for i in range(len(dataset)):
         labels = labels_of(dataset, i)
-        keys.append(tuple(sorted((k, int(v)) for k, v in labels.items() if torch.as_tensor(v).numel() == 1)))
+        keys.append(tuple(sorted((k, int(torch.as_tensor(v).reshape(-1)[0])) for k, v in labels.items()
+                                 if k in names and v is not None)))
     return keys
 
 
-def sampling_keys(dataset: Dataset, balance: str) -> list:
-    """What ``train.balance`` makes equally likely, per sample: its source dataset, its labels, or (for
-    ``source_label``) the pair."""
+def sampling_keys(dataset: Dataset, balance: str, tasks: dict[str, TaskSpec]) -> list:
+    """What ``train.balance`` makes equally likely, per sample: its source dataset, its class labels (of the
+    :func:`balanced_tasks`), or (for ``source_label``) the pair."""
     if balance == "source":
         return _sources(dataset, balance)
+    if balance in ("label", "source_label") and not balanced_tasks(tasks):
+        kinds = sorted({spec.kind for spec in tasks.values()})
+        raise UserError(f"train.balance={balance}: no task has a kind whose classes can be re-weighted "
+                        f"(binary or multiclass); the tasks' kinds are {', '.join(kinds)}. Use train.balance=source or none")
     if balance == "label":
-        return _label_keys(dataset)
+        return _label_keys(dataset, tasks)
     if balance == "source_label":
-        return list(zip(_sources(dataset, balance), _label_keys(dataset)))
+        return list(zip(_sources(dataset, balance), _label_keys(dataset, tasks)))
     raise UserError(f"sampling_keys: no keys for train.balance={balance!r}")
 
 
-def sampling_weights(dataset: Dataset, balance: str) -> torch.Tensor | None:
-    """Per-sample draw probabilities for ``train.balance`` (None for ``none``: a plain shuffle).
-    ``source_label``: every source equally likely, and within each source every label key."""
+def sampling_weights(dataset: Dataset, balance: str, tasks: dict[str, TaskSpec]) -> torch.Tensor | None:
+    """Per-sample draw probabilities for ``train.balance`` over a model's ``tasks`` (None for ``none``: a plain
+    shuffle). ``source_label``: every source equally likely, and within each source every label key."""
     if balance == "none":
         return None
-    keys = sampling_keys(dataset, balance)
+    keys = sampling_keys(dataset, balance, tasks)
     if balance != "source_label":
         return balanced_weights(keys)
     per_source = Counter(source for source, _ in set(keys))

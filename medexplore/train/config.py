@@ -30,7 +30,8 @@ class TrainConfig:
         device: ``auto`` (CUDA, then MPS, then CPU), or any torch device string.
         compile: ``torch.compile`` the model.
         balance: sample so that every ``source`` (dataset) or every ``label`` class is equally likely, or
-            (``source_label``) every source and, within it, every label class.
+            (``source_label``) every source and, within it, every label class. Only binary and multiclass
+            labels are re-weighted (:func:`~medexplore.train.builders.balanced_tasks`).
         prior_correction: when ``balance`` changes how often each class is seen, the loss adjusts the class
             logits so that the model's probabilities stay those of the data (:mod:`medexplore.train.priors`).
         checkpoint_every: save ``last`` every N steps (0: at the end of each epoch only).

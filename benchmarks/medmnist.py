@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -180,6 +181,8 @@ def main():
     p.add_argument("--report", action="store_true", help="train nothing: the table of the finished runs")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change the recipe")
     args = p.parse_args()
+    # `kill` stops the training run too: SystemExit makes subprocess.run kill its child, and `last` is kept for a rerun
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.init and args.pretrain:
         p.error("--init and --pretrain both choose the one model's starting weights; pass one")
     root, out = Path(args.root).resolve(), Path(args.out)

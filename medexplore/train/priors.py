@@ -24,6 +24,7 @@ from ..data.sampling import labels_of
 from ..errors import UserError
 from ..models.kinds import kind_entry
 from ..models.tasks import TaskSpec
+from .builders import balanced_tasks
 
 __all__ = ["class_shares", "prior_offsets"]
 
@@ -35,8 +36,7 @@ def class_shares(tasks: dict[str, TaskSpec], dataset: Dataset, weights: Tensor) 
     and of the sampler's draws (``weights``: one sampling weight per sample of ``dataset``)."""
     if len(weights) != len(dataset):
         raise UserError(f"class_shares: {len(weights)} sampling weights for {len(dataset)} samples")
-    classes = {name: max(2, spec.num_outputs) for name, spec in tasks.items()
-               if kind_entry(spec.kind).prior_offset is not None}
+    classes = {name: max(2, tasks[name].num_outputs) for name in balanced_tasks(tasks)}
     counts = {name: torch.zeros(k, dtype=torch.float64) for name, k in classes.items()}
     mass = {name: torch.zeros(k, dtype=torch.float64) for name, k in classes.items()}
     for i in range(len(dataset)):

@@ -6,8 +6,10 @@ from conftest import small_model
 
 from medexplore.models import Batch, Domain, load_timm_weights
 from medexplore.models.blocks import Block
+from medexplore.models.layout import conv_layout
 from medexplore.models.packing import TokenLayout
 from medexplore.models.rope import Rotary3D, rotate_qkv
+from medexplore.models.segmentation import MultiScaleDecoder
 
 
 def _assert_close(a, b, tol=1e-5):
@@ -284,3 +286,38 @@ def test_flip_averaging_means_image_level_outputs_and_leaves_masks_and_boxes(mod
         torch.testing.assert_close(averaged[name], (plain[name] + mirrored[name]) / 2)
     for name in ("tissue", "lesions"):
         torch.testing.assert_close(averaged[name], plain[name])
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_channels_last_convolutions_equal_the_default_layout_forward_and_backward(stem, mixed_batch):
+    """The stem and decoders run channels-last by default (faster on CPU); values and gradients are those of
+    PyTorch's default layout up to float rounding, and the decoders really do run channels-last."""
+    model = small_model(stem=stem, stem_norm="instance")
+    read = []  # per 3x3 decoder convolution called: was its input channels-last?
+    for module in model.modules():
+        if isinstance(module, MultiScaleDecoder):
+            for conv in [block[0] for block in module.fuse] + [module.head[0][0]]:
+                conv.register_forward_pre_hook(lambda m, args: read.append(args[0].is_contiguous(
+                    memory_format=torch.channels_last_3d if args[0].dim() == 5 else torch.channels_last)))
+    runs, layouts = {}, {}
+    for flag in (False, True):
+        read.clear()
+        model.zero_grad(set_to_none=True)
+        with conv_layout(flag):
+            out = model(mixed_batch)
+            loss, _ = model.compute_loss(out, mixed_batch)
+            loss.backward()
+        layouts[flag] = list(read)
+        runs[flag] = out, loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (plain, plain_loss, plain_grads), (fast, fast_loss, fast_grads) = runs[False], runs[True]
+    _assert_close(plain_loss, fast_loss, 1e-5)
+    _assert_close(plain.embedding, fast.embedding)
+    for (ids, a), (_, b) in zip(plain.predictions["tissue"], fast.predictions["tissue"]):
+        _assert_close(a, b, 1e-4)
+    assert len(layouts[True]) >= 6 and all(layouts[True])  # 2D and 3D decoders, every level
+    assert plain_grads.keys() == fast_grads.keys()
+    for name, grad in plain_grads.items():
+        _assert_close(grad, fast_grads[name], 1e-4 * max(1.0, grad.abs().max().item()))
+    with pytest.raises(TypeError, match="channels_last must be a bool"):
+        with conv_layout("yes"):
+            pass

@@ -228,6 +228,20 @@ def test_forward_of_chosen_tasks_only(mixed_batch):
         model(mixed_batch, tasks=["nope"])
 
 
+def test_only_grad_tasks_record_gradients_and_their_values_are_unchanged(mixed_batch):
+    """What an explanation of one task runs: the other heads skip autograd, and every value stays the same."""
+    model = small_model()
+    full = model(mixed_batch, tasks=["presence", "tissue"])
+    some = model(mixed_batch, tasks=["presence", "tissue"], grad_tasks=["presence"])
+    assert some.predictions["presence"].requires_grad and full.predictions["tissue"][0][1].requires_grad
+    assert not any(logits.requires_grad for _, logits in some.predictions["tissue"])
+    torch.testing.assert_close(some.predictions["presence"], full.predictions["presence"])
+    for (_, a), (_, b) in zip(some.predictions["tissue"], full.predictions["tissue"]):
+        torch.testing.assert_close(a, b.detach())
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['nope'\] in grad_tasks"):
+        model(mixed_batch, grad_tasks=["nope"])
+
+
 def test_coral_predictions_are_monotone_whatever_the_parameters():
     model = small_model(tasks=[TaskSpec("grade", "ordinal", 6)])
     head = model.heads["grade"]

@@ -112,12 +112,13 @@ def estimate_inference_memory(model: Medformer, image_shape: Sequence[int], wind
 
 
 def _window_outputs(model: Medformer, windows: Tensor, domain: Domain, tasks: Sequence[str], attention: bool = False,
-                    probe: GradCamProbe | None = None) -> tuple[dict, list[Tensor] | None]:
+                    probe: GradCamProbe | None = None, grad_task: str | None = None) -> tuple[dict, list[Tensor] | None]:
     """The tasks' predictions for a batch of windows and, with ``attention``, each block's attention from the
     same pass (what the attention maps read); with a Grad-CAM ``probe`` the pass keeps what it needs (the
-    predictions then carry gradients: detach what you keep)."""
+    prediction of ``grad_task``, the one explained, then carries gradients: detach what you keep)."""
     with torch.set_grad_enabled(probe is not None), (probe if probe is not None else contextlib.nullcontext()):
-        out = model(Batch.from_images(list(windows), [domain] * len(windows)), tasks=list(tasks), return_attention=attention)
+        out = model(Batch.from_images(list(windows), [domain] * len(windows)), tasks=list(tasks), return_attention=attention,
+                    grad_tasks=[grad_task] if probe is not None else None)
     return out.predictions, [a.detach() for a in block_attentions(out)] if attention else None
 
 
@@ -218,7 +219,7 @@ def _infer_steps(model, image, domain, tasks, pairs, explain_methods, explain_ta
         windows = torch.stack([image[(slice(None), *blender.region(s))] for s in starts]).to(device)
         windows = blender.pad(windows)
         predictions, attentions = _window_outputs(model, windows, domain, pass_tasks, attention=reads_attention,
-                                                  probe=probe)
+                                                  probe=probe, grad_task=explain_task)
         spatial_out = {}
         if probe is not None:  # Grad-CAM from the pass just run: its tokens, its predictions' targets
             spatial_out[f"grad_cam:{explain_task}"] = torch.from_numpy(np.stack(probe.maps(

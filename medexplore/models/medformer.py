@@ -199,12 +199,15 @@ class Medformer(nn.Module):
         return x, layout, features, input_attention, attentions
 
     def forward(self, batch: Batch, packing: str = "grouped", return_attention: bool = False,
-                tasks: list[str] | None = None) -> MedformerOutput:
-        """Predictions for every task (or only ``tasks``) and the pooled embedding of every sample of ``batch``."""
-        if tasks is not None:
-            unknown = sorted(set(tasks) - set(self.heads))
+                tasks: list[str] | None = None, grad_tasks: list[str] | None = None) -> MedformerOutput:
+        """Predictions for every task (or only ``tasks``) and the pooled embedding of every sample of ``batch``.
+
+        With gradients enabled, only the heads of ``grad_tasks`` (default: all) record them: an explanation
+        of one task then skips the autograd bookkeeping of the others' decoders."""
+        for option, names in (("tasks", tasks), ("grad_tasks", grad_tasks)):
+            unknown = sorted(set(names or ()) - set(self.heads))
             if unknown:
-                raise UserError(f"unknown task(s) {unknown}; the model has {sorted(self.heads)}")
+                raise UserError(f"unknown task(s) {unknown} in {option}; the model has {sorted(self.heads)}")
         x, layout, features, input_attention, attentions = self.forward_features(batch, packing, return_attention)
         embedding = layout.prefix_pool(x) if self.cls_token is not None else layout.mean_pool(x)
         if self.output_adaptformer is not None:
@@ -213,8 +216,11 @@ class Medformer(nn.Module):
             task_queries = {name: embedding[:, None] for name in self.tasks}
             query_attention = {}
         ctx = HeadContext(layout, batch, features)
-        predictions = {name: head(task_queries[name], ctx) for name, head in self.heads.items()
-                       if tasks is None or name in tasks}
+        predictions = {}
+        for name, head in self.heads.items():
+            if tasks is None or name in tasks:
+                with torch.set_grad_enabled(torch.is_grad_enabled() and (grad_tasks is None or name in grad_tasks)):
+                    predictions[name] = head(task_queries[name], ctx)
         gates = {f"blocks.{i}": block.gate_weights for i, block in enumerate(self.blocks)
                  if getattr(block, "gate_weights", None) is not None}
         return MedformerOutput(predictions, embedding, x, layout, input_attention, attentions, query_attention, gates)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
+from .layout import channels_last
 
 __all__ = ["MultiScaleDecoder", "feature_depths"]
 
@@ -49,17 +50,19 @@ class MultiScaleDecoder(nn.Module):
 
     def forward(self, features: list[Tensor], image: Tensor) -> Tensor:
         """``features``: shallow-to-deep ``(B, D, *grid)`` token maps; ``image``: ``(B, C, *size)``."""
+        # channels-last throughout (:mod:`.layout`): 1x1 convolutions, small volumes and grey images come out
+        # in the default layout, so what each 3x3 convolution reads is put back in it
         x = self.bottleneck(features[-1])
         skips = list(reversed(features[:-1])) or features[-1:]  # deep to shallow; reused when few
         for level, (up, fuse) in enumerate(zip(self.ups, self.fuse)):
             x = up(x)
             k = min(level, len(skips) - 1)
             skip = F.interpolate(self.skips[k](skips[k]), size=x.shape[2:], mode="nearest")
-            x = fuse(torch.cat([x, skip], 1))
+            x = fuse(channels_last(torch.cat([x, skip], 1)))
         stem_conv = self.stem[0]
         weight = stem_conv.weight
         if image.shape[1] == 1 and self.in_chans != 1:
             weight = weight.sum(1, keepdim=True)
         conv = F.conv2d if self.dims == 2 else F.conv3d
-        stem = self.stem[2](self.stem[1](conv(image, weight, padding=1)))
-        return self.head(torch.cat([x, stem], 1))
+        stem = self.stem[2](self.stem[1](conv(channels_last(image), weight, padding=1)))
+        return self.head(channels_last(torch.cat([x, stem], 1)))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
+from .layout import channels_last
 
 __all__ = ["PatchEmbed", "ConvStem", "LearnedPositions", "STEMS", "STEM_NORMS"]
 
@@ -70,7 +71,7 @@ class ConvStem(nn.Module):
         if images.shape[1] == 1 and self.in_chans != 1:
             weight = weight.sum(1, keepdim=True)
         conv = F.conv2d if images.dim() == 4 else F.conv3d
-        x = conv(images, weight, None, first.stride, first.padding)
+        x = channels_last(conv(images, weight, None, first.stride, first.padding))  # grey input: default layout
         return self.proj(rest(x))
 
 

@@ -57,3 +57,20 @@ def test_sample_findings_of_the_shipped_model_meet_the_sample_goals_and_keep_its
     for healthy in ("mni152", "ct"):
         assert rows[healthy]["boxes"] == 0 and rows[healthy]["lesion_fraction"] < 1e-3, (healthy, rows[healthy])
     assert min(rows["mni152"]["tissue_dice"].values()) >= 0.85, rows["mni152"]["tissue_dice"]
+
+
+def test_inference_benchmark_prints_each_saving_against_its_reference():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_inference.py"), "--size", "32", "--reps", "1",
+                           "--no-sample", "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r[0].lstrip("| ") for r in rows] == [
+        "infer_image, 32^3",
+        "train step, 4 x 16^3, adrenalmnist3d, vesselmnist3d, lesion, lesion_count, lesion_boxes, lesion_mask, tissue",
+        "train step, 32 x 28^3, the MedMNIST recipe's model", "infer_image + rollout + Grad-CAM of lesion, 32^3"]
+    assert [r[1] for r in rows] == ["default layout"] * 3 + ["every head"]
+    for r in rows:  # the speed-up is the ratio of the two medians printed beside it
+        assert abs(float(r[2]) / float(r[4]) - float(r[5].rstrip("x |"))) < 0.02 + 0.01 * float(r[2]) / float(r[4])
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_inference.py"), "--size", "30"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--size a multiple of 8" in bad.stderr

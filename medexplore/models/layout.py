@@ -2,7 +2,7 @@
 
 oneDNN's CPU convolutions run channels-last (``N, D, H, W, C`` in memory) without the reorders that the
 default layout costs at every convolution; on the 128^3 napari volume the decoders and the stem take ~1.2x
-less time (``benchmarks/bench_layout.py``). The values are the same up to float rounding
+less time (``benchmarks/bench_inference.py``). The values are the same up to float rounding
 (``tests/test_equivalences.py``). :func:`conv_layout` switches it off, for comparison.
 """
 from __future__ import annotations

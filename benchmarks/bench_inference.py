@@ -1,0 +1,127 @@
+"""Two savings of the interactive inference path, each against its absence in the same run (the two
+alternated, so that the machine's noise hits both alike):
+
+1. channels-last convolutions (stem, segmentation decoders; :mod:`medexplore.models.layout`) against
+   PyTorch's default layout: ``infer_image`` of the shipped model (every task, default options: what
+   napari's Run does) on the 128^3 volume of ``bench_napari.py`` and on the MNI152 sample, and a training
+   step (forward, backward, AdamW) of the same model on 4 crops of 64^3 and of the MedMNIST recipe's model on
+   32 volumes of 28^3;
+2. an explanation's pass recording gradients for the explained task's head only (``grad_tasks``) against
+   every head recording them: ``infer_image`` with rollout and Grad-CAM of ``lesion`` on the 128^3 volume.
+
+Usage: python benchmarks/bench_inference.py [MODEL] [--reps 3] [--threads N] [--size 128] [--no-sample]
+(``--size``: the volume's edge; the training crops are half of it)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from unittest import mock
+
+import numpy as np
+import torch
+
+from medexplore.analysis.inference import infer_image
+from medexplore.data.examples import mni152_t1
+from medexplore.models import Batch, Domain, Medformer, create_model
+from medexplore.models.layout import conv_layout
+from medexplore.train.checkpoint import load_model
+
+
+def _alternate(fn, variants: dict, reps: int) -> dict[str, float]:
+    """Median seconds of ``fn`` under each variant (a context manager factory), interleaved."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for rep in range(reps + 1):  # the first round warms up
+        for name, variant in variants.items():
+            with variant():
+                start = time.perf_counter()
+                fn()
+                if rep:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _every_head_records_gradients():
+    """Medformer.forward as it was before ``grad_tasks``: every head of a pass with gradients records them."""
+    forward = Medformer.forward
+
+    def every_head(self, *args, grad_tasks=None, **kwargs):
+        return forward(self, *args, **kwargs)
+    return mock.patch.object(Medformer, "forward", every_head)
+
+
+LAYOUTS = {"default layout": lambda: conv_layout(False), "channels-last": lambda: conv_layout(True)}
+GRADIENTS = {"every head": _every_head_records_gradients, "explained head only": contextlib.nullcontext}
+
+
+def _loss(predictions) -> torch.Tensor:
+    """A scalar that reaches every output (a stand-in for the tasks' losses: the layout changes no loss)."""
+    if isinstance(predictions, torch.Tensor) and predictions.requires_grad:
+        return predictions.float().pow(2).mean()
+    if isinstance(predictions, (dict, list, tuple)):
+        values = predictions.values() if isinstance(predictions, dict) else predictions
+        return sum((_loss(v) for v in values), torch.zeros(()))
+    return torch.zeros(())  # sample ids, counts, absent outputs
+
+
+def _train_step(model, images: list[torch.Tensor], domain: Domain, tasks: list[str]):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = Batch.from_images(images, [domain] * len(images))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        _loss(model(batch, tasks=tasks).predictions).backward()
+        optimizer.step()
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default="medformer-medmnist-embedded-v2")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
+    parser.add_argument("--size", type=int, default=128, help="edge of the random volume (a multiple of 8)")
+    parser.add_argument("--no-sample", dest="sample", action="store_false", help="leave out the MNI152 sample")
+    args = parser.parse_args()
+    if args.reps < 1 or args.size < 16 or args.size % 8:
+        parser.error(f"--reps must be >= 1 and --size a multiple of 8 from 16, got {args.reps}, {args.size}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, _ = load_model(args.model)
+    brain = Domain("3d", "mri", "brain")
+    rng = np.random.default_rng(0)
+    edge, crop = args.size, args.size // 2
+    volume = rng.normal(size=(1, edge, edge, edge)).astype(np.float32)
+    images = {f"{edge}^3": volume, **({"MNI152": mni152_t1().image} if args.sample else {})}
+    rows = []
+    with torch.no_grad():
+        for name, image in images.items():
+            rows.append((f"infer_image, {name}", _alternate(lambda: infer_image(model, image, brain), LAYOUTS, args.reps)))
+    tasks_3d = [n for n, s in model.tasks.items() if s.applies_to(brain)]
+    crops = [torch.from_numpy(rng.normal(size=(1, crop, crop, crop)).astype(np.float32)) for _ in range(4)]
+    rows.append((f"train step, 4 x {crop}^3, " + ", ".join(tasks_3d),
+                 _alternate(_train_step(model.train(), crops, brain, tasks_3d), LAYOUTS, args.reps)))
+    model.eval()
+    torch.manual_seed(0)
+    recipe = create_model("medformer_tiny", tasks=[{"name": "adrenal", "kind": "binary", "num_outputs": 1,
+                                                    "dimensionalities": ["3d"]}],
+                          patch_size=4, stem="conv", stem_norm="instance", layer_scale=0.1, depth=6,
+                          embed_dim=128, num_heads=4).train()
+    small = [torch.from_numpy(rng.normal(size=(1, 28, 28, 28)).astype(np.float32)) for _ in range(32)]
+    rows.append(("train step, 32 x 28^3, the MedMNIST recipe's model", _alternate(
+        _train_step(recipe, small, Domain("3d", "ct", "adrenal"), ["adrenal"]), LAYOUTS, args.reps)))
+    rows.append((f"infer_image + rollout + Grad-CAM of lesion, {edge}^3", _alternate(
+        lambda: infer_image(model, volume, brain, explain_methods=("rollout", "grad_cam"), explain_task="lesion"),
+        GRADIENTS, args.reps)))
+    print(f"threads {torch.get_num_threads()}, median seconds of {args.reps} alternated runs")
+    print("| case | reference | s | faster variant | s | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for name, t in rows:
+        (ref, ref_s), (new, new_s) = t.items()
+        print(f"| {name} | {ref} | {ref_s:.2f} | {new} | {new_s:.2f} | {ref_s / new_s:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

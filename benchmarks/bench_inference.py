@@ -1,7 +1,7 @@
 """Two savings of the interactive inference path, each against its absence in the same run (the two
 alternated, so that the machine's noise hits both alike):
 
-1. channels-last convolutions (stem, segmentation decoders; :mod:`medexplore.models.layout`) against
+1. channels-last convolutions (segmentation decoders; :mod:`medexplore.models.layout`) against
    PyTorch's default layout: ``infer_image`` of the shipped model (every task, default options: what
    napari's Run does) on the 128^3 volume of ``bench_napari.py`` and on the MNI152 sample, and a training
    step (forward, backward, AdamW) of the same model on 4 crops of 64^3 and of the MedMNIST recipe's model on

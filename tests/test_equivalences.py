@@ -290,7 +290,7 @@ def test_flip_averaging_means_image_level_outputs_and_leaves_masks_and_boxes(mod
 
 @pytest.mark.parametrize("stem", ["patch", "conv"])
 def test_channels_last_convolutions_equal_the_default_layout_forward_and_backward(stem, mixed_batch):
-    """The stem and decoders run channels-last by default (faster on CPU); values and gradients are those of
+    """The decoders run channels-last by default (faster on CPU); values and gradients are those of
     PyTorch's default layout up to float rounding, and the decoders really do run channels-last."""
     model = small_model(stem=stem, stem_norm="instance")
     read = []  # per 3x3 decoder convolution called: was its input channels-last?

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .layout import channels_last
 
 __all__ = ["PatchEmbed", "ConvStem", "LearnedPositions", "STEMS", "STEM_NORMS"]
 
@@ -71,7 +70,7 @@ class ConvStem(nn.Module):
         if images.shape[1] == 1 and self.in_chans != 1:
             weight = weight.sum(1, keepdim=True)
         conv = F.conv2d if images.dim() == 4 else F.conv3d
-        x = channels_last(conv(images, weight, None, first.stride, first.padding))  # grey input: default layout
+        x = conv(images, weight, None, first.stride, first.padding)
         return self.proj(rest(x))
 
 

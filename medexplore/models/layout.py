@@ -5,8 +5,8 @@ default layout costs at every convolution. Measured (``benchmarks/bench_inferenc
 ``benchmarks/bench_napari.py``): a training step on 64^3 crops 1.07-1.10x faster; napari's Run with
 decoders on one 128^3 window or 64^3 windows 1.27-1.41x (with explained-head-only gradients); the shipped
 model's 28^3 windows gain nothing measurable. The conv stem stays in the default layout: on its small
-inputs the conversions cost what they save. The values are the same up to float rounding (``tests/test_equivalences.py``). :func:`conv_layout`
-switches it off, for comparison.
+inputs the conversions cost what they save. The values are the same up to float rounding
+(``tests/test_equivalences.py``). :func:`conv_layout` switches it off, for comparison.
 """
 from __future__ import annotations
 

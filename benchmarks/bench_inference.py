@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
 from unittest import mock
 
 import numpy as np
 import torch
+from bench_model import alternate
 
 from medexplore.analysis.inference import infer_image
 from medexplore.data.examples import mni152_t1
@@ -31,16 +30,14 @@ from medexplore.train.checkpoint import load_model
 
 
 def _alternate(fn, variants: dict, reps: int) -> dict[str, float]:
-    """Median seconds of ``fn`` under each variant (a context manager factory), interleaved."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for rep in range(reps + 1):  # the first round warms up
-        for name, variant in variants.items():
+    """Median seconds of ``fn`` under each variant (a context manager factory), interleaved by
+    ``bench_model.alternate``."""
+    def under(variant):
+        def run():
             with variant():
-                start = time.perf_counter()
                 fn()
-                if rep:
-                    times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+        return run
+    return alternate({name: under(variant) for name, variant in variants.items()}, reps, torch.device("cpu"))
 
 
 def _every_head_records_gradients():

@@ -56,9 +56,11 @@ def run_cli(args: list[str], root: Path, seed: int, out: Path, flags: list[str],
         return None
     cmd = [sys.executable, "-m", "medexplore.cli", command, *args, "--out", str(out), "--quiet",
            "--set", f"data.root={root}", "--set", f"train.seed={seed}"]
+    spent = out / "wall_seconds.txt"
     if (out / "checkpoints" / "last").exists():
         cmd.append("--resume")
-    spent = out / "wall_seconds.txt"
+    else:  # stopped before its first checkpoint: it starts again, and so does its clock
+        spent.unlink(missing_ok=True)
     before = float(spent.read_text()) if spent.exists() else 0.0
     start = time.perf_counter()
     try:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -77,3 +79,32 @@ def test_inference_benchmark_prints_each_saving_against_its_reference():
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_inference.py"), "--size", "30"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--size a multiple of 8" in bad.stderr
+
+
+def test_medmnist_benchmark_restarts_a_run_stopped_before_its_first_checkpoint_with_a_fresh_clock(
+        tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_medmnist", ROOT / "benchmarks" / "medmnist.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "one-model-seed2"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "wall_seconds.txt").write_text("999.0\n")  # the clock of a run stopped before any checkpoint
+    commands = []
+
+    def stopped(cmd, **kwargs):
+        commands.append(cmd)
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(bench.subprocess, "run", stopped)
+    with pytest.raises(subprocess.CalledProcessError):
+        bench.run_cli(["--dataset", "breastmnist"], tmp_path, 2, out, ["breastmnist"])
+    assert "--resume" not in commands[0]
+    assert float((out / "wall_seconds.txt").read_text()) < 999.0
+    (out / "checkpoints" / "last").mkdir(parents=True)  # one that saved a checkpoint resumes, its clock kept
+    with pytest.raises(subprocess.CalledProcessError):
+        bench.run_cli(["--dataset", "breastmnist"], tmp_path, 2, out, ["breastmnist"])
+    assert "--resume" in commands[1]

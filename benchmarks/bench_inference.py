@@ -7,7 +7,10 @@ alternated, so that the machine's noise hits both alike):
    step (forward, backward, AdamW) of the same model on 4 crops of 64^3 and of the MedMNIST recipe's model on
    32 volumes of 28^3;
 2. an explanation's pass recording gradients for the explained task's head only (``grad_tasks``) against
-   every head recording them: ``infer_image`` with rollout and Grad-CAM of ``lesion`` on the 128^3 volume.
+   every head recording them: ``infer_image`` with rollout and Grad-CAM of ``lesion`` on the 128^3 volume;
+3. the same call's other savings, each against its absence: attention rollout read along its row (vector-matrix
+   products, from the last block down) against the full matrix products; and (``infer_image`` without maps)
+   the labels of a many-class mask by one elementwise pass per class against ``argmax(0)``.
 
 Usage: python benchmarks/bench_inference.py [MODEL] [--reps 3] [--threads N] [--size 128] [--no-sample]
 (``--size``: the volume's edge; the training crops are half of it)
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 from bench_model import alternate
 
+from medexplore.analysis import attribution, inference
 from medexplore.analysis.inference import infer_image
 from medexplore.data.examples import mni152_t1
 from medexplore.models import Batch, Domain, Medformer, create_model
@@ -49,8 +53,28 @@ def _every_head_records_gradients():
     return mock.patch.object(Medformer, "forward", every_head)
 
 
+def _rollout_full_products(model, images, domain, head_fusion="mean", discard_ratio=0.0, device="cpu",
+                           attentions=None):
+    """Attention rollout as it was: the full n x n product of every block's attention, then read along its rows."""
+    images, grid = attribution._prepare_images(model, images, device)
+    p, rollout = model.num_prefix_tokens, None
+    for attn in attribution._batch_attentions(model, images, domain, attentions):
+        a = attn.mean(1) if head_fusion == "mean" else getattr(attn, head_fusion)(1).values
+        if discard_ratio:
+            a = torch.where(a >= torch.quantile(a, discard_ratio, dim=-1, keepdim=True), a, torch.zeros_like(a))
+        a = a + torch.eye(a.shape[-1])
+        a = a / a.sum(-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout
+    reader = rollout[:, :1] if model.cls_token is not None else rollout[:, p:]
+    return attribution._maps_to_images(reader.mean(1)[:, p:], grid, tuple(images.shape[2:]))
+
+
 LAYOUTS = {"default layout": lambda: conv_layout(False), "channels-last": lambda: conv_layout(True)}
 GRADIENTS = {"every head": _every_head_records_gradients, "explained head only": contextlib.nullcontext}
+ROLLOUTS = {"full products": lambda: mock.patch.object(attribution, "_rollout", _rollout_full_products),
+            "read along its row": contextlib.nullcontext}
+ARGMAX = {"argmax(0)": lambda: mock.patch.object(inference, "_first_argmax", lambda values: values.argmax(0)),
+          "a pass per class": contextlib.nullcontext}
 
 
 def _loss(predictions) -> torch.Tensor:
@@ -109,9 +133,13 @@ def main() -> None:
     small = [torch.from_numpy(rng.normal(size=(1, 28, 28, 28)).astype(np.float32)) for _ in range(32)]
     rows.append(("train step, 32 x 28^3, the MedMNIST recipe's model", _alternate(
         _train_step(recipe, small, Domain("3d", "ct", "adrenal"), ["adrenal"]), LAYOUTS, args.reps)))
-    rows.append((f"infer_image + rollout + Grad-CAM of lesion, {edge}^3", _alternate(
-        lambda: infer_image(model, volume, brain, explain_methods=("rollout", "grad_cam"), explain_task="lesion"),
-        GRADIENTS, args.reps)))
+    def explained():
+        infer_image(model, volume, brain, explain_methods=("rollout", "grad_cam"), explain_task="lesion")
+    for saving in (GRADIENTS, ROLLOUTS):
+        rows.append((f"infer_image + rollout + Grad-CAM of lesion, {edge}^3", _alternate(explained, saving, args.reps)))
+    with torch.no_grad():
+        rows.append((f"infer_image, {edge}^3, tissue labels", _alternate(
+            lambda: infer_image(model, volume, brain), ARGMAX, args.reps)))
     print(f"threads {torch.get_num_threads()}, median seconds of {args.reps} alternated runs")
     print("| case | reference | s | faster variant | s | speed-up |")
     print("|---|---|---|---|---|---|")

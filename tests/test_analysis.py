@@ -312,6 +312,31 @@ def test_explaining_a_batch_of_windows_equals_explaining_each_alone(dims):
     model.zero_grad()
 
 
+@pytest.mark.parametrize("class_token", [False, True])
+def test_rollout_equals_the_product_of_the_blocks_attention_read_along_its_row(class_token):
+    """Known answer: Abnar & Zuidema's rollout as the full matrix product A_L ... A_1 of the head-fused,
+    identity-added, row-normalised attentions, read along the class token's row or the mean of the patch rows."""
+    model = small_model(tasks=[TaskSpec("presence", "binary", 1)], class_token=class_token)
+    images, p = torch.rand(2, 1, 16, 16), model.num_prefix_tokens
+    n = p + 16
+    g = torch.Generator().manual_seed(5)
+    attentions = [torch.randn(2, 3, n, n, generator=g).softmax(-1) for _ in model.blocks]
+    for fusion, discard in (("mean", 0.0), ("max", 0.5)):
+        product = torch.eye(n).expand(2, n, n)
+        for attn in attentions:
+            a = attn.mean(1) if fusion == "mean" else attn.max(1).values
+            if discard:
+                a = torch.where(a >= torch.quantile(a, discard, dim=-1, keepdim=True), a, torch.zeros_like(a))
+            a = a + torch.eye(n)
+            product = (a / a.sum(-1, keepdim=True)) @ product
+        rows = product[:, :1] if class_token else product[:, p:]
+        expected = rows.mean(1)[:, p:].reshape(2, 4, 4)
+        ours = A.explain_images(model, images, XRAY, "rollout", attentions=attentions, head_fusion=fusion,
+                                discard_ratio=discard)
+        for mine, theirs in zip(ours, expected):
+            np.testing.assert_allclose(mine, A.token_map_to_image(theirs, (16, 16)).numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_rollout_of_uniform_attention_is_flat_and_maps_are_image_sized():
     model = small_model(tasks=[TaskSpec("presence", "binary", 1)])
     for block in model.blocks:  # queries and keys of zero: every token attends uniformly

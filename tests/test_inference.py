@@ -158,3 +158,13 @@ def test_gradient_maps_take_their_targets_from_the_windows_pass_and_equal_explai
     other = explain(model, Sample(image, MRI), "grad_cam", task="grade", target=3)
     np.testing.assert_allclose(chosen.maps["grad_cam:grade"], other.values, rtol=1e-4, atol=1e-6)
     model.zero_grad()
+
+
+def test_first_argmax_equals_torchs_argmax_ties_and_nans_included():
+    from medexplore.analysis.inference import _first_argmax
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 3, (4, 6, 7, 5), generator=g).float()  # many ties: the first channel wins
+    assert torch.equal(_first_argmax(values), values.argmax(0))
+    values[2, 1, 1, 1] = float("nan")
+    assert torch.equal(_first_argmax(values), values.argmax(0))

@@ -140,7 +140,7 @@ def _rollout(model: Medformer, images: Tensor, domain, head_fusion: str = "mean"
         raise UserError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     images, grid = _prepare_images(model, images, device)
     p = model.num_prefix_tokens
-    rollout = None
+    layers = []
     for attn in _batch_attentions(model, images, domain, attentions):
         a = getattr(attn, head_fusion)(1)
         a = a.values if head_fusion != "mean" else a
@@ -148,10 +148,18 @@ def _rollout(model: Medformer, images: Tensor, domain, head_fusion: str = "mean"
             cut = torch.quantile(a, discard_ratio, dim=-1, keepdim=True)
             a = torch.where(a >= cut, a, torch.zeros_like(a))
         a = a + torch.eye(a.shape[-1], device=a.device)
-        a = a / a.sum(-1, keepdim=True)
-        rollout = a if rollout is None else a @ rollout
-    reader = rollout[:, :1] if model.cls_token is not None else rollout[:, p:]
-    return _maps_to_images(reader.mean(1)[:, p:], grid, tuple(images.shape[2:]))
+        layers.append(a / a.sum(-1, keepdim=True))
+    # the rollout A_L ... A_1 is read along one row (the class token's) or the mean of the patch rows: that
+    # reader times the product, taken from the last block down, costs vector-matrix products only (n^2, not n^3)
+    n = layers[0].shape[-1]
+    reader = torch.zeros(len(images), 1, n, device=layers[0].device)
+    if model.cls_token is not None:
+        reader[..., 0] = 1.0
+    else:
+        reader[..., p:] = 1.0 / (n - p)
+    for a in reversed(layers):
+        reader = reader @ a
+    return _maps_to_images(reader[:, 0, p:], grid, tuple(images.shape[2:]))
 
 
 def _attention(model: Medformer, images: Tensor, domain, block: int = -1, head: int | None = None,

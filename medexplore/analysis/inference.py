@@ -261,7 +261,7 @@ def _infer_steps(model, image, domain, tasks, pairs, explain_methods, explain_ta
         if name in defaults.region_thresholds:
             labels = regions[name].mask(defaults.region_thresholds[name])
         else:
-            labels = (blended[name].argmax(0) if threshold is None else (blended[name][1] >= threshold)).numpy()
+            labels = (_first_argmax(blended[name]) if threshold is None else (blended[name][1] >= threshold)).numpy()
         result.segmentations[name] = labels.astype(np.int32)
     for name, mask in pairs.items():
         result.boxes[name] = _merge_boxes([regions[mask].scored_boxes(thresholds[name])], spatial)
@@ -274,6 +274,19 @@ def _infer_steps(model, image, domain, tasks, pairs, explain_methods, explain_ta
     result.segmentations = {n: m for n, m in result.segmentations.items() if n in reported}
     result.boxes = {n: b for n, b in result.boxes.items() if n in reported}
     return result
+
+
+def _first_argmax(values: Tensor) -> Tensor:
+    """``values.argmax(0)`` (ties to the first channel) for a few channels over a large image, one elementwise
+    pass per channel: torch's reduction over the outer dimension of a 4 x 128^3 volume is 8x slower."""
+    if torch.isnan(values).any():
+        return values.argmax(0)
+    best, labels = values[0].clone(), torch.zeros(values.shape[1:], dtype=torch.int64)
+    for channel in range(1, values.shape[0]):
+        better = values[channel] > best
+        labels.masked_fill_(better, channel)
+        best = torch.maximum(best, values[channel])
+    return labels
 
 
 def _detached(predictions):

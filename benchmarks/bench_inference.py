@@ -1,4 +1,4 @@
-"""Two savings of the interactive inference path, each against its absence in the same run (the two
+"""Savings of the interactive inference path, each against its absence in the same run (the two
 alternated, so that the machine's noise hits both alike):
 
 1. channels-last convolutions (segmentation decoders; :mod:`medexplore.models.layout`) against

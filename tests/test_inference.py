@@ -6,6 +6,7 @@ from conftest import ALL_KIND_TASKS, small_model
 
 from medexplore.analysis.inference import (
     DEFAULT_OVERLAP,
+    _first_argmax,
     estimate_inference_memory,
     infer_image,
     iter_infer_image,
@@ -161,8 +162,6 @@ def test_gradient_maps_take_their_targets_from_the_windows_pass_and_equal_explai
 
 
 def test_first_argmax_equals_torchs_argmax_ties_and_nans_included():
-    from medexplore.analysis.inference import _first_argmax
-
     g = torch.Generator().manual_seed(0)
     values = torch.randint(0, 3, (4, 6, 7, 5), generator=g).float()  # many ties: the first channel wins
     assert torch.equal(_first_argmax(values), values.argmax(0))

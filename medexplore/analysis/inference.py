@@ -281,7 +281,7 @@ def _first_argmax(values: Tensor) -> Tensor:
     pass per channel: torch's reduction over the outer dimension of a 4 x 128^3 volume is 8x slower."""
     if torch.isnan(values).any():
         return values.argmax(0)
-    best, labels = values[0].clone(), torch.zeros(values.shape[1:], dtype=torch.int64)
+    best, labels = values[0].clone(), torch.zeros_like(values[0], dtype=torch.int64)
     for channel in range(1, values.shape[0]):
         better = values[channel] > best
         labels.masked_fill_(better, channel)

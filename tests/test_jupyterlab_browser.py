@@ -118,15 +118,19 @@ def test_explorer_lasso_and_right_click_in_jupyterlab(lab):
         assert errors.count() == 0, errors.first.inner_text()
         canvas = page.locator(".jupyter-matplotlib-canvas-div").first
         caption = page.locator(".widget-html", has_text=re.compile(r"selected|nearest neighbours")).first
-        before = caption.inner_text()  # the notebook's own pick and lasso (from code) wrote it
 
         # a lasso: a left drag, as a user draws it, around the middle of the point cloud (where the kernel says
         # its 30th-70th percentiles are drawn: the layout moves with the data the notebook found)
         text = _run_in_new_cell(page, (
             "import numpy as np; xy = explorer.ax.transData.transform(explorer.coords); "
             "lo, hi = np.percentile(xy, 30, 0), np.percentile(xy, 70, 0); h = explorer.figure.bbox.height; "
-            "print('CLOUD', lo[0], h - hi[1], hi[0], h - lo[1], explorer.figure.bbox.width)"))
-        x0, y0, x1, y1, width = (float(v) for v in re.search(r"CLOUD (\S+) (\S+) (\S+) (\S+) (\S+)", text).groups())
+            "print('CLOUD', lo[0], h - hi[1], hi[0], h - lo[1], explorer.figure.bbox.width, len(explorer.selected))"))
+        *cloud, shown = re.search(r"CLOUD (\S+) (\S+) (\S+) (\S+) (\S+) (\d+)", text).groups()
+        x0, y0, x1, y1, width = (float(v) for v in cloud)
+        # the caption must show the notebook's own lasso (from code) before the drawn one can be told from it: the
+        # browser may render that cell's widget messages after its execution has ended
+        sync_api.expect(caption).to_have_text(re.compile(rf"^{shown} selected\b"), timeout=60_000)
+        before = caption.inner_text()
         canvas.scroll_into_view_if_needed()
         box = canvas.bounding_box()
         scale = box["width"] / width  # CSS pixels per figure pixel

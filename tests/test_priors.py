@@ -52,6 +52,30 @@ def test_source_label_balance_makes_sources_and_their_classes_equally_likely():
         sampling_weights(rare_positives(), "source_label", {"finding": BINARY})
 
 
+def test_balance_power_tempers_the_class_shares_and_leaves_the_sources_equal():
+    data = rare_positives()  # 36 negatives, 4 positives
+    tasks = {"finding": BINARY}
+    half = sampling_weights(data, "label", tasks, power=0.5)
+    assert float(half[:4].sum()) == pytest.approx(2 / (2 + 6))  # square-root shares: sqrt 4 : sqrt 36
+    assert torch.equal(sampling_weights(data, "label", tasks, power=1.0), sampling_weights(data, "label", tasks))
+    assert sampling_weights(data, "label", tasks, power=0.0).tolist() == pytest.approx([1 / 40] * 40)
+    mixed = MixedDataset({"a": rare_positives(40, 4), "b": rare_positives(10, 5)})
+    sources = torch.tensor([mixed.source_of(i) == "a" for i in range(len(mixed))])
+    tempered = sampling_weights(mixed, "source_label", tasks, power=0.5)
+    assert float(tempered[sources].sum()) == pytest.approx(0.5)  # the sources stay equally likely
+    assert float(tempered[sources][:4].sum()) == pytest.approx(0.5 * 2 / 8)
+    assert float(tempered[~sources][:5].sum()) == pytest.approx(0.25)  # a source already balanced stays so
+    assert torch.allclose(sampling_weights(mixed, "source_label", tasks, power=0.0), sampling_weights(mixed, "source", tasks))
+    shares = class_shares(tasks, data, half)["finding"]  # the correction follows the tempered shares
+    assert float(prior_offsets(tasks, data, half)["finding"]) == pytest.approx(math.log(0.25 / 0.75) - math.log(0.1 / 0.9))
+    assert shares[1].tolist() == pytest.approx([0.75, 0.25])
+    for power in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"train.balance_power must be in \[0, 1\], got"):
+            sampling_weights(data, "label", tasks, power=power)
+        with pytest.raises(ValueError, match=r"train.balance_power must be in \[0, 1\], got"):
+            TrainConfig(balance="label", balance_power=power)
+
+
 def test_ordinal_grades_are_not_class_balanced():
     graded = [Sample(torch.zeros(1, 8, 8), Domain("2d"), {"grade": int(i < 2)}) for i in range(10)]
     mixed = MixedDataset({"a": rare_positives(40, 4), "b": graded})

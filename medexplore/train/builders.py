@@ -85,16 +85,27 @@ def sampling_keys(dataset: Dataset, balance: str, tasks: dict[str, TaskSpec]) ->
     raise UserError(f"sampling_keys: no keys for train.balance={balance!r}")
 
 
-def sampling_weights(dataset: Dataset, balance: str, tasks: dict[str, TaskSpec]) -> torch.Tensor | None:
+def sampling_weights(dataset: Dataset, balance: str, tasks: dict[str, TaskSpec], power: float = 1.0) -> torch.Tensor | None:
     """Per-sample draw probabilities for ``train.balance`` over a model's ``tasks`` (None for ``none``: a plain
-    shuffle). ``source_label``: every source equally likely, and within each source every label key."""
+    shuffle). ``source_label``: every source equally likely, and within each source every label key.
+
+    ``power`` (``train.balance_power``) tempers the label part: each label key is drawn in proportion to
+    ``count ** (1 - power)``, so 1 makes the keys equally likely, 0.5 gives square-root shares and 0 leaves
+    the data's shares. Sources stay equally likely whatever ``power``."""
+    if not 0 <= power <= 1:
+        raise UserError(f"train.balance_power must be in [0, 1], got {power}")
     if balance == "none":
         return None
     keys = sampling_keys(dataset, balance, tasks)
-    if balance != "source_label":
+    if balance == "source":
         return balanced_weights(keys)
-    per_source = Counter(source for source, _ in set(keys))
-    return balanced_weights(keys, {key: 1.0 / per_source[key[0]] for key in set(keys)})
+    counts = Counter(keys)
+    if balance == "label":
+        return balanced_weights(keys, {key: n ** (1 - power) for key, n in counts.items()})
+    per_source = Counter()
+    for (source, _), n in counts.items():
+        per_source[source] += n ** (1 - power)
+    return balanced_weights(keys, {key: n ** (1 - power) / per_source[key[0]] for key, n in counts.items()})
 
 
 def build_sampler(dataset: Dataset, config: TrainConfig, steps_per_epoch: int, weights: torch.Tensor | None,

@@ -32,6 +32,8 @@ class TrainConfig:
         balance: sample so that every ``source`` (dataset) or every ``label`` class is equally likely, or
             (``source_label``) every source and, within it, every label class. Only binary and multiclass
             labels are re-weighted (:func:`~medexplore.train.builders.balanced_tasks`).
+        balance_power: how far ``label`` and ``source_label`` even out the classes: each class is drawn in
+            proportion to ``count ** (1 - balance_power)`` (1: every class equally, 0.5: square-root shares).
         prior_correction: when ``balance`` changes how often each class is seen, the loss adjusts the class
             logits so that the model's probabilities stay those of the data (:mod:`medexplore.train.priors`).
         checkpoint_every: save ``last`` every N steps (0: at the end of each epoch only).
@@ -71,6 +73,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     balance: str = "none"
+    balance_power: float = 1.0
     prior_correction: bool = True
     checkpoint_every: int = 0
     keep_every: int = 0
@@ -95,6 +98,8 @@ class TrainConfig:
             raise UserError(f"train.packing must be one of {PACKING_MODES}, got {self.packing!r}")
         if self.balance not in BALANCE:
             raise UserError(f"TrainConfig.balance must be one of {BALANCE}, got {self.balance!r}")
+        if not 0 <= self.balance_power <= 1:
+            raise UserError(f"train.balance_power must be in [0, 1], got {self.balance_power}")
         for name in ("epochs", "batch_size", "accum_steps", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")

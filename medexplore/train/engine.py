@@ -77,7 +77,7 @@ class Trainer:
             from .tensorboard import TensorBoardLogger
 
             self.callbacks.append(TensorBoardLogger(self.run_dir / "tensorboard"))
-        weights = sampling_weights(train_data, config.balance, model.tasks)
+        weights = sampling_weights(train_data, config.balance, model.tasks, config.balance_power)
         offsets = prior_offsets(model.tasks, train_data, weights) if config.prior_correction and config.mode == "supervised" else {}
         torch.manual_seed(config.seed)  # the objective's own modules (VICReg's expander) start from the seed
         self.objective = make_objective(model, config, self.rank, self.distributed, offsets)

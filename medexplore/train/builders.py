@@ -99,13 +99,13 @@ def sampling_weights(dataset: Dataset, balance: str, tasks: dict[str, TaskSpec],
     keys = sampling_keys(dataset, balance, tasks)
     if balance == "source":
         return balanced_weights(keys)
-    counts = Counter(keys)
-    if balance == "label":
-        return balanced_weights(keys, {key: n ** (1 - power) for key, n in counts.items()})
-    per_source = Counter()
-    for (source, _), n in counts.items():
-        per_source[source] += n ** (1 - power)
-    return balanced_weights(keys, {key: n ** (1 - power) / per_source[key[0]] for key, n in counts.items()})
+    shares = {key: n ** (1 - power) for key, n in Counter(keys).items()}
+    if balance == "source_label":  # each source's label keys share that source's equal part
+        per_source = Counter()
+        for (source, _), share in shares.items():
+            per_source[source] += share
+        shares = {key: share / per_source[key[0]] for key, share in shares.items()}
+    return balanced_weights(keys, shares)
 
 
 def build_sampler(dataset: Dataset, config: TrainConfig, steps_per_epoch: int, weights: torch.Tensor | None,

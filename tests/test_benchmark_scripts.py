@@ -67,11 +67,13 @@ def test_inference_benchmark_prints_each_saving_against_its_reference():
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r[0].lstrip("| ") for r in rows] == [
+        *["infer_image, 32^3", "train step, 4 x 16^3, 3D tasks"] * 2,
         "infer_image, 32^3",
         "train step, 4 x 16^3, adrenalmnist3d, vesselmnist3d, lesion, lesion_count, lesion_boxes, lesion_mask, tissue",
         "train step, 32 x 28^3, the MedMNIST recipe's model", *["infer_image + rollout + Grad-CAM of lesion, 32^3"] * 2,
         "infer_image, 32^3, tissue labels"]
-    assert [r[1] for r in rows] == ["default layout"] * 3 + ["every head", "full products", "argmax(0)"]
+    assert [r[1] for r in rows] == (["cat, then reordered"] * 2 + ["projection, then queries"] * 2
+                                    + ["default layout"] * 3 + ["every head", "full products", "argmax(0)"])
     for r in rows:  # the speed-up is the ratio of the two medians printed beside it, within their rounding
         ref, new, speed_up = float(r[2]), float(r[4]), float(r[5].rstrip("x |"))
         assert ref > 0 and new > 0, r
@@ -109,3 +111,19 @@ def test_medmnist_benchmark_restarts_a_run_stopped_before_its_first_checkpoint_w
     with pytest.raises(subprocess.CalledProcessError):
         bench.run_cli(["--dataset", "breastmnist"], tmp_path, 2, out, ["breastmnist"])
     assert "--resume" in commands[1]
+
+
+def test_paired_levers_gives_the_readmes_three_seed_figures_for_exact_balancing():
+    """Known answer: the README's exact ``source_label`` table (+0.033 / +0.018 / -0.004, mean +0.016, standard
+    error 0.011) from the committed outcomes, and the rule's verdict on them."""
+    levers = ROOT / "docs" / "experiments" / "medmnist5" / "levers"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "paired_levers.py"),
+           "--recipe", *[str(levers / f"instance-layerscale-seed{s}.json") for s in (0, 1, 2)],
+           "--lever", *[str(levers / f"source-label-exact-seed{s}.json") for s in (2, 0, 1)]]  # paired by seed
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| 0 | 0.860 | 0.893 | +0.033 |" in proc.stdout and "| 2 | 0.898 | 0.894 | -0.004 |" in proc.stdout
+    assert "mean difference +0.0155, standard error 0.0110" in proc.stdout
+    assert "vesselmnist3d +0.062" in proc.stdout and "verdict: not adopted" in proc.stdout
+    one = subprocess.run(cmd[:4] + cmd[6:7] + cmd[8:9], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode != 0 and "need at least two seeds run by both" in one.stderr

@@ -10,9 +10,14 @@ alternated, so that the machine's noise hits both alike):
    every head recording them: ``infer_image`` with rollout and Grad-CAM of ``lesion`` on the 128^3 volume;
 3. the same call's other savings, each against its absence: attention rollout read along its row (vector-matrix
    products, from the last block down) against the full matrix products; and (``infer_image`` without maps)
-   the labels of a many-class mask by one elementwise pass per class against ``argmax(0)``.
+   the labels of a many-class mask by one elementwise pass per class against ``argmax(0)``;
+4. the decoders' full-resolution passes (``--only decoder`` runs just these): channel concatenations written
+   straight into the channels-last layout against ``torch.cat`` then a reorder, and the last 1x1 projection
+   folded into the class queries against the projection then the queries' dot products: ``infer_image`` on
+   both images and the training step on 64^3 crops.
 
 Usage: python benchmarks/bench_inference.py [MODEL] [--reps 3] [--threads N] [--size 128] [--no-sample]
+       [--only decoder]
 (``--size``: the volume's edge; the training crops are half of it)
 """
 from __future__ import annotations
@@ -28,8 +33,9 @@ from bench_model import alternate
 from medexplore.analysis import attribution, inference
 from medexplore.analysis.inference import infer_image
 from medexplore.data.examples import mni152_t1
-from medexplore.models import Batch, Domain, Medformer, create_model
-from medexplore.models.layout import conv_layout
+from medexplore.models import Batch, Domain, Medformer, create_model, segmentation
+from medexplore.models.layout import channels_last, conv_layout
+from medexplore.models.segmentation import MultiScaleDecoder
 from medexplore.train.checkpoint import load_model
 
 
@@ -69,10 +75,24 @@ def _rollout_full_products(model, images, domain, head_fusion="mean", discard_ra
     return attribution._maps_to_images(reader.mean(1)[:, p:], grid, tuple(images.shape[2:]))
 
 
+def _projection_unfolded():
+    """The decoders as they were: every pixel through the 1x1 projection, then its dot product with each query."""
+    forward = MultiScaleDecoder.forward
+
+    def unfolded(self, features, image, queries=None):
+        pixels = forward(self, features, image)
+        return pixels if queries is None else torch.einsum("be...,bce->bc...", pixels, queries)
+    return mock.patch.object(MultiScaleDecoder, "forward", unfolded)
+
+
 LAYOUTS = {"default layout": lambda: conv_layout(False), "channels-last": lambda: conv_layout(True)}
 GRADIENTS = {"every head": _every_head_records_gradients, "explained head only": contextlib.nullcontext}
 ROLLOUTS = {"full products": lambda: mock.patch.object(attribution, "_rollout", _rollout_full_products),
             "read along its row": contextlib.nullcontext}
+CONCATS = {"cat, then reordered": lambda: mock.patch.object(
+    segmentation, "concat_channels", lambda tensors: channels_last(torch.cat(list(tensors), 1))),
+    "one-pass concat": contextlib.nullcontext}
+FOLDS = {"projection, then queries": _projection_unfolded, "folded into queries": contextlib.nullcontext}
 ARGMAX = {"argmax(0)": lambda: mock.patch.object(inference, "_first_argmax", lambda values: values.argmax(0)),
           "a pass per class": contextlib.nullcontext}
 
@@ -105,6 +125,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     parser.add_argument("--size", type=int, default=128, help="edge of the random volume (a multiple of 8)")
     parser.add_argument("--no-sample", dest="sample", action="store_false", help="leave out the MNI152 sample")
+    parser.add_argument("--only", choices=["decoder"], help="only the decoders' savings (item 4 above)")
     args = parser.parse_args()
     if args.reps < 1 or args.size < 16 or args.size % 8:
         parser.error(f"--reps must be >= 1 and --size a multiple of 8 from 16, got {args.reps}, {args.size}")
@@ -117,11 +138,22 @@ def main() -> None:
     volume = rng.normal(size=(1, edge, edge, edge)).astype(np.float32)
     images = {f"{edge}^3": volume, **({"MNI152": mni152_t1().image} if args.sample else {})}
     rows = []
+    tasks_3d = [n for n, s in model.tasks.items() if s.applies_to(brain)]
+    crops = [torch.from_numpy(rng.normal(size=(1, crop, crop, crop)).astype(np.float32)) for _ in range(4)]
+    for saving in (CONCATS, FOLDS):
+        with torch.no_grad():
+            for name, image in images.items():
+                rows.append((f"infer_image, {name}", _alternate(lambda: infer_image(model, image, brain), saving,
+                                                                  args.reps)))
+        rows.append((f"train step, 4 x {crop}^3, 3D tasks", _alternate(_train_step(model.train(), crops, brain, tasks_3d),
+                                                                      saving, args.reps)))
+        model.eval()
+    if args.only:
+        _print(rows, args.reps)
+        return
     with torch.no_grad():
         for name, image in images.items():
             rows.append((f"infer_image, {name}", _alternate(lambda: infer_image(model, image, brain), LAYOUTS, args.reps)))
-    tasks_3d = [n for n, s in model.tasks.items() if s.applies_to(brain)]
-    crops = [torch.from_numpy(rng.normal(size=(1, crop, crop, crop)).astype(np.float32)) for _ in range(4)]
     rows.append((f"train step, 4 x {crop}^3, " + ", ".join(tasks_3d),
                  _alternate(_train_step(model.train(), crops, brain, tasks_3d), LAYOUTS, args.reps)))
     model.eval()
@@ -140,7 +172,11 @@ def main() -> None:
     with torch.no_grad():
         rows.append((f"infer_image, {edge}^3, tissue labels", _alternate(
             lambda: infer_image(model, volume, brain), ARGMAX, args.reps)))
-    print(f"threads {torch.get_num_threads()}, median seconds of {args.reps} alternated runs")
+    _print(rows, args.reps)
+
+
+def _print(rows: list, reps: int) -> None:
+    print(f"threads {torch.get_num_threads()}, median seconds of {reps} alternated runs")
     print("| case | reference | s | faster variant | s | speed-up |")
     print("|---|---|---|---|---|---|")
     for name, t in rows:

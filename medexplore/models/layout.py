@@ -11,12 +11,12 @@ inputs the conversions cost what they save. The values are the same up to float 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["channels_last", "conv_layout"]
+__all__ = ["channels_last", "concat_channels", "conv_layout"]
 
 _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 _state = {"channels_last": True}
@@ -28,6 +28,26 @@ def channels_last(x: Tensor) -> Tensor:
     if fmt is None or not _state["channels_last"]:
         return x
     return x.contiguous(memory_format=fmt)
+
+
+def concat_channels(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.cat(tensors, 1)`` in the convolutions' layout, written in one pass.
+
+    ``channels_last(torch.cat(...))`` reads and writes every value twice when the inputs' layouts differ
+    (the concatenation comes out in the default layout, then is reordered); here each input is copied once
+    into a channels-last result.
+    """
+    fmt = _FORMATS.get(tensors[0].dim())
+    if fmt is None or not _state["channels_last"]:
+        return torch.cat(list(tensors), 1)
+    first = tensors[0]
+    out = torch.empty((first.shape[0], sum(t.shape[1] for t in tensors), *first.shape[2:]), dtype=first.dtype,
+                      device=first.device, memory_format=fmt)
+    start = 0
+    for t in tensors:
+        out[:, start:start + t.shape[1]] = t
+        start += t.shape[1]
+    return out
 
 
 @contextlib.contextmanager

@@ -11,10 +11,8 @@ alternated, so that the machine's noise hits both alike):
 3. the same call's other savings, each against its absence: attention rollout read along its row (vector-matrix
    products, from the last block down) against the full matrix products; and (``infer_image`` without maps)
    the labels of a many-class mask by one elementwise pass per class against ``argmax(0)``;
-4. the decoders' full-resolution passes (``--only decoder`` runs just these): channel concatenations written
-   straight into the channels-last layout against ``torch.cat`` then a reorder, and the last 1x1 projection
-   folded into the class queries against the projection then the queries' dot products: ``infer_image`` on
-   both images and the training step on 64^3 crops.
+4. (``--only decoder`` runs just this) the decoders' channel concatenations written straight into the
+   channels-last layout against ``torch.cat`` then a reorder: ``infer_image`` on both images.
 
 Usage: python benchmarks/bench_inference.py [MODEL] [--reps 3] [--threads N] [--size 128] [--no-sample]
        [--only decoder]
@@ -35,7 +33,6 @@ from medexplore.analysis.inference import infer_image
 from medexplore.data.examples import mni152_t1
 from medexplore.models import Batch, Domain, Medformer, create_model, segmentation
 from medexplore.models.layout import channels_last, conv_layout
-from medexplore.models.segmentation import MultiScaleDecoder
 from medexplore.train.checkpoint import load_model
 
 
@@ -75,16 +72,6 @@ def _rollout_full_products(model, images, domain, head_fusion="mean", discard_ra
     return attribution._maps_to_images(reader.mean(1)[:, p:], grid, tuple(images.shape[2:]))
 
 
-def _projection_unfolded():
-    """The decoders as they were: every pixel through the 1x1 projection, then its dot product with each query."""
-    forward = MultiScaleDecoder.forward
-
-    def unfolded(self, features, image, queries=None):
-        pixels = forward(self, features, image)
-        return pixels if queries is None else torch.einsum("be...,bce->bc...", pixels, queries)
-    return mock.patch.object(MultiScaleDecoder, "forward", unfolded)
-
-
 LAYOUTS = {"default layout": lambda: conv_layout(False), "channels-last": lambda: conv_layout(True)}
 GRADIENTS = {"every head": _every_head_records_gradients, "explained head only": contextlib.nullcontext}
 ROLLOUTS = {"full products": lambda: mock.patch.object(attribution, "_rollout", _rollout_full_products),
@@ -92,7 +79,6 @@ ROLLOUTS = {"full products": lambda: mock.patch.object(attribution, "_rollout", 
 CONCATS = {"cat, then reordered": lambda: mock.patch.object(
     segmentation, "concat_channels", lambda tensors: channels_last(torch.cat(list(tensors), 1))),
     "one-pass concat": contextlib.nullcontext}
-FOLDS = {"projection, then queries": _projection_unfolded, "folded into queries": contextlib.nullcontext}
 ARGMAX = {"argmax(0)": lambda: mock.patch.object(inference, "_first_argmax", lambda values: values.argmax(0)),
           "a pass per class": contextlib.nullcontext}
 
@@ -140,14 +126,9 @@ def main() -> None:
     rows = []
     tasks_3d = [n for n, s in model.tasks.items() if s.applies_to(brain)]
     crops = [torch.from_numpy(rng.normal(size=(1, crop, crop, crop)).astype(np.float32)) for _ in range(4)]
-    for saving in (CONCATS, FOLDS):
-        with torch.no_grad():
-            for name, image in images.items():
-                rows.append((f"infer_image, {name}", _alternate(lambda: infer_image(model, image, brain), saving,
-                                                                  args.reps)))
-        rows.append((f"train step, 4 x {crop}^3, 3D tasks", _alternate(_train_step(model.train(), crops, brain, tasks_3d),
-                                                                      saving, args.reps)))
-        model.eval()
+    with torch.no_grad():
+        for name, image in images.items():
+            rows.append((f"infer_image, {name}", _alternate(lambda: infer_image(model, image, brain), CONCATS, args.reps)))
     if args.only:
         _print(rows, args.reps)
         return

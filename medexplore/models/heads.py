@@ -173,7 +173,8 @@ class SegmentationHead(TaskHead):
             if key not in self.decoders:
                 continue
             feats = [ctx.layout.group_grid(f, g) for f in ctx.features]
-            logits = self.decoders[key](feats, ctx.batch.groups[g], classes[group.sample_ids])  # (B, C, *size)
+            pixels = self.decoders[key](feats, ctx.batch.groups[g])  # (B, E, *size)
+            logits = torch.einsum("be...,bce->bc...", pixels, classes[group.sample_ids])
             out.append((group.sample_ids, logits + self.class_bias.view(1, -1, *[1] * len(group.grid))))
         return out
 

@@ -35,11 +35,15 @@ def concat_channels(tensors: Sequence[Tensor]) -> Tensor:
 
     ``channels_last(torch.cat(...))`` reads and writes every value twice when the inputs' layouts differ
     (the concatenation comes out in the default layout, then is reordered); here each input is copied once
-    into a channels-last result.
+    into a channels-last result. Measured (``benchmarks/bench_inference.py --only decoder``): ``infer_image``
+    of the shipped model 1.16x faster on a 128^3 volume, 1.20x on the MNI152 sample. Where autograd records,
+    it is the plain ``cat`` then the reorder (a training step measured 0.94x with the one-pass copy).
     """
     fmt = _FORMATS.get(tensors[0].dim())
     if fmt is None or not _state["channels_last"]:
         return torch.cat(list(tensors), 1)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return channels_last(torch.cat(list(tensors), 1))  # training: measured no faster (0.94x), kept as it was
     first = tensors[0]
     out = torch.empty((first.shape[0], sum(t.shape[1] for t in tensors), *first.shape[2:]), dtype=first.dtype,
                       device=first.device, memory_format=fmt)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -29,8 +28,7 @@ class MultiScaleDecoder(nn.Module):
 
     The deepest token map is upsampled by 2 ``log2(patch)`` times; at each step it is fused with a
     shallower token map (projected, then resized) and at full resolution with a convolutional stem
-    of the image itself. Returns ``(B, out_channels, *image_size)``, or with ``queries`` ``(B, K,
-    out_channels)`` each pixel's dot product with each query, ``(B, K, *image_size)``.
+    of the image itself. Returns ``(B, out_channels, *image_size)``.
     """
 
     def __init__(self, dims: int, embed_dim: int, in_chans: int, patch_size: int, channels: int,
@@ -49,7 +47,7 @@ class MultiScaleDecoder(nn.Module):
         self.stem = _conv_block(dims, in_chans, channels)
         self.head = nn.Sequential(_conv_block(dims, 2 * channels, channels), conv(channels, out_channels, 1))
 
-    def forward(self, features: list[Tensor], image: Tensor, queries: Tensor | None = None) -> Tensor:
+    def forward(self, features: list[Tensor], image: Tensor) -> Tensor:
         """``features``: shallow-to-deep ``(B, D, *grid)`` token maps; ``image``: ``(B, C, *size)``."""
         # channels-last throughout (:mod:`.layout`): 1x1 convolutions, small volumes and grey images come out
         # in the default layout, so what each 3x3 convolution reads is put back in it
@@ -66,13 +64,4 @@ class MultiScaleDecoder(nn.Module):
             weight = weight.sum(1, keepdim=True)
         conv = F.conv2d if self.dims == 2 else F.conv3d
         stem = self.stem[2](self.stem[1](conv(channels_last(image), weight, padding=1)))
-        pixels = self.head[0](concat_channels([x, stem]))
-        project = self.head[1]
-        if queries is None:
-            return project(pixels)
-        # the 1x1 projection folded into the queries: (q W) p + q b instead of q (W p + b), one pass over the
-        # pixels fewer; pixels last in memory (channels-last), so the product reads them without a copy
-        weight = queries @ project.weight.flatten(1)  # (B, K, C)
-        scores = torch.matmul(pixels.movedim(1, -1).reshape(len(pixels), -1, pixels.shape[1]), weight.transpose(1, 2))
-        scores = scores + (queries @ project.bias)[:, None]
-        return scores.reshape(*pixels.shape[:1], *pixels.shape[2:], -1).movedim(-1, 1)
+        return self.head(concat_channels([x, stem]))

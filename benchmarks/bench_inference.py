@@ -124,8 +124,6 @@ def main() -> None:
     volume = rng.normal(size=(1, edge, edge, edge)).astype(np.float32)
     images = {f"{edge}^3": volume, **({"MNI152": mni152_t1().image} if args.sample else {})}
     rows = []
-    tasks_3d = [n for n, s in model.tasks.items() if s.applies_to(brain)]
-    crops = [torch.from_numpy(rng.normal(size=(1, crop, crop, crop)).astype(np.float32)) for _ in range(4)]
     with torch.no_grad():
         for name, image in images.items():
             rows.append((f"infer_image, {name}", _alternate(lambda: infer_image(model, image, brain), CONCATS, args.reps)))
@@ -135,6 +133,8 @@ def main() -> None:
     with torch.no_grad():
         for name, image in images.items():
             rows.append((f"infer_image, {name}", _alternate(lambda: infer_image(model, image, brain), LAYOUTS, args.reps)))
+    tasks_3d = [n for n, s in model.tasks.items() if s.applies_to(brain)]
+    crops = [torch.from_numpy(rng.normal(size=(1, crop, crop, crop)).astype(np.float32)) for _ in range(4)]
     rows.append((f"train step, 4 x {crop}^3, " + ", ".join(tasks_3d),
                  _alternate(_train_step(model.train(), crops, brain, tasks_3d), LAYOUTS, args.reps)))
     model.eval()

@@ -12,8 +12,10 @@
 - ``explorer``: 20,000 embedding points: time from embeddings to the PCA view, UMAP time (first fit in
   this fresh process), hover (motion event to image shown) and lasso selection (to the stack layer);
   and the time to compute embeddings of the embedded dataset with medformer_tiny, per 1,000 images.
+- ``layers``: napari's numba code for Run's box and mask layers (``warm_layers``) in a machine's first
+  process (an empty numba cache) against a later process (what set-up's call leaves every user's first Run).
 
-Usage: xvfb-run -a python benchmarks/bench_napari.py [--only latency,overlays,explorer] [--seconds 60]
+Usage: xvfb-run -a python benchmarks/bench_napari.py [--only latency,overlays,explorer,layers] [--seconds 60]
 """
 from __future__ import annotations
 
@@ -238,15 +240,33 @@ def bench_explorer(points: int) -> dict:
             "embed_s_per_1000_images": embed_per_1000}
 
 
+WARM_LAYERS = "from napari_medexplore._layers import warm_layers; print(warm_layers())"
+
+
+def bench_layers() -> dict:
+    """``warm_layers``' seconds in a machine's first process (an empty numba cache), then in a later one."""
+    import os
+    import subprocess
+    import sys
+
+    seconds = []
+    with tempfile.TemporaryDirectory() as cache:
+        for _ in range(2):
+            run = subprocess.run([sys.executable, "-c", WARM_LAYERS], env={**os.environ, "NUMBA_CACHE_DIR": cache},
+                                 capture_output=True, text=True, check=True)
+            seconds.append(float(run.stdout.split()[-1]))
+    return {"first_process_s": seconds[0], "later_process_s": seconds[1], "ratio": seconds[1] / seconds[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="latency,overlays,explorer")
+    parser.add_argument("--only", default="latency,overlays,explorer,layers")
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--points", type=int, default=20000)
     args = parser.parse_args()
     for case in args.only.split(","):
         result = {"latency": lambda: bench_latency(args.seconds), "overlays": bench_overlays,
-                  "explorer": lambda: bench_explorer(args.points)}[case]()
+                  "explorer": lambda: bench_explorer(args.points), "layers": bench_layers}[case]()
         print(case, json.dumps(result, indent=1, default=float), flush=True)
 
 

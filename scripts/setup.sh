@@ -13,3 +13,5 @@ fi
 .venv/bin/python -c "import medexplore, torch, timm; print('medexplore ready: torch', torch.__version__, 'timm', timm.__version__)"
 # UMAP's numba code compiled once into the cache, so a user's first UMAP view does not wait for it
 .venv/bin/python -c "from medexplore.analysis.projections import warm_umap; print(f'UMAP compiled in {warm_umap():.0f} s')"
+# napari's numba code for box and mask layers compiled once into the cache, so a user's first Run does not wait for it
+.venv/bin/python -c "from napari_medexplore._layers import warm_layers; print(f'napari layers compiled in {warm_layers():.0f} s')"

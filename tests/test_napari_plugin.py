@@ -1,5 +1,6 @@
 """napari-medexplore in a real viewer under Xvfb: readers, sample data, every widget end to end, bad input."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,30 @@ def test_the_plugin_opens_in_a_viewer_that_exists_before_it():
     """The user's order (viewer, then plugin) in a fresh process: triton's LLVM must not bind to Mesa's."""
     result = subprocess.run([sys.executable, "-c", VIEWER_FIRST], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "widget opened" in result.stdout, (result.returncode, result.stderr[-2000:])
+
+
+WARM_LAYERS = """
+import sys
+import numba
+from napari_medexplore._layers import warm_layers
+warm_layers()
+used = [f for name, module in list(sys.modules.items()) if name.startswith("napari") and module is not None
+        for f in vars(module).values() if isinstance(f, numba.core.dispatcher.Dispatcher) and f.signatures]
+print(len(used), sum(sum(f.stats.cache_hits.values()) for f in used), sum(sum(f.stats.cache_misses.values()) for f in used))
+"""
+
+
+def test_warm_layers_leaves_napari_numba_code_in_the_disk_cache(tmp_path):
+    """What set-up runs: in a later process the box and mask layers' numba code loads from the cache, none compiles."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    counts = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", WARM_LAYERS], capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        counts.append([int(v) for v in result.stdout.split()[-3:]])
+    (used, hits, misses), (used_again, hits_again, misses_again) = counts
+    assert used > 0 and hits == 0 and misses > 0  # the first process compiles (the cache folder was empty)
+    assert used_again == used and misses_again == 0 and hits_again == misses
 
 
 def test_nifti_reader_keeps_spacing_and_orientation(make_napari_viewer, tmp_path):

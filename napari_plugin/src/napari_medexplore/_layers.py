@@ -131,7 +131,7 @@ def result_layers(source, result: ImageInference, model, spatial_ndim: int) -> l
 def warm_layers() -> float:
     """Build a box and a mask layer of each dimensionality as Run does, so that napari's numba code for
     them (box triangulation, label colours: ``cache=True``) is compiled into numba's on-disk cache once
-    per machine, which set-up runs, instead of in a user's first Run (12-20 s); returns the seconds it took."""
+    per machine, which set-up runs, instead of in a user's first Run (11.5 s on 2 CPU cores); returns the seconds it took."""
     from napari.layers import Layer
 
     start = time.perf_counter()

@@ -12,10 +12,13 @@ alternated, so that the machine's noise hits both alike):
    products, from the last block down) against the full matrix products; and (``infer_image`` without maps)
    the labels of a many-class mask by one elementwise pass per class against ``argmax(0)``;
 4. (``--only decoder`` runs just this) the decoders' channel concatenations written straight into the
-   channels-last layout against ``torch.cat`` then a reorder: ``infer_image`` on both images.
+   channels-last layout against ``torch.cat`` then a reorder: ``infer_image`` on both images;
+5. (``--only attention`` runs just this) where attention weights are asked for (rollout), the blocks' output
+   computed from those weights against the fused kernel run beside them: ``infer_image`` with rollout and
+   Grad-CAM of ``lesion`` on both images.
 
 Usage: python benchmarks/bench_inference.py [MODEL] [--reps 3] [--threads N] [--size 128] [--no-sample]
-       [--only decoder]
+       [--only decoder|attention]
 (``--size``: the volume's edge; the training crops are half of it)
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from medexplore.analysis.inference import infer_image
 from medexplore.data.examples import mni152_t1
 from medexplore.models import Batch, Domain, Medformer, create_model, segmentation
 from medexplore.models.layout import channels_last, conv_layout
+from medexplore.models.packing import TokenLayout, _attention_weights
 from medexplore.train.checkpoint import load_model
 
 
@@ -72,6 +76,19 @@ def _rollout_full_products(model, images, domain, head_fusion="mean", discard_ra
     return attribution._maps_to_images(reader.mean(1)[:, p:], grid, tuple(images.shape[2:]))
 
 
+def _fused_beside_weights(layout, q, k, v, need_weights=False, varlen=None):
+    """``TokenLayout.self_attention`` as it was: the fused kernel gives the output, the weights are computed beside it."""
+    outs, weights = [], []
+    for seg, *qkv in zip(layout.segments, *(layout.segment_rows(t) for t in (q, k, v))):
+        qs, ks, vs = (t.transpose(1, 2) for t in qkv)
+        mask = None if seg.key_mask is None else seg.key_mask[:, None, None, :]
+        outs.append(seg.from_rows(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+                                  .transpose(1, 2)))
+        if need_weights:
+            weights.append(_attention_weights(qs, ks, mask))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)), weights
+
+
 LAYOUTS = {"default layout": lambda: conv_layout(False), "channels-last": lambda: conv_layout(True)}
 GRADIENTS = {"every head": _every_head_records_gradients, "explained head only": contextlib.nullcontext}
 ROLLOUTS = {"full products": lambda: mock.patch.object(attribution, "_rollout", _rollout_full_products),
@@ -79,6 +96,8 @@ ROLLOUTS = {"full products": lambda: mock.patch.object(attribution, "_rollout", 
 CONCATS = {"cat, then reordered": lambda: mock.patch.object(
     segmentation, "concat_channels", lambda tensors: channels_last(torch.cat(list(tensors), 1))),
     "one-pass concat": contextlib.nullcontext}
+ATTENTION = {"fused kernel beside the weights": lambda: mock.patch.object(
+    TokenLayout, "self_attention", _fused_beside_weights), "output from the weights": contextlib.nullcontext}
 ARGMAX = {"argmax(0)": lambda: mock.patch.object(inference, "_first_argmax", lambda values: values.argmax(0)),
           "a pass per class": contextlib.nullcontext}
 
@@ -111,7 +130,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     parser.add_argument("--size", type=int, default=128, help="edge of the random volume (a multiple of 8)")
     parser.add_argument("--no-sample", dest="sample", action="store_false", help="leave out the MNI152 sample")
-    parser.add_argument("--only", choices=["decoder"], help="only the decoders' savings (item 4 above)")
+    parser.add_argument("--only", choices=["decoder", "attention"], help="only item 4 or item 5 above")
     args = parser.parse_args()
     if args.reps < 1 or args.size < 16 or args.size % 8:
         parser.error(f"--reps must be >= 1 and --size a multiple of 8 from 16, got {args.reps}, {args.size}")
@@ -124,6 +143,13 @@ def main() -> None:
     volume = rng.normal(size=(1, edge, edge, edge)).astype(np.float32)
     images = {f"{edge}^3": volume, **({"MNI152": mni152_t1().image} if args.sample else {})}
     rows = []
+    if args.only == "attention":
+        for name, image in images.items():
+            rows.append((f"infer_image + rollout + Grad-CAM of lesion, {name}", _alternate(
+                lambda: infer_image(model, image, brain, explain_methods=("rollout", "grad_cam"),
+                                    explain_task="lesion"), ATTENTION, args.reps)))
+        _print(rows, args.reps)
+        return
     with torch.no_grad():
         for name, image in images.items():
             rows.append((f"infer_image, {name}", _alternate(lambda: infer_image(model, image, brain), CONCATS, args.reps)))

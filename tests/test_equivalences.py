@@ -118,6 +118,23 @@ def test_rotary_shift_leaves_attention_unchanged():
     assert (permuted - base).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("mode", ["grouped", "padded"])
+def test_block_output_is_the_same_with_and_without_attention_weights(mode):
+    """Asking for the weights (rollout, attention maps) computes the output from them instead of the fused
+    kernel: the same attention, padded keys masked either way."""
+    torch.manual_seed(0)
+    block = Block(48, 3).eval()
+    rope = Rotary3D(16)
+    layout = TokenLayout.build([(3, 4), (2, 3, 3)], [torch.tensor([0, 2]), torch.tensor([1])],
+                               [(12, 16), (8, 12, 12)], num_samples=3, mode=mode)
+    assert any(seg.key_mask is not None for seg in layout.segments)  # 12 and 18 tokens: padded keys are masked
+    x = torch.randn(layout.num_tokens, 48)
+    fused, none = block(x, layout, rope(layout.coords))
+    explicit, weights = block(x, layout, rope(layout.coords), need_weights=True)
+    _assert_close(fused, explicit)
+    assert none == [] and len(weights) == len(layout.segments)
+
+
 def _rotate_half_reference(qkv, coords, freqs):
     """RoFormer's rotate-half rotation of queries and keys, written out in float64."""
     angles = coords.double() @ freqs.double()

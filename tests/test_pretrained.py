@@ -34,6 +34,13 @@ def test_at_least_one_model_ships():
     assert "medformer-medmnist5-v1" in SHIPPED
 
 
+def test_models_are_listed_by_name_with_the_newest_version_of_each_first():
+    from medexplore.pretrained import _newest_first
+
+    names = ["b", "a-vicreg-v1", "a-v2", "a-v10"]
+    assert [p.name for p in sorted(map(Path, names), key=_newest_first)] == ["a-v10", "a-v2", "a-vicreg-v1", "b"]
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_model_loads_with_this_code_and_runs(name):
     model, meta = load_model(name)  # a name, not a path

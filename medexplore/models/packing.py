@@ -344,7 +344,8 @@ class TokenLayout:
         """Attention of (T, H, hd) queries/keys/values within each sample.
 
         Returns the (T, H, hd) output and, when ``need_weights``, one ``(B, H, n, n)`` weight tensor
-        per segment (the output is computed the same way either way). ``varlen`` (default: on CUDA,
+        per segment; the output is then those weights times the values (one attention computed, not two;
+        equal to the fused kernel's to float rounding). ``varlen`` (default: on CUDA,
         when the batch has more than one segment or a padded one, and no weights are asked for) runs
         :meth:`varlen_attention` instead of one dense call per segment.
         """
@@ -359,10 +360,12 @@ class TokenLayout:
         for seg, *qkv in zip(self.segments, *(self.segment_rows(t) for t in (q, k, v))):
             qs, ks, vs = (t.transpose(1, 2) for t in qkv)
             mask = None if seg.key_mask is None else seg.key_mask[:, None, None, :]
-            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
-            outs.append(seg.from_rows(out.transpose(1, 2)))
             if need_weights:
                 weights.append(_attention_weights(qs, ks, mask))
+                out = weights[-1] @ vs
+            else:
+                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+            outs.append(seg.from_rows(out.transpose(1, 2)))
         return (outs[0] if len(outs) == 1 else torch.cat(outs)), weights
 
     def attend_latents(self, q: Tensor, k: Tensor, v: Tensor):

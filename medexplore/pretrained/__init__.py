@@ -48,14 +48,21 @@ class PretrainedModel:
         return [task["name"] for task in json.loads((self.folder / "meta.json").read_text())["model"]["tasks"]]
 
 
+def _newest_first(folder: Path) -> tuple[str, int]:
+    """Sort key: by name, each model's versions newest first (``-v3`` before ``-v2``)."""
+    family, _, version = folder.name.rpartition("-v")
+    return (family, -int(version)) if family and version.isdigit() else (folder.name, 0)
+
+
 @lru_cache(maxsize=None)
 def _scan() -> tuple[PretrainedModel, ...]:
-    folders = sorted(p for p in FOLDER.iterdir() if (p / "meta.json").is_file() and (p / CARD).is_file())
+    folders = sorted((p for p in FOLDER.iterdir() if (p / "meta.json").is_file() and (p / CARD).is_file()),
+                     key=_newest_first)
     return tuple(PretrainedModel(p.name, p) for p in folders)
 
 
 def pretrained_models() -> dict[str, PretrainedModel]:
-    """Every shipped model by name, sorted."""
+    """Every shipped model by name, each model's versions newest first (the order pickers list them in)."""
     return {model.name: model for model in _scan()}
 
 

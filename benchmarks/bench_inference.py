@@ -15,10 +15,12 @@ alternated, so that the machine's noise hits both alike):
    channels-last layout against ``torch.cat`` then a reorder: ``infer_image`` on both images;
 5. (``--only attention`` runs just this) where attention weights are asked for (rollout), the blocks' output
    computed from those weights against the fused kernel run beside them: ``infer_image`` with rollout and
-   Grad-CAM of ``lesion`` on both images.
+   Grad-CAM of ``lesion`` on both images;
+6. (``--against OTHER`` runs just this) MODEL against another checkpoint (e.g. a candidate with smaller
+   decoders): ``infer_image`` with rollout and Grad-CAM of ``lesion`` on both images, the two alternated.
 
 Usage: python benchmarks/bench_inference.py [MODEL] [--reps 3] [--threads N] [--size 128] [--no-sample]
-       [--only decoder|attention]
+       [--only decoder|attention] [--against OTHER]
 (``--size``: the volume's edge; the training crops are half of it)
 """
 from __future__ import annotations
@@ -131,6 +133,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="edge of the random volume (a multiple of 8)")
     parser.add_argument("--no-sample", dest="sample", action="store_false", help="leave out the MNI152 sample")
     parser.add_argument("--only", choices=["decoder", "attention"], help="only item 4 or item 5 above")
+    parser.add_argument("--against", metavar="OTHER", help="a checkpoint or shipped name timed against MODEL")
     args = parser.parse_args()
     if args.reps < 1 or args.size < 16 or args.size % 8:
         parser.error(f"--reps must be >= 1 and --size a multiple of 8 from 16, got {args.reps}, {args.size}")
@@ -143,6 +146,15 @@ def main() -> None:
     volume = rng.normal(size=(1, edge, edge, edge)).astype(np.float32)
     images = {f"{edge}^3": volume, **({"MNI152": mni152_t1().image} if args.sample else {})}
     rows = []
+    if args.against:
+        models = {args.model: model.eval(), args.against: load_model(args.against)[0].eval()}
+        for name, image in images.items():
+            calls = {label: (lambda m=m, image=image: infer_image(m, image, brain, explain_methods=(
+                "rollout", "grad_cam"), explain_task="lesion")) for label, m in models.items()}
+            rows.append((f"infer_image + rollout + Grad-CAM of lesion, {name}",
+                         alternate(calls, args.reps, torch.device("cpu"))))
+        _print(rows, args.reps)
+        return
     if args.only == "attention":
         for name, image in images.items():
             rows.append((f"infer_image + rollout + Grad-CAM of lesion, {name}", _alternate(

@@ -110,10 +110,11 @@ def test_extend_domains_keeps_old_outputs_and_is_saved(model):
 
 
 def test_attention_on_request_does_not_change_outputs(model, mixed_batch):
+    """To float rounding: with weights asked for, each block's output is computed from them, not by the fused kernel."""
     plain = model(mixed_batch)
     full = model(mixed_batch, return_attention=True)
-    assert torch.equal(plain.embedding, full.embedding)
-    assert torch.equal(plain.predictions["organ"], full.predictions["organ"])
+    torch.testing.assert_close(plain.embedding, full.embedding, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain.predictions["organ"], full.predictions["organ"], rtol=1e-5, atol=1e-5)
     assert len(full.attentions) == model.config.depth
     for seg_weights, seg in zip(full.attentions[0], full.layout.segments):
         assert tuple(seg_weights.shape) == (seg.batch, model.config.num_heads, seg.length, seg.length)

@@ -104,6 +104,11 @@ ARGMAX = {"argmax(0)": lambda: mock.patch.object(inference, "_first_argmax", lam
           "a pass per class": contextlib.nullcontext}
 
 
+def _explained(model, image, domain: Domain):
+    """What Run does with rollout and Grad-CAM of ``lesion`` ticked."""
+    return infer_image(model, image, domain, explain_methods=("rollout", "grad_cam"), explain_task="lesion")
+
+
 def _loss(predictions) -> torch.Tensor:
     """A scalar that reaches every output (a stand-in for the tasks' losses: the layout changes no loss)."""
     if isinstance(predictions, torch.Tensor) and predictions.requires_grad:
@@ -137,6 +142,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.reps < 1 or args.size < 16 or args.size % 8:
         parser.error(f"--reps must be >= 1 and --size a multiple of 8 from 16, got {args.reps}, {args.size}")
+    if args.against == args.model:
+        parser.error(f"--against names MODEL itself ({args.model}); give another checkpoint")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = load_model(args.model)
@@ -149,8 +156,7 @@ def main() -> None:
     if args.against:
         models = {args.model: model.eval(), args.against: load_model(args.against)[0].eval()}
         for name, image in images.items():
-            calls = {label: (lambda m=m, image=image: infer_image(m, image, brain, explain_methods=(
-                "rollout", "grad_cam"), explain_task="lesion")) for label, m in models.items()}
+            calls = {label: (lambda m=m, image=image: _explained(m, image, brain)) for label, m in models.items()}
             rows.append((f"infer_image + rollout + Grad-CAM of lesion, {name}",
                          alternate(calls, args.reps, torch.device("cpu"))))
         _print(rows, args.reps)
@@ -158,8 +164,7 @@ def main() -> None:
     if args.only == "attention":
         for name, image in images.items():
             rows.append((f"infer_image + rollout + Grad-CAM of lesion, {name}", _alternate(
-                lambda: infer_image(model, image, brain, explain_methods=("rollout", "grad_cam"),
-                                    explain_task="lesion"), ATTENTION, args.reps)))
+                lambda: _explained(model, image, brain), ATTENTION, args.reps)))
         _print(rows, args.reps)
         return
     with torch.no_grad():
@@ -184,10 +189,9 @@ def main() -> None:
     small = [torch.from_numpy(rng.normal(size=(1, 28, 28, 28)).astype(np.float32)) for _ in range(32)]
     rows.append(("train step, 32 x 28^3, the MedMNIST recipe's model", _alternate(
         _train_step(recipe, small, Domain("3d", "ct", "adrenal"), ["adrenal"]), LAYOUTS, args.reps)))
-    def explained():
-        infer_image(model, volume, brain, explain_methods=("rollout", "grad_cam"), explain_task="lesion")
     for saving in (GRADIENTS, ROLLOUTS):
-        rows.append((f"infer_image + rollout + Grad-CAM of lesion, {edge}^3", _alternate(explained, saving, args.reps)))
+        rows.append((f"infer_image + rollout + Grad-CAM of lesion, {edge}^3", _alternate(
+            lambda: _explained(model, volume, brain), saving, args.reps)))
     with torch.no_grad():
         rows.append((f"infer_image, {edge}^3, tissue labels", _alternate(
             lambda: infer_image(model, volume, brain), ARGMAX, args.reps)))

@@ -56,6 +56,37 @@ def test_pretrain_then_finetune(tmp_path, npz):
     assert json.loads((pre / "config.json").read_text())["init"] is None
 
 
+
+def test_train_learn_retrains_named_parameters_on_a_frozen_model(tmp_path, npz, capsys):
+    """``train.learn``: only the named parameters move; the rest stays bitwise the init's, and the result is a
+    plain model (no adaptation recorded), so it loads, fine-tunes and adapts like any other."""
+    from safetensors.torch import load_file
+
+    from medexplore.train import load_model
+    from medexplore.train.weights import learn_only
+
+    base = tmp_path / "base"
+    assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(base), *TINY]) == 0
+    head = ["--set", "train.learn=[heads.pneumoniamnist.]", "--set", "train.lr=0.05"]
+    out = tmp_path / "head"
+    assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(out),
+                 "--init", str(base / "checkpoints" / "last"), *TINY, *head]) == 0
+    before = load_file(str(base / "checkpoints" / "last" / "model.safetensors"))
+    after = load_file(str(out / "checkpoints" / "last" / "model.safetensors"))
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("heads.pneumoniamnist.") for k in moved)
+    assert "adaptation" not in json.loads((out / "checkpoints" / "last" / "meta.json").read_text())["model"]
+    assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(tmp_path / "bad"),
+                 "--init", str(base / "checkpoints" / "last"), *TINY, "--set", "train.learn=[heads.lesion.]"]) == 2
+    assert "no parameter of the model starts with ['heads.lesion.']" in capsys.readouterr().err
+    assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(tmp_path / "both"),
+                 "--init", str(base / "checkpoints" / "last"), "--strategy", "lora", *TINY, *head]) == 2
+    assert "both choose what learns" in capsys.readouterr().err
+    model, _ = load_model(out / "checkpoints" / "last")
+    assert learn_only(model, ["heads."]) == sum(p.numel() for p in model.heads.parameters())
+    model.train()
+    assert not model.blocks.training and model.heads.training and "blocks" in model.frozen_modules
+
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "mnist"], "unknown dataset 'mnist'; available: \\['embedded', 'folder', 'natural', 'pathmnist'"),
     (["--dataset", "pneumoniamnist", "--data-path", "{bad}"], "not a readable npz file"),

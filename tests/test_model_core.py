@@ -416,6 +416,28 @@ def test_batch_norm_stem_and_layer_scale_are_built_and_checked():
         small_model(layer_scale=0.0)
 
 
+
+def test_a_narrower_full_resolution_decoder_stage_keeps_the_coarse_levels_and_the_output():
+    """``seg_full_channels`` narrows only the stem, the last fusion and the head: the coarse levels (and the
+    task's class embedding) keep their shapes, so a checkpoint of the full-width model initialises them."""
+    tasks = [TaskSpec("tissue", "segmentation", 3)]
+    wide, narrow = small_model(tasks, seg_channels=8), small_model(tasks, seg_channels=8, seg_full_channels=4)
+    assert {k: v.shape for k, v in small_model(tasks, seg_channels=8, seg_full_channels=8).state_dict().items()} == \
+        {k: v.shape for k, v in wide.state_dict().items()}
+    wide_shapes, narrow_shapes = wide.state_dict(), narrow.state_dict()
+    changed = {k.split(".decoders.3d.")[-1] for k in wide_shapes
+               if ".decoders.3d." in k and wide_shapes[k].shape != narrow_shapes[k].shape}
+    assert changed == {"fuse.1.0.weight", "fuse.1.1.weight", "fuse.1.1.bias", "stem.0.weight", "stem.1.weight",
+                       "stem.1.bias", "head.0.0.weight", "head.0.1.weight", "head.0.1.bias", "head.1.weight"}
+    decoder = narrow.heads["tissue"].decoders["3d"]
+    assert decoder.stem[0].out_channels == decoder.fuse[1][0].out_channels == decoder.head[1].in_channels == 4
+    assert decoder.fuse[0][0].out_channels == 8 and decoder.head[1].out_channels == 8
+    batch = Batch.from_images([image(3)], [Domain("3d", "mri", "brain")])
+    assert narrow(batch).predictions["tissue"][0][1].shape == wide(batch).predictions["tissue"][0][1].shape == (1, 3, 16, 16, 16)
+    assert narrow.num_params() < wide.num_params()
+    with pytest.raises(ValueError, match="seg_full_channels must be >= 1"):
+        small_model(tasks, seg_full_channels=0)
+
 def test_a_training_step_runs_only_the_heads_of_labelled_tasks(mixed_batch):
     from medexplore.train.config import TrainConfig
     from medexplore.train.objectives import SupervisedObjective

@@ -87,6 +87,8 @@ class MedformerConfig:
         domain_latents: latents per attribute value (dimensionality, modality, body part).
         output_adaptformer: task latent queries read the tokens; off, heads read the pooled token.
         seg_channels: base width of the segmentation decoder.
+        seg_full_channels: width of the decoder's full-resolution stage (its image stem, last fusion and
+            head: the costliest convolutions); None: ``seg_channels``.
         drop_path_rate: stochastic depth of the body.
         layer_scale: initial value of a learnable per-channel scale on every block's residual branches
             (timm's ``init_values``, e.g. 0.1); None: no scale.
@@ -111,6 +113,7 @@ class MedformerConfig:
     domain_latents: int = 4
     output_adaptformer: bool = True
     seg_channels: int = 32
+    seg_full_channels: int | None = None
     drop_path_rate: float = 0.0
     layer_scale: float | None = None
     vocab: DomainVocab = field(default_factory=DomainVocab)
@@ -123,6 +126,8 @@ class MedformerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"MedformerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.seg_full_channels is not None and self.seg_full_channels < 1:
+            raise UserError(f"MedformerConfig.seg_full_channels must be >= 1 (or null), got {self.seg_full_channels}")
         if self.embed_dim % self.num_heads:
             raise UserError(f"MedformerConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.stem not in STEMS:

@@ -157,11 +157,11 @@ class SegmentationHead(TaskHead):
     """
 
     def __init__(self, spec: TaskSpec, dim: int, in_chans: int, patch_sizes: dict[int, int], channels: int,
-                 num_features: int):
+                 num_features: int, full_channels: int | None = None):
         super().__init__(spec)
         dims = {d: 2 if d == "2d" else 3 for d in spec.dimensionalities}
         self.decoders = nn.ModuleDict({d: MultiScaleDecoder(n, dim, in_chans, patch_sizes[n], channels, num_features,
-                                                            channels) for d, n in dims.items()})
+                                                            channels, full_channels) for d, n in dims.items()})
         self.class_embed = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, channels))
         self.class_bias = nn.Parameter(torch.zeros(spec.num_outputs))
 

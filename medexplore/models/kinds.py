@@ -47,6 +47,7 @@ class HeadDims:
     patch_sizes: dict[int, int]  # patch edge per number of spatial dimensions
     seg_channels: int
     num_features: int
+    seg_full_channels: int | None = None
 
 
 @dataclass(frozen=True)
@@ -320,7 +321,8 @@ def _segmentation_hard_label(spec, item, logits):
 
 register_kind(KindEntry(
     "segmentation",
-    lambda spec, d: SegmentationHead(spec, d.dim, d.in_chans, d.patch_sizes, d.seg_channels, d.num_features),
+    lambda spec, d: SegmentationHead(spec, d.dim, d.in_chans, d.patch_sizes, d.seg_channels, d.num_features,
+                                   d.seg_full_channels),
     "mask", ("dice",), "dice",
     per_sample=lambda prediction, n: [None if p is None else p.argmax(0).cpu()
                                       for p in SegmentationHead.per_sample(prediction, n)],

@@ -105,7 +105,8 @@ class Medformer(nn.Module):
                              "Output Adaptformer provides; build the model with output_adaptformer=True")
         self.tasks[task.name] = task
         cfg = self.config
-        dims = HeadDims(cfg.embed_dim, cfg.in_chans, cfg.patch_sizes, cfg.seg_channels, len(self.feature_depths))
+        dims = HeadDims(cfg.embed_dim, cfg.in_chans, cfg.patch_sizes, cfg.seg_channels, len(self.feature_depths),
+                        cfg.seg_full_channels)
         head = kind_entry(task.kind).build_head(task, dims)
         ref = self.norm.weight
         self.heads[task.name] = head.to(device=ref.device, dtype=ref.dtype)

@@ -28,11 +28,13 @@ class MultiScaleDecoder(nn.Module):
 
     The deepest token map is upsampled by 2 ``log2(patch)`` times; at each step it is fused with a
     shallower token map (projected, then resized) and at full resolution with a convolutional stem
-    of the image itself. Returns ``(B, out_channels, *image_size)``.
+    of the image itself. Returns ``(B, out_channels, *image_size)``. The full-resolution stage (the image
+    stem, the last fusion and the head) is ``full_channels`` wide (default ``channels``): it holds most of
+    the decoder's cost, which a narrower stage cuts while the coarser levels keep their width.
     """
 
     def __init__(self, dims: int, embed_dim: int, in_chans: int, patch_size: int, channels: int,
-                 num_features: int, out_channels: int):
+                 num_features: int, out_channels: int, full_channels: int | None = None):
         super().__init__()
         if patch_size & (patch_size - 1):
             raise UserError(f"segmentation needs a power-of-two patch size, got {patch_size}")
@@ -43,9 +45,12 @@ class MultiScaleDecoder(nn.Module):
         self.bottleneck = conv(embed_dim, channels, 1)
         self.skips = nn.ModuleList(conv(embed_dim, channels, 1) for _ in range(max(1, num_features - 1)))
         self.ups = nn.ModuleList(up(channels, channels, 2, stride=2) for _ in range(levels))
-        self.fuse = nn.ModuleList(_conv_block(dims, 2 * channels, channels) for _ in range(levels))
-        self.stem = _conv_block(dims, in_chans, channels)
-        self.head = nn.Sequential(_conv_block(dims, 2 * channels, channels), conv(channels, out_channels, 1))
+        full = channels if full_channels is None else full_channels
+        self.fuse = nn.ModuleList(_conv_block(dims, 2 * channels, full if level == levels - 1 else channels)
+                                  for level in range(levels))
+        self.stem = _conv_block(dims, in_chans, full)
+        decoded = full if levels else channels  # the width of the token path at full resolution
+        self.head = nn.Sequential(_conv_block(dims, decoded + full, full), conv(full, out_channels, 1))
 
     def forward(self, features: list[Tensor], image: Tensor) -> Tensor:
         """``features``: shallow-to-deep ``(B, D, *grid)`` token maps; ``image``: ``(B, C, *size)``."""

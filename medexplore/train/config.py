@@ -54,6 +54,8 @@ class TrainConfig:
             average, for an exact resume).
         label_smoothing: move class targets (binary, multiclass, multilabel, ordinal) towards uniform by
             this much (0: off; e.g. 0.1); masks, boxes and regression values are not smoothed.
+        learn: parameter-name prefixes that learn (empty: every parameter), e.g. ``[heads.tissue.]`` to
+            retrain one task's decoder on a frozen model (:func:`~medexplore.train.weights.learn_only`).
 
     With ``accum_steps > 1`` each task's loss is averaged per micro-batch, which equals the full-batch
     average when every micro-batch carries the same number of that task's labels.
@@ -87,9 +89,13 @@ class TrainConfig:
     packing: str = "grouped"
     ema_decay: float = 0.0
     label_smoothing: float = 0.0
+    learn: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "expander", tuple(self.expander))
+        object.__setattr__(self, "learn", tuple(self.learn))
+        if any(not isinstance(p, str) or not p for p in self.learn):
+            raise UserError(f"train.learn must be a list of parameter-name prefixes, got {list(self.learn)}")
         if self.mode not in MODES:
             raise UserError(f"TrainConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.loss_balance not in LOSS_BALANCES:
@@ -138,4 +144,5 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["expander"] = list(self.expander)
+        d["learn"] = list(self.learn)
         return d

@@ -1,5 +1,6 @@
-"""Pretrained weights by path or name (medexplore checkpoints, timm files, timm names), and
-:func:`adapt_model`, which loads them and applies an adaptation strategy."""
+"""Pretrained weights by path or name (medexplore checkpoints, timm files, timm names),
+:func:`adapt_model`, which loads them and applies an adaptation strategy, and :func:`learn_only`, which
+freezes all but named parameters of a plain model."""
 from __future__ import annotations
 
 import socket
@@ -14,7 +15,7 @@ from ..models.medformer import Medformer
 from ..models.timm_weights import load_timm_weights
 from .checkpoint import CheckpointError, init_from_checkpoint, resolve_checkpoint
 
-__all__ = ["load_backbone_weights", "read_weights_file", "WeightsError", "adapt_model"]
+__all__ = ["load_backbone_weights", "read_weights_file", "WeightsError", "adapt_model", "learn_only"]
 
 TIMM_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -111,3 +112,31 @@ def adapt_model(model: Medformer, cfg: AdaptConfig | dict) -> AdaptReport:
         load_backbone_weights(general, cfg.general)
         experts.append(general)
     return apply_strategy(model, cfg, experts)
+
+
+def learn_only(model: Medformer, prefixes: tuple[str, ...] | list[str]) -> int:
+    """Freeze every parameter of ``model`` whose name starts with none of ``prefixes``; returns how many
+    parameters still learn.
+
+    The model stays a plain one (no adaptation is recorded, so its checkpoints load and adapt like any
+    other); the largest modules with no learning parameter stay in eval mode under ``model.train()``
+    (no stochastic depth in a frozen body).
+    """
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [p for p in prefixes if not any(name.startswith(p) for name in names)]
+    if unknown:
+        groups = sorted({".".join(n.split(".")[:2]) + "." if n.startswith("heads.") else n.split(".")[0] + "."
+                         for n in names})
+        raise UserError(f"train.learn: no parameter of the model starts with {unknown}; its groups are {groups}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(tuple(prefixes)))
+    frozen: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(f + ".") for f in frozen):
+            continue
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            frozen.append(name)
+    model.frozen_modules = frozen
+    model.train(model.training)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

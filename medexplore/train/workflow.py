@@ -42,7 +42,7 @@ from .engine import Trainer
 from .evaluate import evaluate
 from .events import Event, EventKind, RunControl, RunResult
 from .runlock import LOCK_NAME, RunLock
-from .weights import adapt_model
+from .weights import adapt_model, learn_only
 
 __all__ = ["DEFAULT_CONFIG", "check_adapt_config", "find_runs", "build_model", "run_training", "RunOutcome",
            "calibrate_checkpoint"]
@@ -211,6 +211,9 @@ def run_training(config: dict, out: str | Path, mode: str = "supervised", init: 
         raise UserError(f"train.mode is set by the command ({mode}); remove train.mode={config['train']['mode']!r}")
     train_cfg = TrainConfig.from_dict({**config.get("train", {}), "mode": mode})
     adapt_cfg = check_adapt_config(config.get("adapt"), init)
+    if adapt_cfg is not None and train_cfg.learn:
+        raise UserError(f"train.learn {list(train_cfg.learn)} and adapt.strategy {adapt_cfg.strategy} both choose "
+                         "what learns; use one")
     resolve_device(train_cfg.device)  # an unknown or absent device fails before the folder is touched
     splits = dict(datasets) if datasets is not None else _splits(config["data"], mode, test)
     if "train" not in splits:
@@ -226,6 +229,11 @@ def run_training(config: dict, out: str | Path, mode: str = "supervised", init: 
         report = adapt_model(model, adapt_cfg)
         for callback in callbacks:
             callback(Event(EventKind.ADAPTED, message=str(report)))
+    if train_cfg.learn:
+        learning = learn_only(model, train_cfg.learn)
+        for callback in callbacks:
+            callback(Event(EventKind.ADAPTED, message=f"train.learn {list(train_cfg.learn)}: {learning:,} of "
+                                                      f"{model.num_params(False):,} parameters learn"))
     with RunLock(out) if is_main else contextlib.nullcontext():
         resume = _prepare_run_dir(out, resume, config["data"]) if is_main else resume
         if is_distributed():

@@ -432,6 +432,7 @@ def test_a_narrower_full_resolution_decoder_stage_keeps_the_coarse_levels_and_th
     decoder = narrow.heads["tissue"].decoders["3d"]
     assert decoder.stem[0].out_channels == decoder.fuse[1][0].out_channels == decoder.head[1].in_channels == 4
     assert decoder.fuse[0][0].out_channels == 8 and decoder.head[1].out_channels == 8
+    assert decoder.stem[1].num_groups == 2 and decoder.fuse[0][1].num_groups == 4  # groups of two channels at least
     batch = Batch.from_images([image(3)], [Domain("3d", "mri", "brain")])
     assert narrow(batch).predictions["tissue"][0][1].shape == wide(batch).predictions["tissue"][0][1].shape == (1, 3, 16, 16, 16)
     assert narrow.num_params() < wide.num_params()

@@ -19,8 +19,11 @@ def feature_depths(depth: int, patch_size: int) -> tuple[int, ...]:
 
 
 def _conv_block(dims: int, cin: int, cout: int) -> nn.Sequential:
+    """3x3 convolution, group norm (up to 8 groups of at least 2 channels), GELU. A group of one channel would
+    normalise each channel on its own over the window, which erases what a nearly flat window (air) holds."""
     conv = nn.Conv2d if dims == 2 else nn.Conv3d
-    return nn.Sequential(conv(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(min(8, cout), cout), nn.GELU())
+    return nn.Sequential(conv(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(min(8, max(1, cout // 2)), cout),
+                         nn.GELU())
 
 
 class MultiScaleDecoder(nn.Module):

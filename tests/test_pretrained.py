@@ -27,6 +27,7 @@ from medexplore.train.weights import load_backbone_weights
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
 SHIPPED = sorted(pretrained_models())
+SHIPPED_MULTITASK = "medformer-medmnist-embedded-v2"
 CARD_SECTIONS = ("## Data", "## Recipe and the command that reproduces it", "## Test metrics", "## Known failure cases")
 
 
@@ -83,6 +84,28 @@ def test_card_has_every_section_and_the_recorded_test_metrics(name):
             assert (float(row[1]), float(row[2])) == (round(metrics["auc"], 3), round(metrics["acc"], 3))
         else:  # the kind's headline metric (Dice, mAP@0.5, MAE)
             assert float(row[1]) == round(metrics[kind_entry(kinds[task]).headline], 3)
+
+
+def test_fine_tuning_on_other_data_keeps_each_modality_and_body_part_its_own_latents():
+    """A run on part of the data (its vocabulary in another order, shorter) gets every value's own latents
+    from --init, and a value the checkpoint lacks starts from its unknown row; the image features match."""
+    from medexplore.models import DomainVocab
+
+    model, _ = load_model(SHIPPED_MULTITASK)
+    old = model.config.vocab
+    vocab = DomainVocab(modalities=("mri", "ct", "pet"), body_parts=("brain", "head"))  # as the embedded data lists them
+    fresh = type(model)(model.config.replace(vocab=vocab), list(model.tasks.values()))
+    init_from_checkpoint(fresh, SHIPPED_MULTITASK)
+    for table, names, new in (("modality_latents", old.modalities, vocab.modalities),
+                              ("body_part_latents", old.body_parts, vocab.body_parts)):
+        theirs, mine = getattr(model.input_adaptformer, table), getattr(fresh.input_adaptformer, table)
+        rows = [0] + [names.index(n) + 1 if n in names else 0 for n in new]
+        assert torch.equal(mine, theirs[rows]), table
+    assert torch.equal(fresh.input_adaptformer.modality_latents[3], model.input_adaptformer.modality_latents[0])  # pet
+    image = torch.rand(1, 28, 28, 28, generator=torch.Generator().manual_seed(0))
+    batch = lambda: Batch.from_images([image], [Domain("3d", "mri", "brain")])  # noqa: E731
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(batch()).embedding, model.eval()(batch()).embedding, atol=1e-5)
 
 
 def test_names_work_where_checkpoint_folders_do(tmp_path):

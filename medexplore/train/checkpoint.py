@@ -259,12 +259,34 @@ def load_model(folder: Path, map_location="cpu") -> tuple[Medformer, dict]:
     return model, meta
 
 
+# the Input Adaptformer's tables with one row per vocabulary value (row 0: unknown)
+_VOCAB_TABLES = {"input_adaptformer.modality_latents": "modalities", "input_adaptformer.body_part_latents": "body_parts"}
+
+
+def _latents_by_name(weights: dict[str, torch.Tensor], checkpoint_vocab: dict, model: Medformer) -> None:
+    """Re-index the checkpoint's modality / body-part latents (in ``weights``) to ``model``'s vocabulary: a
+    value keeps its own latents whatever its index, one the checkpoint lacks starts from its ``unknown`` row
+    (as :meth:`~medexplore.models.Medformer.extend_vocab` does)."""
+    own = model.config.vocab
+    for key, field_name in _VOCAB_TABLES.items():
+        if key not in weights or field_name not in checkpoint_vocab:
+            continue
+        theirs = list(checkpoint_vocab[field_name])
+        rows = [0] + [theirs.index(name) + 1 if name in theirs else 0 for name in getattr(own, field_name)]
+        weights[key] = weights[key][rows]
+
+
 def init_from_checkpoint(model: Medformer, folder: str | Path) -> int:
     """Fine-tuning: copy every tensor whose name and shape match; returns how many were copied.
 
-    Raises CheckpointError when the body (patch embedding, blocks) does not match.
+    The domain latents follow their names: a run whose data lists its modalities or body parts in another
+    order, or only some of them, gets each value's own latents. Raises CheckpointError when the body (patch
+    embedding, blocks) does not match.
     """
-    _, weights, _ = load_checkpoint(Path(folder), with_state=False)
+    meta, weights, _ = load_checkpoint(Path(folder), with_state=False)
+    vocab = meta.get("model", {}).get("config", {}).get("vocab")
+    if vocab is not None and model.input_adaptformer is not None:
+        _latents_by_name(weights, vocab, model)
     own = model.state_dict()
     matched = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     body = [k for k in own if k.startswith(("blocks.", "patch_embed."))]

@@ -164,7 +164,7 @@ def bench_overlays() -> dict:
     ct = {"dimensionality": "3d", "modality": "ct", "body_part": "adrenal"}
     t1 = mni152_t1().image[0]
     for prefix, name, task, domain_128 in (("shipped", "medformer-medmnist5-v1", "adrenalmnist3d", ct),
-                                           ("embedded", "medformer-medmnist-embedded-v2", "lesion", brain)):
+                                           ("embedded", "medformer-medmnist-embedded-v3", "lesion", brain)):
         shipped = pretrained_folder(name)
         if shipped is None:
             continue

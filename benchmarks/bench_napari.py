@@ -9,21 +9,29 @@
   window) and patch 8 (4,096 tokens); the reference is one plain forward pass of the same model. Then the
   shipped models (patch 4, sliding windows of their calibrated size) on that volume and on the MNI152
   sample: rollout + Grad-CAM against their tasks alone, measured in the same run.
+- ``workers``: Run to every overlay (rollout + Grad-CAM) with the default shipped model on the 128^3 volume and
+  on the MNI152 sample, idle OpenMP teams freed (the GUI thread's before the worker starts, the worker's when it
+  ends: ``compute_worker``, ``start_worker``) against kept, alternated over ``--reps`` after a warm-up; and the
+  same call from the library on the main thread (no worker) as the floor.
 - ``explorer``: 20,000 embedding points: time from embeddings to the PCA view, UMAP time (first fit in
   this fresh process), hover (motion event to image shown) and lasso selection (to the stack layer);
   and the time to compute embeddings of the embedded dataset with medformer_tiny, per 1,000 images.
 - ``layers``: napari's numba code for Run's box and mask layers (``warm_layers``) in a machine's first
   process (an empty numba cache) against a later process (what set-up's call leaves every user's first Run).
 
-Usage: xvfb-run -a python benchmarks/bench_napari.py [--only latency,overlays,explorer,layers] [--seconds 60]
+Usage: xvfb-run -a python benchmarks/bench_napari.py [--only latency,overlays,workers,explorer,layers]
+       [--seconds 60] [--reps 3]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -178,6 +186,46 @@ def bench_overlays() -> dict:
     return results
 
 
+def bench_workers(reps: int) -> dict:
+    import napari
+
+    from medexplore.analysis.inference import infer_image
+    from medexplore.data.examples import mni152_t1
+    from medexplore.experiments.showcase import SHIPPED_MEDMNIST
+    from medexplore.models import Domain
+    from medexplore.pretrained import pretrained_folder
+    from medexplore.train.checkpoint import load_model
+    from napari_medexplore import _common
+
+    app = _app()
+    folder = pretrained_folder(SHIPPED_MEDMNIST)
+    model, _ = load_model(folder)
+    brain = {"dimensionality": "3d", "modality": "mri", "body_part": "brain"}
+    overlays = {"rollout": True, "grad_cam": True}
+    teams = {"teams kept": lambda: mock.patch.object(_common, "release_thread_team", lambda: False),
+                "teams freed": contextlib.nullcontext}
+    images = {"128": np.random.default_rng(0).normal(size=(128, 128, 128)).astype(np.float32),
+              "mni152": mni152_t1().image[0]}
+    results = {"model": SHIPPED_MEDMNIST}
+    for key, image in images.items():
+        _run_to_overlays(app, napari, image, folder, brain, overlays, "lesion")  # warm-up
+        times = {name: [] for name in (*teams, "library call, main thread")}
+        for _ in range(reps):
+            for name, variant in teams.items():
+                with variant():
+                    times[name].append(_run_to_overlays(app, napari, image, folder, brain, overlays, "lesion")[0])
+            start = time.perf_counter()
+            infer_image(model, image[None], Domain("3d", "mri", "brain"), explain_methods=("rollout", "grad_cam"),
+                        explain_task="lesion")
+            times["library call, main thread"].append(time.perf_counter() - start)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        results[key] = {**{f"{name} s": m for name, m in medians.items()},
+                        "kept / freed": medians["teams kept"] / medians["teams freed"],
+                        "freed / library call": medians["teams freed"] / medians["library call, main thread"],
+                        "all": times}
+    return results
+
+
 def bench_explorer(points: int) -> dict:
     import os
 
@@ -265,9 +313,11 @@ def main() -> None:
     parser.add_argument("--only", default="latency,overlays,explorer,layers")
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--points", type=int, default=20000)
+    parser.add_argument("--reps", type=int, default=3, help="alternations of ``workers``")
     args = parser.parse_args()
     for case in args.only.split(","):
         result = {"latency": lambda: bench_latency(args.seconds), "overlays": bench_overlays,
+                  "workers": lambda: bench_workers(args.reps),
                   "explorer": lambda: bench_explorer(args.points), "layers": bench_layers}[case]()
         print(case, json.dumps(result, indent=1, default=float), flush=True)
 

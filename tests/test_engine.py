@@ -1,6 +1,8 @@
 """Training loop: exact resume, events, pause/stop, non-finite losses, checkpoints, VICReg mode."""
 import dataclasses
 import json
+import os
+import threading
 
 import pytest
 import torch
@@ -392,3 +394,31 @@ def test_evaluation_batches_of_large_volumes_are_capped():
     assert capped_batch_size(volumes(128), 256) == 8
     flat = [Sample(torch.zeros(1, 28, 28), Domain("2d", "xray", "chest"), {})] * 2
     assert capped_batch_size(MixedDataset({"flat": flat, "big": volumes(64)}), 256) == 64  # the largest part decides
+
+
+def test_releasing_the_calling_threads_openmp_team_ends_only_its_helpers_and_the_next_op_rebuilds_it():
+    from medexplore.train.openmp import _gnu_openmp, release_thread_team
+
+    helpers = torch.get_num_threads() - 1
+    if _gnu_openmp() is None or helpers < 1:
+        pytest.skip("needs PyTorch on GNU OpenMP with at least 2 threads")
+
+    def os_threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    x = torch.rand(1_000_000)
+    expected = float((x * 2).sum())
+    computed, finish = threading.Event(), threading.Event()
+    other = threading.Thread(target=lambda: ((x * 2).sum(), computed.set(), finish.wait()))  # keeps its own team
+    other.start()
+    computed.wait()
+    try:
+        (x * 2).sum()  # the main thread's team exists
+        with_both = os_threads()
+        assert release_thread_team()
+        assert os_threads() == with_both - helpers  # the main thread's helpers only: the other team is untouched
+        assert float((x * 2).sum()) == expected
+        assert os_threads() == with_both  # rebuilt by the next parallel operation
+    finally:
+        finish.set()
+        other.join()

@@ -20,7 +20,7 @@ from medexplore.data.transforms import prepare_image
 from medexplore.errors import UserError
 from medexplore.viz.analysis import scatter
 
-from ._common import CheckpointPicker, image_layers, report_error
+from ._common import CheckpointPicker, compute_worker, image_layers, report_error, start_worker
 from ._layers import layer_domain, layer_image
 from ._plots import MplCanvas
 
@@ -139,8 +139,6 @@ class ExplorerWidget(Container):
 
     def compute(self, _value=None):
         """Embed in a worker; returns it (None when the input was refused)."""
-        from napari.qt.threading import thread_worker
-
         try:
             model, _ = self.checkpoint.load()
             dataset = self._dataset(model)
@@ -149,7 +147,7 @@ class ExplorerWidget(Container):
             self.status.value = report_error(exc, "embedding")
             return None
 
-        @thread_worker
+        @compute_worker
         def work():  # yields (done, total) after every batch; returns the EmbeddingSet
             return (yield from steps)
 
@@ -159,13 +157,11 @@ class ExplorerWidget(Container):
         worker.errored.connect(lambda exc: setattr(self.status, "value", report_error(exc, "embedding")))
         self.status.value = f"embedding {len(dataset)} images..."
         self.workers.append(worker)
-        worker.start()
+        start_worker(worker)
         return worker
 
     def show_embeddings(self, embeddings, samples=None):
         """Draw PCA now and start UMAP in a worker (returned, so tests can wait on it)."""
-        from napari.qt.threading import thread_worker
-
         self.embeddings, self.samples = embeddings, samples
         self.projections = {"pca": project(embeddings.pooled, "pca").coords}
         self._updating = True  # one redraw at the end, not one per field set
@@ -180,7 +176,7 @@ class ExplorerWidget(Container):
         self.redraw()
         self.status.value = f"{len(embeddings.pooled)} points: PCA shown, UMAP computing..."
 
-        @thread_worker
+        @compute_worker
         def fit_umap():
             return project(embeddings.pooled, "umap").coords
 
@@ -190,7 +186,7 @@ class ExplorerWidget(Container):
         worker.returned.connect(self._on_umap)
         worker.errored.connect(lambda exc: setattr(self.status, "value", report_error(exc, "UMAP")))
         self.workers.append(worker)
-        QTimer.singleShot(0, worker.start)  # after the PCA view is on screen, not competing with its paint
+        QTimer.singleShot(0, lambda: start_worker(worker))  # after the PCA view is on screen, not competing with its paint
         return worker
 
     def _on_umap(self, coords) -> None:

@@ -1,7 +1,7 @@
 """Run a checkpoint on an image layer: segmentation, classification, detection, attention and attributions.
 
-The work is ``medexplore.analysis.inference.iter_infer_image`` in a napari ``thread_worker``; this widget
-only gathers the choices, shows progress and places the results (``_layers.result_layers``).
+The work is ``medexplore.analysis.inference.iter_infer_image`` in a napari worker (``_common.compute_worker``);
+this widget only gathers the choices, shows progress and places the results (``_layers.result_layers``).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from medexplore.analysis.inference import estimate_inference_memory, iter_infer_
 from medexplore.errors import UserError
 from medexplore.models.kinds import kind_entry
 
-from ._common import DEVICES, CheckpointPicker, DomainFields, image_layers, report_error
+from ._common import DEVICES, CheckpointPicker, DomainFields, compute_worker, image_layers, report_error, start_worker
 from ._layers import layer_image, result_features, result_layers
 
 
@@ -115,15 +115,13 @@ class InferenceWidget(Container):
 
     def run(self, _value=None):
         """Start the job; returns the worker (None when the input was refused)."""
-        from napari.qt.threading import thread_worker
-
         try:
             source, model, steps, spatial_ndim = self._job()
         except Exception as exc:
             self.status.value = report_error(exc, "inference")
             return None
 
-        @thread_worker
+        @compute_worker
         def work():
             return (yield from steps)
 
@@ -137,7 +135,7 @@ class InferenceWidget(Container):
         self._set_busy(True)
         self.progress.value = 0
         self.status.value = "running..."
-        worker.start()
+        start_worker(worker)
         return worker
 
     def cancel(self, _value=None) -> None:

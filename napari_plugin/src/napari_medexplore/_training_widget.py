@@ -21,7 +21,7 @@ from medexplore.train import RunControl
 from medexplore.train.checkpoint import final_checkpoint
 from medexplore.train.workflow import check_adapt_config, checkpoint_architecture, run_training
 
-from ._common import DEVICES, RUNS, report_error, runs_root
+from ._common import DEVICES, RUNS, compute_worker, report_error, runs_root, start_worker
 from ._plots import CurvesCanvas
 
 NO_STRATEGY = "none (every weight learns)"
@@ -126,8 +126,6 @@ class TrainingWidget(Container):
 
     def start(self, _value=None):
         """Start training; returns the worker (None when the configuration was refused)."""
-        from napari.qt.threading import thread_worker
-
         try:
             config, out = self.config(), self.out_dir()
             init = self._start_checkpoint()
@@ -138,7 +136,7 @@ class TrainingWidget(Container):
         control = RunControl()
         events = self.events
 
-        @thread_worker
+        @compute_worker
         def work():
             return run_training(config, out, init=init, callbacks=[events.put], control=control)
 
@@ -153,7 +151,7 @@ class TrainingWidget(Container):
         self.status.value = f"starting {out.name}..."
         self._set_state(True)
         self.timer.start()
-        worker.start()
+        start_worker(worker)
         return worker
 
     def toggle_pause(self, _value=None) -> None:

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +168,12 @@ def test_sample_data_is_the_real_anatomy_at_full_size(make_napari_viewer):
 
 
 # ---------------------------------------------------------------------------- inference
-def test_inference_on_a_volume_adds_aligned_layers_and_a_table(make_napari_viewer, qtbot, tiny_checkpoint):
+def test_inference_on_a_volume_adds_aligned_layers_and_a_table(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                               monkeypatch):
+    from napari_medexplore import _common
+
+    released = []  # threads that freed their OpenMP team
+    monkeypatch.setattr(_common, "release_thread_team", lambda: released.append(threading.get_ident()))
     viewer = make_napari_viewer()
     t1, _ = viewer.open_sample(PLUGIN, "mni152_t1")
     t1.translate = (-90.0, -126.0, -72.0)
@@ -191,6 +197,8 @@ def test_inference_on_a_volume_adds_aligned_layers_and_a_table(make_napari_viewe
     results = t1.metadata["medexplore_results"]
     assert {"lesion", "lesion_count"} <= set(results["task"]) and widget.table.shape[0] == len(results)
     assert "27 window(s)" in widget.status.value
+    gui = threading.main_thread().ident
+    assert released[0] == gui and released[-1] != gui  # the GUI thread's team before the worker, the worker's after
 
 
 def test_inference_on_a_2d_rgb_image_places_boxes_on_it_with_the_checkpoints_thresholds(

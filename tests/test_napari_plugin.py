@@ -201,6 +201,21 @@ def test_inference_on_a_volume_adds_aligned_layers_and_a_table(make_napari_viewe
     assert released[0] == gui and released[-1] != gui  # the GUI thread's team before the worker, the worker's after
 
 
+def test_boxes_are_drawn_around_their_pixels_and_a_one_voxel_box_shows_in_the_3d_view(make_napari_viewer):
+    from napari.layers import Layer
+    from napari_medexplore._layers import BOX_STYLE, box_shapes
+
+    shapes, owner = box_shapes(np.array([[2, 3, 4, 3, 4, 5], [0, 1, 1, 2, 4, 3]], np.float32))  # (start, stop) per axis
+    assert owner.tolist() == [0, 1, 1]  # one rectangle per slice of each box's z range
+    np.testing.assert_array_equal(shapes[0], [[2, 2.5, 3.5], [2, 2.5, 4.5], [2, 3.5, 4.5], [2, 3.5, 3.5]])
+    assert [s[0, 0] for s in shapes[1:]] == [0, 1]
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((6, 8, 8), np.float32))
+    layer = viewer.add_layer(Layer.create(shapes, dict(BOX_STYLE), "shapes"))
+    viewer.dims.ndisplay = 3  # napari cannot triangulate a rectangle whose corners coincide
+    assert len(layer.data) == 3
+
+
 def test_inference_on_a_2d_rgb_image_places_boxes_on_it_with_the_checkpoints_thresholds(
         make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
     from medexplore.models import InferenceDefaults

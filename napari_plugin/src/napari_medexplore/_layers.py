@@ -86,17 +86,20 @@ def result_features(result: ImageInference, model) -> pd.DataFrame:
 
 
 def box_shapes(boxes: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-    """Rectangles for boxes in pixel corners: one per box in 2D, one per slice of its z range in 3D.
+    """Rectangles around boxes (``start, stop`` per axis, in pixels): one per box in 2D, one per slice of its
+    z range in 3D. Corners sit on the outer edges of the box's first and last pixels (napari puts pixel
+    centres on integers), so a one-pixel box is a unit square, never a point, which napari's 3D view
+    cannot triangulate.
 
     Returns the napari vertices and, per rectangle, the index of its box.
     """
     shapes, owner = [], []
     dims = boxes.shape[1] // 2 if len(boxes) else 2
     for k, box in enumerate(boxes):
-        lo, hi = box[:dims], box[dims:] - 1  # pixel (inclusive) coordinates of the box edges
+        lo, hi = box[:dims] - 0.5, box[dims:] - 0.5  # the pixel edges: first pixel's outer side, last pixel's
         y0, x0, y1, x1 = lo[-2], lo[-1], hi[-2], hi[-1]
         corners = np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], np.float32)
-        slices = [None] if dims == 2 else range(int(np.floor(lo[0])), int(np.ceil(hi[0])) + 1)
+        slices = [None] if dims == 2 else range(int(np.floor(box[0])), int(np.ceil(box[dims] - 1)) + 1)
         for z in slices:
             shapes.append(corners if z is None else np.concatenate([np.full((4, 1), z, np.float32), corners], 1))
             owner.append(k)

@@ -126,3 +126,21 @@ def test_paired_levers_gives_the_readmes_three_seed_figures_for_exact_balancing(
     assert "vesselmnist3d +0.062" in proc.stdout and "verdict: not adopted" in proc.stdout
     one = subprocess.run(cmd[:4] + cmd[6:7] + cmd[8:9], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert one.returncode != 0 and "need at least two seeds run by both" in one.stderr
+
+
+def test_lesions_on_real_images_prints_a_row_per_file_and_model_and_names_an_empty_folder(tmp_path):
+    from conftest import write_npz
+
+    write_npz(tmp_path / "breastmnist.npz", "breastmnist", n=(4, 2, 3))
+    write_npz(tmp_path / "adrenalmnist3d.npz", "adrenalmnist3d", n=(4, 2, 3))
+    script = str(ROOT / "benchmarks" / "lesions_on_real_images.py")
+    proc = subprocess.run([sys.executable, script, "medformer-medmnist-embedded-v3", "--root", str(tmp_path),
+                           "--per-file", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "model" not in line]
+    assert [r[0].strip("| ") for r in rows] == ["adrenalmnist3d", "breastmnist"]
+    for row in rows:
+        assert row[2].endswith("%") and 0 <= float(row[2][:-1]) <= 100 and 0 <= float(row[4].strip(" |")) <= 100
+    empty = subprocess.run([sys.executable, script, "--root", str(tmp_path / "none")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert empty.returncode != 0 and "no MedMNIST .npz files in" in empty.stderr

@@ -15,6 +15,7 @@ from medexplore.data.annotations import (
     select_annotations,
 )
 from medexplore.data.registry import build_dataset, dataset_tasks
+from medexplore.errors import UserError
 from medexplore.models.tasks import Domain, TaskSpec
 
 
@@ -106,3 +107,36 @@ def test_data_section_selects_annotations_on_the_training_split_only():
         build_dataset({**base, "keep_tasks": ["tisue"]}, "train")
     with pytest.raises(ValueError, match="data.annotations must be one of"):
         build_dataset({**base, "annotations": "centric"}, "train")
+
+
+def test_nothing_found_labels_other_datasets_images_as_negatives_on_train_and_val_only(tmp_path):
+    from conftest import write_npz
+
+    from medexplore.data.sampling import labels_of
+
+    write_npz(tmp_path / "breastmnist.npz", "breastmnist", n=(6, 4, 4))
+    write_npz(tmp_path / "adrenalmnist3d.npz", "adrenalmnist3d", n=(6, 4, 4))
+    write_npz(tmp_path / "pathmnist.npz", "pathmnist", n=(6, 4, 4))
+    lesion_tasks = ["lesion", "lesion_count", "lesion_boxes", "lesion_mask"]
+    data = {"datasets": ["embedded", "breastmnist", "adrenalmnist3d"], "root": str(tmp_path),
+            "embedded": {"per_source_2d": 2, "num_3d": 4}, "nothing_found": lesion_tasks}
+    for split in ("train", "val"):
+        mixed = build_dataset(data, split)
+        embedded = mixed.datasets["embedded"]
+        assert set(embedded[0].labels) == set(build_dataset({**data, "nothing_found": None}, split)
+                                              .datasets["embedded"][0].labels)  # its own labels, untouched
+        for name, spatial in (("breastmnist", (28, 28)), ("adrenalmnist3d", (28, 28, 28))):
+            sample = mixed.datasets[name][1]
+            assert sample.labels[name] is not None  # its own label stays
+            assert sample.labels["lesion"] == 0 and sample.labels["lesion_count"].tolist() == [0.0]
+            assert sample.labels["lesion_boxes"].shape == (0, 2 * len(spatial))
+            assert sample.labels["lesion_mask"].shape == spatial and not sample.labels["lesion_mask"].any()
+            assert set(labels_of(mixed.datasets[name], 1)) == set(sample.labels)
+        assert {t.name for t in dataset_tasks(mixed.datasets["breastmnist"])} >= set(lesion_tasks)
+    test = build_dataset(data, "test")  # the test split stays as published
+    assert "lesion" not in test.datasets["breastmnist"][0].labels
+    with pytest.raises(UserError, match=r"data.nothing_found: no dataset among .* has task\(s\) \['tumour'\]"):
+        build_dataset({**data, "nothing_found": ["tumour"]}, "train")
+    with pytest.raises(UserError, match="task 'pathmnist': kind 'multiclass' has no 'nothing found' label"):
+        build_dataset({"datasets": ["pathmnist", "breastmnist"], "root": str(tmp_path),
+                       "nothing_found": ["pathmnist"]}, "val")

@@ -16,10 +16,13 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from ..models.kinds import kind_entry
+from ..models.tasks import TaskSpec
 from .sample import Sample
 from .sampling import labels_of
 
-__all__ = ["ANNOTATION_MODES", "AnnotationView", "select_annotations", "keep_tasks", "pseudo_label_key", "save_pseudo_labels",
+__all__ = ["ANNOTATION_MODES", "AnnotationView", "NothingFoundView", "select_annotations", "keep_tasks",
+           "pseudo_label_key", "save_pseudo_labels",
            "load_pseudo_labels"]
 
 ANNOTATION_MODES = ("full", "image-centric", "decentralized")
@@ -59,6 +62,40 @@ class AnnotationView(Dataset):
     def __getitem__(self, k: int) -> Sample:
         s = self.dataset[self.index[k]]
         return Sample(s.image, s.domain, self._select(k, s.labels), s.spacing, s.patient_id, dict(s.meta))
+
+
+class NothingFoundView(Dataset):
+    """``dataset`` with every image labelled as showing none of ``tasks``' findings (the kinds' ``nothing_found``
+    label: no lesion, a count of 0, no boxes, an all-background mask) where it has no label of its own: e.g.
+    real images as negatives for synthetic-lesion tasks taught on other data."""
+
+    def __init__(self, dataset: Dataset, tasks: Sequence[TaskSpec]):
+        for spec in tasks:
+            if kind_entry(spec.kind).nothing_found is None:
+                raise UserError(f"task {spec.name!r}: kind '{spec.kind}' has no 'nothing found' label")
+        self.dataset, self.absent = dataset, tuple(tasks)
+        own = tuple(getattr(dataset, "tasks", ()))
+        self.tasks = own + tuple(t for t in self.absent if t.name not in {o.name for o in own})
+        self.domains = getattr(dataset, "domains", ())
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def check(self) -> None:
+        if hasattr(self.dataset, "check"):
+            self.dataset.check()
+
+    def _with_absent(self, labels: dict, spatial: tuple[int, ...]) -> dict:
+        found = {t.name: kind_entry(t.kind).nothing_found(t, spatial) for t in self.absent if t.name not in labels}
+        return {**labels, **found}
+
+    def labels_of(self, i: int) -> dict:
+        return self._with_absent(labels_of(self.dataset, i), tuple(self.dataset[i].image.shape[1:]))
+
+    def __getitem__(self, i: int) -> Sample:
+        s = self.dataset[i]
+        return Sample(s.image, s.domain, self._with_absent(s.labels, tuple(s.image.shape[1:])), s.spacing,
+                      s.patient_id, dict(s.meta))
 
 
 def _subset(n: int, fraction: float, generator: torch.Generator) -> list[int]:

@@ -9,7 +9,7 @@ from ..errors import UserError
 from ..models.config import DomainVocab
 from ..models.tasks import Domain, TaskSpec
 from ..typed import coerce_fields
-from .annotations import keep_tasks, load_pseudo_labels, select_annotations
+from .annotations import NothingFoundView, keep_tasks, load_pseudo_labels, select_annotations
 from .embedded import EmbeddedConfig, EmbeddedDataset
 from .folder import FolderDataset
 from .medmnist import MEDMNIST, MedMNIST
@@ -37,6 +37,7 @@ class DataSection:
     subset_seed: int = 0
     pseudo_labels: str | None = None
     keep_tasks: list | None = None
+    nothing_found: list | None = None
     volume_size: int | None = None
     embedded: dict | None = None
 
@@ -88,6 +89,9 @@ def build_dataset(data: dict, split: str) -> Dataset:
     ``label_fraction`` (drawn with ``subset_seed``) and ``pseudo_labels`` select
     (:func:`~medexplore.data.annotations.select_annotations`). ``keep_tasks`` keeps only those tasks'
     annotations in every split (datasets carrying none of them are left out): a single-task model.
+    ``nothing_found`` names tasks whose findings the other datasets' images are known not to show (synthetic
+    lesions on real images): on the training and validation splits (the test split stays as published), every
+    image of a dataset carrying none of them is labelled "nothing found" for them (``NothingFoundView``).
     """
     data = check_data_config(data)
     names = list(data.get("datasets") or [])
@@ -110,11 +114,23 @@ def build_dataset(data: dict, split: str) -> Dataset:
         sets = {name: d for name, d in kept.items() if d is not None}
         if not sets:
             raise UserError(f"data.keep_tasks {list(data['keep_tasks'])}: no dataset among {names} carries these tasks")
+    if data.get("nothing_found") and split != "test":
+        sets = _nothing_found(sets, list(data["nothing_found"]))
     if split == "train":
         sets = {name: select_annotations(d, data.get("annotations", "full"), float(data.get("label_fraction", 1.0)),
                                          int(data.get("subset_seed", 0)), pseudo.get(name))
                 for name, d in sets.items()}
     return next(iter(sets.values())) if len(sets) == 1 else MixedDataset(sets)
+
+
+def _nothing_found(sets: dict[str, Dataset], names: list[str]) -> dict[str, Dataset]:
+    """Each dataset carrying none of the tasks ``names`` labelled as showing none of their findings."""
+    specs = {t.name: t for d in sets.values() for t in getattr(d, "tasks", ()) if t.name in names}
+    unknown = sorted(set(names) - set(specs))
+    if unknown:
+        raise UserError(f"data.nothing_found: no dataset among {list(sets)} has task(s) {unknown}")
+    return {name: d if any(t.name in specs for t in getattr(d, "tasks", ())) else
+            NothingFoundView(d, [specs[n] for n in names]) for name, d in sets.items()}
 
 
 def dataset_parts(dataset: Dataset) -> list[Dataset]:

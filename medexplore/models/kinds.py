@@ -98,6 +98,9 @@ class KindEntry:
     higher_is_better: bool = True
     output_names: Callable[[TaskSpec, int], list[str]] = field(default=lambda spec, count: _output_names(spec, count))
     prior_offset: Callable[[Tensor, Tensor], Tensor] | None = None
+    # the label of an image known to show none of the task's findings (given its spatial shape); None where
+    # the kind has no such label (a multiclass image always has some class)
+    nothing_found: Callable[[TaskSpec, tuple[int, ...]], object] | None = None
 
     def __post_init__(self):
         if self.output not in OUTPUTS:
@@ -247,7 +250,8 @@ register_kind(KindEntry(
     prediction_cell=lambda item: float(item),
     agreement=lambda label, pred: ("correct", bool((pred > 0.5) == (label > 0.5))),
     explain_outputs=lambda prediction: prediction[:, None], default_target=_first_output,
-    hard_label=_binary_hard_label, scores=_sigmoid, output_names=_probability_name, prior_offset=_binary_offset))
+    hard_label=_binary_hard_label, scores=_sigmoid, output_names=_probability_name, prior_offset=_binary_offset,
+    nothing_found=lambda spec, spatial: 0))
 
 register_kind(KindEntry(
     "multiclass", lambda spec, d: VectorHead(spec, d.dim), "vector", _CLASSIFICATION, "auc",
@@ -298,7 +302,8 @@ register_kind(KindEntry(
     prediction_cell=lambda item: _scalar(item) if item.numel() == 1 else json.dumps(item.tolist()),
     agreement=_numeric_error, explain_outputs=lambda prediction: prediction, default_target=_first_output,
     hard_label=lambda spec, item, logits: (item.float().clone(), 1.0), scores=_values,
-    losses=("", "huber", "mse", "l1"), higher_is_better=False))
+    losses=("", "huber", "mse", "l1"), higher_is_better=False,
+    nothing_found=lambda spec, spatial: torch.zeros(spec.num_outputs)))  # a count of zero
 
 
 def _segmentation_score(spec, labels, preds):
@@ -332,7 +337,8 @@ register_kind(KindEntry(
     agreement=lambda label, pred: ("error", float(abs(pred - label))),
     explain_outputs=_segmentation_outputs,
     default_target=lambda outputs: 1 if outputs.shape[1] > 1 else 0,  # the first foreground class
-    hard_label=_segmentation_hard_label, min_outputs=2, queries_per_output=True))
+    hard_label=_segmentation_hard_label, min_outputs=2, queries_per_output=True,
+    nothing_found=lambda spec, spatial: torch.zeros(spatial, dtype=torch.int64)))  # all background (class 0)
 
 
 def _detection_items(prediction, num_samples):
@@ -358,4 +364,5 @@ register_kind(KindEntry(
         preds, [y.float().reshape(-1, p[0].shape[-1]) for y, p in zip(labels, preds)]),
     label_cell=_box_count, prediction_cell=lambda item: int((item[1] > 0.5).sum()),
     agreement=_numeric_error, explain_outputs=lambda prediction: prediction["logits"], default_target=_argmax_output,
-    hard_label=_detection_hard_label, queries_per_output=True))
+    hard_label=_detection_hard_label, queries_per_output=True,
+    nothing_found=lambda spec, spatial: torch.zeros(0, 2 * len(spatial))))

@@ -168,13 +168,13 @@ def bench_overlays() -> dict:
                                     "ratio_to_forward": elapsed / forward, "status": status}
     # the shipped models (patch 4, their default windows): every task without maps (the reference), then
     # with rollout and Grad-CAM; on the 128^3 volume and on the MNI152 sample. The MedMNIST model classifies
-    # only; the embedded ones also segment lesions and tissue and draw lesion boxes (v2: the default before v3,
+    # only; the embedded ones also segment lesions and tissue and draw lesion boxes (v2: the default before v3 and v4,
     # whose full-resolution decoder stage is half as wide)
     ct = {"dimensionality": "3d", "modality": "ct", "body_part": "adrenal"}
     t1 = mni152_t1().image[0]
     for prefix, name, task, domain_128 in (("shipped", "medformer-medmnist5-v1", "adrenalmnist3d", ct),
                                            ("embedded_v2", "medformer-medmnist-embedded-v2", "lesion", brain),
-                                           ("embedded", "medformer-medmnist-embedded-v3", "lesion", brain)):
+                                           ("embedded", "medformer-medmnist-embedded-v4", "lesion", brain)):
         shipped = pretrained_folder(name)
         if shipped is None:
             continue

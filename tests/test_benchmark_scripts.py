@@ -68,7 +68,7 @@ def test_inference_benchmark_prints_each_saving_against_its_reference():
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r[0].lstrip("| ") for r in rows] == [
         "infer_image, 32^3", "infer_image, 32^3",
-        "train step, 4 x 16^3, adrenalmnist3d, vesselmnist3d, lesion, lesion_count, lesion_boxes, lesion_mask, tissue",
+        "train step, 4 x 16^3, lesion, lesion_count, lesion_boxes, lesion_mask, adrenalmnist3d, vesselmnist3d, tissue",
         "train step, 32 x 28^3, the MedMNIST recipe's model", *["infer_image + rollout + Grad-CAM of lesion, 32^3"] * 2,
         "infer_image, 32^3, tissue labels"]
     assert [r[1] for r in rows] == ["cat, then reordered"] + ["default layout"] * 3 + [
@@ -134,7 +134,7 @@ def test_lesions_on_real_images_prints_a_row_per_file_and_model_and_names_an_emp
     write_npz(tmp_path / "breastmnist.npz", "breastmnist", n=(4, 2, 3))
     write_npz(tmp_path / "adrenalmnist3d.npz", "adrenalmnist3d", n=(4, 2, 3))
     script = str(ROOT / "benchmarks" / "lesions_on_real_images.py")
-    proc = subprocess.run([sys.executable, script, "medformer-medmnist-embedded-v3", "--root", str(tmp_path),
+    proc = subprocess.run([sys.executable, script, "medformer-medmnist-embedded-v4", "--root", str(tmp_path),
                            "--per-file", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "model" not in line]

@@ -203,6 +203,7 @@ def test_inference_on_a_volume_adds_aligned_layers_and_a_table(make_napari_viewe
 
 def test_boxes_are_drawn_around_their_pixels_and_a_one_voxel_box_shows_in_the_3d_view(make_napari_viewer):
     from napari.layers import Layer
+
     from napari_medexplore._layers import BOX_STYLE, box_shapes
 
     shapes, owner = box_shapes(np.array([[2, 3, 4, 3, 4, 5], [0, 1, 1, 2, 4, 3]], np.float32))  # (start, stop) per axis

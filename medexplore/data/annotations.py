@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -28,7 +28,20 @@ __all__ = ["ANNOTATION_MODES", "AnnotationView", "NothingFoundView", "select_ann
 ANNOTATION_MODES = ("full", "image-centric", "decentralized")
 
 
-class AnnotationView(Dataset):
+class _View(Dataset):
+    """A dataset seen with other images or labels: the domains and the check are the wrapped dataset's."""
+
+    def __init__(self, dataset: Dataset, tasks: Iterable[TaskSpec]):
+        self.dataset, self.tasks = dataset, tuple(tasks)
+        self.domains = getattr(dataset, "domains", ())
+
+    def check(self) -> None:
+        """The underlying dataset's own check (e.g. a folder's headers), where it has one."""
+        if hasattr(self.dataset, "check"):
+            self.dataset.check()
+
+
+class AnnotationView(_View):
     """Chosen images of ``dataset`` (``index``), each keeping the annotations named in ``keep``, plus
     ``extra`` labels (e.g. pseudo-labels, by position in the view) where the image has none of its own."""
 
@@ -38,19 +51,12 @@ class AnnotationView(Dataset):
             raise UserError(f"AnnotationView: {len(index)} images but {len(keep)} annotation sets")
         if not index:
             raise UserError("AnnotationView: no image selected")
-        self.dataset, self.index, self.keep = dataset, list(index), list(keep)
+        super().__init__(dataset, (t for t in getattr(dataset, "tasks", ()) if tasks is None or t.name in tasks))
+        self.index, self.keep = list(index), list(keep)
         self.extra = {int(k): dict(v) for k, v in (extra or {}).items()}
-        own = getattr(dataset, "tasks", ())
-        self.tasks = tuple(t for t in own if tasks is None or t.name in tasks)
-        self.domains = getattr(dataset, "domains", ())
 
     def __len__(self) -> int:
         return len(self.index)
-
-    def check(self) -> None:
-        """The underlying dataset's own check (e.g. a folder's headers), where it has one."""
-        if hasattr(self.dataset, "check"):
-            self.dataset.check()
 
     def _select(self, k: int, labels: dict) -> dict:
         kept = {t: y for t, y in labels.items() if self.keep[k] is None or t in self.keep[k]}
@@ -64,7 +70,7 @@ class AnnotationView(Dataset):
         return Sample(s.image, s.domain, self._select(k, s.labels), s.spacing, s.patient_id, dict(s.meta))
 
 
-class NothingFoundView(Dataset):
+class NothingFoundView(_View):
     """``dataset`` with every image labelled as showing none of ``tasks``' findings (the kinds' ``nothing_found``
     label: no lesion, a count of 0, no boxes, an all-background mask) where it has no label of its own: e.g.
     real images as negatives for synthetic-lesion tasks taught on other data."""
@@ -73,29 +79,27 @@ class NothingFoundView(Dataset):
         for spec in tasks:
             if kind_entry(spec.kind).nothing_found is None:
                 raise UserError(f"task {spec.name!r}: kind '{spec.kind}' has no 'nothing found' label")
-        self.dataset, self.absent = dataset, tuple(tasks)
         own = tuple(getattr(dataset, "tasks", ()))
-        self.tasks = own + tuple(t for t in self.absent if t.name not in {o.name for o in own})
-        self.domains = getattr(dataset, "domains", ())
+        super().__init__(dataset, own + tuple(t for t in tasks if t.name not in {o.name for o in own}))
+        self.absent = tuple(tasks)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def check(self) -> None:
-        if hasattr(self.dataset, "check"):
-            self.dataset.check()
-
-    def _with_absent(self, labels: dict, spatial: tuple[int, ...]) -> dict:
-        found = {t.name: kind_entry(t.kind).nothing_found(t, spatial) for t in self.absent if t.name not in labels}
-        return {**labels, **found}
+    def _with_absent(self, labels: dict, spatial: Callable[[], tuple[int, ...]]) -> dict:
+        missing = [t for t in self.absent if t.name not in labels]
+        if not missing:
+            return labels
+        shape = spatial()  # only when a label is added: ``labels_of`` reads the image for it
+        return {**labels, **{t.name: kind_entry(t.kind).nothing_found(t, shape) for t in missing}}
 
     def labels_of(self, i: int) -> dict:
-        return self._with_absent(labels_of(self.dataset, i), tuple(self.dataset[i].image.shape[1:]))
+        return self._with_absent(labels_of(self.dataset, i), lambda: tuple(self.dataset[i].image.shape[1:]))
 
     def __getitem__(self, i: int) -> Sample:
         s = self.dataset[i]
-        return Sample(s.image, s.domain, self._with_absent(s.labels, tuple(s.image.shape[1:])), s.spacing,
-                      s.patient_id, dict(s.meta))
+        labels = self._with_absent(s.labels, lambda: tuple(s.image.shape[1:]))
+        return Sample(s.image, s.domain, labels, s.spacing, s.patient_id, dict(s.meta))
 
 
 def _subset(n: int, fraction: float, generator: torch.Generator) -> list[int]:

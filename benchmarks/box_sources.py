@@ -2,7 +2,8 @@
 
 For every detection task of the model and every two-class mask task labelled on the same images: mAP at
 IoU 0.25 / 0.5 / 0.75 and mean IoU of both sources, and the precision, recall and F0.5 each reaches at its
-calibrated box threshold (the head's when unpaired; see :mod:`medexplore.models.findings`).
+calibrated box threshold (the head's when unpaired; see :mod:`medexplore.models.findings`). The mask's regions
+are those of the model's calibrated minimum size.
 
 Usage: python benchmarks/box_sources.py [MODEL] [--split test] [--root DIR]
 """
@@ -34,9 +35,10 @@ def box_sources(model, dataset, box_task: str, mask_task: str, batch_size: int =
         for record in predict_records(model, samples, [mask_task], [box_task]):
             boxes, scores = record.boxes[box_task]
             targets = torch.as_tensor(record.labels[box_task], dtype=torch.float32).reshape(-1, boxes.shape[-1])
-            regions = mask_regions(record.foreground[mask_task].numpy(), threshold)
+            foreground = record.foreground[mask_task].numpy()
+            min_size = model.inference.region_min_size(mask_task, f"{foreground.ndim}d")
             found["head"].append((boxes, scores, targets))
-            found["mask"].append((regions.boxes, regions.scores, targets))
+            found["mask"].append((*mask_regions(foreground, threshold).scored_boxes(0.0, min_size), targets))
     return found
 
 

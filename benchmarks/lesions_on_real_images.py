@@ -3,8 +3,9 @@
 The embedded tasks (``lesion``, ``lesion_boxes``, ``lesion_mask``) learn synthetic lesions inserted into the
 embedded crops; no MedMNIST image carries them, so every box or lesion voxel on one is a false alarm of those
 tasks (the images' own findings, a tumour or an enlarged gland, are not what the tasks were taught). Per file
-and model: images with at least one box, boxes, and the mean share of voxels marked lesion, by ``infer_image``
-with the model's defaults, over the first ``--per-file`` test images.
+and model: images with at least one box, boxes, the mean share of voxels marked lesion, the mean P(lesion) of
+the presence head and the mean count of the count head (``lesion``, ``lesion_count``), by ``infer_image`` with
+the model's defaults, over the first ``--per-file`` test images.
 
 Usage: python benchmarks/lesions_on_real_images.py [MODEL ...] [--root DIR] [--per-file 60]
 """
@@ -31,15 +32,18 @@ def channels_first(image: np.ndarray, dims: int) -> np.ndarray:
 
 def false_findings(model, images: np.ndarray, domain, dims: int) -> dict[str, float]:
     with_box = boxes = 0
-    shares = []
+    shares, scores = [], {"lesion": [], "lesion_count": []}
     for image in images:
         result = infer_image(model, channels_first(image, dims), domain)
         found = sum(len(b) for b, _ in result.boxes.values())
         with_box, boxes = with_box + (found > 0), boxes + found
         mask = result.segmentations.get("lesion_mask")
         shares.append(0.0 if mask is None else float((mask > 0).mean()))
+        for task, values in scores.items():
+            values.extend(np.asarray(result.scores.get(task, [np.nan]), dtype=float).reshape(-1)[:1])
     return {"images with a box": with_box / len(images), "boxes per image": boxes / len(images),
-            "lesion voxels %": 100 * float(np.mean(shares))}
+            "lesion voxels %": 100 * float(np.mean(shares)), "P(lesion)": float(np.mean(scores["lesion"])),
+            "lesion count": float(np.mean(scores["lesion_count"]))}
 
 
 def main() -> None:
@@ -52,8 +56,8 @@ def main() -> None:
     files = sorted(Path(args.root).glob("*.npz"))
     if not files:
         raise SystemExit(f"no MedMNIST .npz files in {args.root}")
-    print("| file | model | images with a box | boxes per image | lesion voxels % |")
-    print("|---|---|---|---|---|")
+    print("| file | model | images with a box | boxes per image | lesion voxels % | P(lesion) | lesion count |")
+    print("|---|---|---|---|---|---|---|")
     for path in files:
         flag = path.stem.split("_")[0]
         if flag not in MEDMNIST:
@@ -64,7 +68,7 @@ def main() -> None:
         for name, model in models.items():
             row = false_findings(model, images, info.domain, info.dims)
             print(f"| {path.stem} | {name} | {row['images with a box']:.0%} | {row['boxes per image']:.2f} | "
-                  f"{row['lesion voxels %']:.2f} |", flush=True)
+                  f"{row['lesion voxels %']:.2f} | {row['P(lesion)']:.2f} | {row['lesion count']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,18 @@ def test_mask_regions_label_box_and_score_each_connected_region():
     regions = mask_regions(_two_regions(), 0.5)
     assert regions.labels.max() == 2 and (regions.labels > 0).sum() == 12
     assert regions.boxes.tolist() == [[1, 1, 3, 4], [6, 8, 9, 10]]  # corners, ends exclusive: the regions' extent
-    assert regions.scores.numpy() == pytest.approx([0.9, 0.7])
+    assert regions.scores.numpy() == pytest.approx([0.9, 0.7]) and regions.sizes.tolist() == [6, 6]
     kept = regions.mask(0.8)
     assert kept.sum() == 6 and kept[1:3, 1:4].all()  # the hesitant region goes whole, not pixel by pixel
     assert regions.mask(0.6).sum() == 12
     boxes, scores = regions.scored_boxes(0.8)
     assert boxes.tolist() == [[1, 1, 3, 4]] and scores.numpy() == pytest.approx([0.9])
+    specks = _two_regions()
+    specks[5, 0] = specks[9, 0] = 0.95  # two one-pixel regions, the surest of all
+    regions = mask_regions(specks, 0.5)
+    assert regions.sizes.tolist() == [6, 1, 6, 1] and regions.mask(0.8).sum() == 8
+    assert regions.mask(0.8, min_size=2).sum() == 6 and regions.mask(0.0, min_size=7).sum() == 0
+    assert regions.scored_boxes(0.0, min_size=6)[0].tolist() == [[1, 1, 3, 4], [6, 8, 9, 10]]
     empty = mask_regions(np.zeros((4, 4, 4)), 0.5)  # 3D, nothing found
     assert not empty.labels.any() and empty.boxes.shape == (0, 6) and empty.scores.shape == (0,) and not empty.mask(0).any()
 
@@ -54,6 +60,11 @@ def test_inference_reads_paired_boxes_off_the_mask_regions():
     assert len(infer_image(model, volume, MRI, box_threshold=float(scores[0]) + 1e-3).boxes["lesion_boxes"][1]) == 0
     model.inference = InferenceDefaults(mask_thresholds={"lesion_mask": 0.0}, region_thresholds={"lesion_mask": 1.0})
     assert not infer_image(model, volume, MRI).segmentations["lesion_mask"].any()  # no region scores 1
+    for sizes, found in [({"3d": 16 ** 3}, True), ({"3d": 16 ** 3 + 1}, False), ({"2d": 16 ** 3 + 1}, True)]:
+        model.inference = InferenceDefaults(mask_thresholds={"lesion_mask": 0.0}, paired_masks={"lesion_boxes": "lesion_mask"},
+                                            box_thresholds={"lesion_boxes": 0.0}, region_min_sizes={"lesion_mask": sizes})
+        result = infer_image(model, volume, MRI)  # the one region has 16^3 voxels; a 2D minimum leaves 3D alone
+        assert result.segmentations["lesion_mask"].all() == found and len(result.boxes["lesion_boxes"][0]) == found
 
 
 def _records(mask_quality: str) -> list[Record]:
@@ -118,6 +129,31 @@ def test_paired_boxes_are_those_of_the_regions_the_mask_keeps(monkeypatch):
     assert calibration.best_threshold(calibration._box_counts(records, "lesion_boxes", "lesion_mask", 0.6), beta=0.5) == 0.95
 
 
+def test_calibration_sets_the_smallest_region_size_that_drops_the_specks_per_dimensionality(monkeypatch):
+    """2D records: a 25-pixel lesion (0.9) each, and in half of them a false 2-pixel speck scoring higher
+    (0.95), which no score threshold removes. 3D records: a lesion and no speck."""
+    records = []
+    for i in range(8):
+        target, foreground = np.zeros((16, 16), np.int64), torch.zeros(16, 16)
+        target[2:7, 2:7] = 1
+        foreground[2:7, 2:7] = 0.9
+        if i % 2:
+            foreground[12, 12:14] = 0.95
+        records.append(Record({"lesion_mask": target}, {"lesion_mask": foreground}))
+    for _ in range(4):
+        target, foreground = np.zeros((8, 8, 8), np.int64), torch.zeros(8, 8, 8)
+        target[1:4, 1:4, 1:4] = 1
+        foreground[1:4, 1:4, 1:4] = 0.9
+        records.append(Record({"lesion_mask": target}, {"lesion_mask": foreground}))
+    monkeypatch.setattr(calibration, "predict_records", lambda model, samples, masks, boxes, device: records)
+    samples = [Sample(image(2, 16), Domain("2d", "xray", "chest"), {"lesion_mask": torch.zeros(16, 16)})]
+    defaults = calibrate_inference(small_model(TASKS, seg_channels=8), samples)
+    # sizes 3 to 24 all drop the specks and keep the lesions: the smallest; 3D needs no minimum
+    assert defaults.region_min_sizes == {"lesion_mask": {"2d": 3}}
+    assert InferenceDefaults.from_dict(defaults.to_dict()) == defaults
+    assert defaults.region_min_size("lesion_mask", "3d") == 1 and defaults.region_min_size("tissue", "2d") == 1
+
+
 def test_pairs_that_name_no_such_task_are_refused():
     spec = small_model(TASKS).spec_dict()
     for pair, match in [({"tissue": "lesion_mask"}, "'tissue' is not a detection task"),
@@ -128,5 +164,8 @@ def test_pairs_that_name_no_such_task_are_refused():
             Medformer.from_spec_dict(spec)
     with pytest.raises(UserError, match="region_thresholds: task 'm'"):
         InferenceDefaults.from_dict({"region_thresholds": {"m": 2}})
+    for sizes in ({"4d": 3}, {"2d": 0}, {"3d": 2.5}, 3):
+        with pytest.raises(UserError, match="region_min_sizes: task 'm'"):
+            InferenceDefaults.from_dict({"region_min_sizes": {"m": sizes}})
     with pytest.raises(UserError, match="paired_masks: task 'b'"):
         InferenceDefaults.from_dict({"paired_masks": {"b": 3}})

@@ -152,8 +152,8 @@ def iter_infer_image(model: Medformer, image, domain: Domain, tasks: Sequence[st
     model's calibrated threshold per task, :class:`~medexplore.models.InferenceDefaults`, else 0.5); a
     two-class mask with a calibrated threshold marks the pixels whose foreground probability reaches it.
     With a calibrated region threshold, a mask keeps the connected regions whose mean probability reaches
-    it; a detection task that calibration paired with a mask task reads its boxes off that mask's regions
-    (:mod:`medexplore.models.findings`).
+    it, and of at least its calibrated size (pixels, per dimensionality); a detection task that calibration
+    paired with a mask task reads its boxes off that mask's kept regions (:mod:`medexplore.models.findings`).
     ``explain_methods`` are names from :data:`ATTRIBUTION_METHODS`; gradient methods explain
     ``explain_task``; ``explain_options`` passes options per method (e.g. ``{"attention": {"block": 3,
     "head": 0}}``). Stop iterating (a GUI's cancel) and nothing is computed further; bad arguments
@@ -255,17 +255,20 @@ def _infer_steps(model, image, domain, tasks, pairs, explain_methods, explain_ta
     blended = blender.result()
     result = ImageInference(window=roi, num_windows=blender.num_windows)
     defaults = model.inference
+    dims = f"{len(spatial)}d"
     regions = {n: mask_regions(blended[n][1].numpy(), defaults.mask_threshold(n))  # labelled once per mask
-               for n in seg_tasks if n in defaults.region_thresholds or n in pairs.values()}
+               for n in seg_tasks
+               if n in defaults.region_thresholds or n in defaults.region_min_sizes or n in pairs.values()}
     for name in seg_tasks:
         threshold = defaults.mask_thresholds.get(name)
-        if name in defaults.region_thresholds:
-            labels = regions[name].mask(defaults.region_thresholds[name])
+        if name in defaults.region_thresholds or name in defaults.region_min_sizes:
+            labels = regions[name].mask(defaults.region_thresholds.get(name, 0.0), defaults.region_min_size(name, dims))
         else:
             labels = (_first_argmax(blended[name]) if threshold is None else (blended[name][1] >= threshold)).numpy()
         result.segmentations[name] = labels.astype(np.int32)
     for name, mask in pairs.items():
-        result.boxes[name] = _merge_boxes([regions[mask].scored_boxes(thresholds[name])], spatial)
+        result.boxes[name] = _merge_boxes([regions[mask].scored_boxes(thresholds[name],
+                                                                   defaults.region_min_size(mask, dims))], spatial)
     for key in map_names:
         result.maps[key] = blended[key][0].numpy()
     for name in vector_tasks:

@@ -9,12 +9,16 @@
   validation pixels pooled.
 * Per two-class segmentation task, the score a connected region of it needs to be kept (its mean
   probability; :mod:`medexplore.models.findings`), with the best pooled Dice.
+* Per two-class segmentation task and dimensionality, the fewest pixels a kept region needs, from
+  :data:`MIN_SIZES`, with the best F0.5 of the regions' boxes against the boxes of the target's regions
+  (pixel Dice barely sees a one-voxel region; a user sees a whole false finding). Ties go to the smaller
+  size: a lesion smaller than every validation lesion is still found.
 * Per detection task, whether its boxes come from its head or are read off a two-class mask task
   labelled on the same images, at that mask's threshold (:mod:`medexplore.models.findings`): whichever
   reaches the better F0.5 (ties: the head). Head boxes get their best box threshold; boxes read off a mask
   get its region threshold, so that every region the mask keeps has its box and every box its region.
 
-Ties go to the higher threshold (fewer false alarms on healthy images).
+Threshold ties go to the higher threshold (fewer false alarms on healthy images).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from ..models.medformer import Medformer
 __all__ = ["calibrate_inference", "THRESHOLDS", "Record", "best_threshold", "box_counts", "f_scores", "predict_records"]
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)  # the candidates, 0.05 apart
+MIN_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # the candidate region sizes, in pixels
 # boxes: F0.5, precision weighted twice recall. A whole image is tens to hundreds of windows, so a false-alarm
 # rate per validation crop that F1 accepts (0.20 gave 39 boxes on the healthy MNI152 volume) adds up
 BOX_BETA = 0.5
@@ -118,6 +123,9 @@ def calibrate_inference(model: Medformer, dataset: Dataset, batch_size: int = 32
     region_thresholds = {name: best_threshold(_region_counts([r for r in records if name in r.labels and name in r.foreground],
                                                              name, threshold))
                          for name, threshold in mask_thresholds.items()}
+    min_sizes = {name: _best_min_sizes([r for r in records if name in r.labels and name in r.foreground], name,
+                                       threshold, region_thresholds[name])
+                 for name, threshold in mask_thresholds.items()}
     box_thresholds, paired = {}, {}
     for name in (n for n in box_tasks if n in labelled):
         scored = [r for r in records if name in r.labels and name in r.boxes]
@@ -126,13 +134,14 @@ def calibrate_inference(model: Medformer, dataset: Dataset, batch_size: int = 32
         for mask in mask_thresholds:  # a mask labelled wherever the boxes are: the same finding
             if scored and all(mask in r.labels and mask in r.foreground for r in scored):
                 at = region_thresholds[mask]  # the boxes of the regions the mask keeps
-                counts = _box_counts(scored, name, mask, mask_thresholds[mask])
+                counts = _box_counts(scored, name, mask, mask_thresholds[mask], min_sizes[mask])
                 candidates[mask] = (at, f_scores(counts, BOX_BETA)[np.isclose(THRESHOLDS, at)][0])
         best = max(candidates, key=lambda m: (candidates[m][1], m is None))  # ties: the head
         box_thresholds[name] = candidates[best][0]
         if best is not None:
             paired[name] = best
-    return InferenceDefaults(max_tokens, box_thresholds, mask_thresholds, region_thresholds, paired)
+    return InferenceDefaults(max_tokens, box_thresholds, mask_thresholds, region_thresholds, paired,
+                             {name: sizes for name, sizes in min_sizes.items() if sizes})
 
 
 def predict_records(model: Medformer, samples: list, mask_tasks: list[str], box_tasks: list[str], device="cpu"
@@ -151,15 +160,17 @@ def predict_records(model: Medformer, samples: list, mask_tasks: list[str], box_
     return records
 
 
-def _box_counts(records: list[Record], name: str, mask: str | None = None, mask_threshold: float | None = None
-                ) -> np.ndarray:
-    """Pooled :func:`box_counts` of task ``name``: its head's boxes, or those read off ``mask`` at ``mask_threshold``."""
+def _box_counts(records: list[Record], name: str, mask: str | None = None, mask_threshold: float | None = None,
+                min_sizes: dict[str, int] | None = None) -> np.ndarray:
+    """Pooled :func:`box_counts` of task ``name``: its head's boxes, or those read off ``mask`` at ``mask_threshold``
+    (the regions of at least ``min_sizes`` pixels, per dimensionality)."""
     counts = np.zeros((len(THRESHOLDS), 3), np.int64)
     for record in records:
         boxes, scores = record.boxes[name]
         if mask is not None:
-            regions = mask_regions(record.foreground[mask].numpy(), mask_threshold)
-            boxes, scores = regions.boxes, regions.scores
+            foreground = record.foreground[mask].numpy()
+            regions = mask_regions(foreground, mask_threshold)
+            boxes, scores = regions.scored_boxes(0.0, (min_sizes or {}).get(f"{foreground.ndim}d", 1))
         targets = torch.as_tensor(record.labels[name], dtype=torch.float32).reshape(-1, boxes.shape[-1])
         counts += box_counts(boxes, scores, targets)
     return counts
@@ -191,3 +202,21 @@ def _region_counts(records: list[Record], name: str, threshold: float) -> np.nda
         for row, min_score in enumerate(THRESHOLDS):
             counts[row] += _confusion(regions.mask(min_score), target)
     return counts
+
+
+def _best_min_sizes(records: list[Record], name: str, threshold: float, min_score: float) -> dict[str, int]:
+    """Per dimensionality of ``records``, the :data:`MIN_SIZES` entry whose kept regions of mask task ``name``
+    (at ``threshold``, scoring ``min_score``) box the target's regions with the best F0.5 (ties: the smaller);
+    1 is left out (every region is kept without an entry)."""
+    counts: dict[str, np.ndarray] = {}
+    for record in records:
+        foreground = record.foreground[name].numpy()
+        dims = f"{foreground.ndim}d"
+        regions = mask_regions(foreground, threshold)
+        targets = mask_regions(np.asarray(record.labels[name]) > 0, 0.5).boxes
+        rows = counts.setdefault(dims, np.zeros((len(MIN_SIZES), 3), np.int64))
+        for row, size in enumerate(MIN_SIZES):
+            boxes, scores = regions.scored_boxes(min_score, size)
+            rows[row] += box_counts(boxes, scores, targets, thresholds=[0.0])[0]
+    best = {dims: MIN_SIZES[int(np.argmax(f_scores(rows, BOX_BETA)))] for dims, rows in counts.items()}
+    return {dims: size for dims, size in best.items() if size > 1}

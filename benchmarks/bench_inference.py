@@ -132,7 +132,7 @@ def _train_step(model, images: list[torch.Tensor], domain: Domain, tasks: list[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", default="medformer-medmnist-embedded-v4")
+    parser.add_argument("model", nargs="?", default="medformer-medmnist-embedded-v5")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     parser.add_argument("--size", type=int, default=128, help="edge of the random volume (a multiple of 8)")

@@ -174,7 +174,7 @@ def bench_overlays() -> dict:
     t1 = mni152_t1().image[0]
     for prefix, name, task, domain_128 in (("shipped", "medformer-medmnist5-v1", "adrenalmnist3d", ct),
                                            ("embedded_v2", "medformer-medmnist-embedded-v2", "lesion", brain),
-                                           ("embedded", "medformer-medmnist-embedded-v4", "lesion", brain)):
+                                           ("embedded", "medformer-medmnist-embedded-v5", "lesion", brain)):
         shipped = pretrained_folder(name)
         if shipped is None:
             continue

@@ -44,7 +44,7 @@ def box_sources(model, dataset, box_task: str, mask_task: str, batch_size: int =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", nargs="?", default="medformer-medmnist-embedded-v4")
+    parser.add_argument("model", nargs="?", default="medformer-medmnist-embedded-v5")
     parser.add_argument("--split", default="test", choices=("val", "test"))
     parser.add_argument("--root", help="where the MedMNIST files are (default: the checkpoint's)")
     args = parser.parse_args()

@@ -21,7 +21,7 @@ from medexplore.analysis.inference import infer_image
 from medexplore.data.medmnist import MEDMNIST
 from medexplore.train.checkpoint import load_model
 
-DEFAULT_MODELS = ("medformer-medmnist-embedded-v3", "medformer-medmnist-embedded-v4")
+DEFAULT_MODELS = ("medformer-medmnist-embedded-v4", "medformer-medmnist-embedded-v5")
 
 
 def channels_first(image: np.ndarray, dims: int) -> np.ndarray:

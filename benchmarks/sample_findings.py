@@ -22,7 +22,7 @@ from medexplore.data.examples import ct_slice, mni152_t1, mni152_with_lesions, r
 from medexplore.models.boxes import box_iou
 from medexplore.train.checkpoint import load_model
 
-DEFAULT_MODEL = "medformer-medmnist-embedded-v4"
+DEFAULT_MODEL = "medformer-medmnist-embedded-v5"
 LESION_SAMPLES = {"retina": retina_with_lesions, "mni152 lesions": mni152_with_lesions}
 
 

@@ -2,9 +2,9 @@
 
     xvfb-run -a .venv/bin/python scripts/napari_screenshots.py [--out docs/napari] [--root DIR]
 
-Every panel with the shipped models (medformer-medmnist-embedded-v4, and medformer-photos-vicreg-v2 as the
+Every panel with the shipped models (medformer-medmnist-embedded-v5, and medformer-photos-vicreg-v2 as the
 GMoE's general expert) on real MedMNIST images (the official files: ``--root``, ``$MEDMNIST_ROOT`` or
-``../shared/data/medmnist``); then medformer-medmnist-embedded-v4 on the sample images (``--only-samples``:
+``../shared/data/medmnist``); then medformer-medmnist-embedded-v5 on the sample images (``--only-samples``:
 just those).
 """
 from __future__ import annotations

@@ -134,7 +134,7 @@ def test_lesions_on_real_images_prints_a_row_per_file_and_model_and_names_an_emp
     write_npz(tmp_path / "breastmnist.npz", "breastmnist", n=(4, 2, 3))
     write_npz(tmp_path / "adrenalmnist3d.npz", "adrenalmnist3d", n=(4, 2, 3))
     script = str(ROOT / "benchmarks" / "lesions_on_real_images.py")
-    proc = subprocess.run([sys.executable, script, "medformer-medmnist-embedded-v4", "--root", str(tmp_path),
+    proc = subprocess.run([sys.executable, script, "medformer-medmnist-embedded-v5", "--root", str(tmp_path),
                            "--per-file", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "model" not in line]

@@ -4,7 +4,7 @@ files are on this machine, else the notebooks' example model on the embedded dat
 Example:
     >>> show = showcase()                       # doctest: +SKIP
     >>> show.source, len(show.test)              # doctest: +SKIP
-    ('medformer-medmnist-embedded-v4 on the official MedMNIST test splits in ../shared/data/medmnist', 1860)
+    ('medformer-medmnist-embedded-v5 on the official MedMNIST test splits in ../shared/data/medmnist', 1860)
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from .demo import example_run
 __all__ = ["SHIPPED_MEDMNIST", "SHIPPED_GENERAL", "Showcase", "ExplainCase", "official_medmnist_root", "showcase",
            "general_expert", "gmoe_run", "first_of_each_source"]
 
-SHIPPED_MEDMNIST = "medformer-medmnist-embedded-v4"  # the five MedMNIST files and the embedded tasks
+SHIPPED_MEDMNIST = "medformer-medmnist-embedded-v5"  # the five MedMNIST files and the embedded tasks
 SHIPPED_GENERAL = "medformer-photos-vicreg-v2"  # its general expert: VICReg on photographs, same architecture
 FINISHED = "finished"  # marks a run folder whose training ended (not stopped)
 REPOSITORY_SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "medmnist"  # ../shared beside the checkout

@@ -78,7 +78,7 @@ def test_train_learn_retrains_named_parameters_on_a_frozen_model(tmp_path, npz, 
     assert "adaptation" not in json.loads((out / "checkpoints" / "last" / "meta.json").read_text())["model"]
     assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(tmp_path / "bad"),
                  "--init", str(base / "checkpoints" / "last"), *TINY, "--set", "train.learn=[heads.lesion.]"]) == 2
-    assert "no parameter of the model starts with ['heads.lesion.']" in capsys.readouterr().err
+    assert "no parameter of the model is or starts with ['heads.lesion.']" in capsys.readouterr().err
     assert main(["train", "--dataset", "pneumoniamnist", "--data-path", str(npz), "--out", str(tmp_path / "both"),
                  "--init", str(base / "checkpoints" / "last"), "--strategy", "lora", *TINY, *head]) == 2
     assert "both choose what learns" in capsys.readouterr().err
@@ -86,6 +86,25 @@ def test_train_learn_retrains_named_parameters_on_a_frozen_model(tmp_path, npz, 
     assert learn_only(model, ["heads."]) == sum(p.numel() for p in model.heads.parameters())
     model.train()
     assert not model.blocks.training and model.heads.training and "blocks" in model.frozen_modules
+
+
+def test_learn_names_whole_parts_of_parameter_names():
+    """``heads.lesion`` is the lesion head, not ``heads.lesion_mask``; one task's latent queries can learn alone."""
+    from conftest import small_model
+
+    from medexplore.errors import UserError
+    from medexplore.models import TaskSpec
+    from medexplore.train.weights import learn_only
+
+    model = small_model([TaskSpec("lesion", "binary", 1), TaskSpec("lesion_mask", "segmentation", 2)], seg_channels=8)
+    head, query = model.heads["lesion"], model.output_adaptformer.queries["lesion"]
+    expected = sum(p.numel() for p in head.parameters()) + query.numel()
+    for prefixes in (["heads.lesion", "output_adaptformer.queries.lesion"], ["heads.lesion.", "output_adaptformer.queries.lesion."]):
+        assert learn_only(model, prefixes) == expected
+        learning = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert learning == {f"heads.lesion.{n}" for n, _ in head.named_parameters()} | {"output_adaptformer.queries.lesion"}
+    with pytest.raises(UserError, match=r"is or starts with \['heads.lesio'\]"):
+        learn_only(model, ["heads.lesio"])  # part of a name's part names nothing
 
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "mnist"], "unknown dataset 'mnist'; available: \\['embedded', 'folder', 'natural', 'pathmnist'"),

@@ -54,8 +54,9 @@ class TrainConfig:
             average, for an exact resume).
         label_smoothing: move class targets (binary, multiclass, multilabel, ordinal) towards uniform by
             this much (0: off; e.g. 0.1); masks, boxes and regression values are not smoothed.
-        learn: parameter-name prefixes that learn (empty: every parameter), e.g. ``[heads.tissue.]`` to
-            retrain one task's decoder on a frozen model (:func:`~medexplore.train.weights.learn_only`).
+        learn: parameter-name prefixes (whole dotted parts) that learn (empty: every parameter), e.g.
+            ``[heads.tissue.]`` to retrain one task's decoder on a frozen model
+            (:func:`~medexplore.train.weights.learn_only`).
 
     With ``accum_steps > 1`` each task's loss is averaged per micro-batch, which equals the full-batch
     average when every micro-batch carries the same number of that task's labels.

@@ -115,21 +115,23 @@ def adapt_model(model: Medformer, cfg: AdaptConfig | dict) -> AdaptReport:
 
 
 def learn_only(model: Medformer, prefixes: tuple[str, ...] | list[str]) -> int:
-    """Freeze every parameter of ``model`` whose name starts with none of ``prefixes``; returns how many
-    parameters still learn.
+    """Freeze every parameter of ``model`` that none of ``prefixes`` names; returns how many parameters still
+    learn. A prefix names whole dotted parts of a name, with or without the trailing dot: ``heads.lesion``
+    (or ``heads.lesion.``) is that task's head and not ``heads.lesion_mask``, and
+    ``output_adaptformer.queries.lesion`` is one task's latent queries.
 
     The model stays a plain one (no adaptation is recorded, so its checkpoints load and adapt like any
     other); the largest modules with no learning parameter stay in eval mode under ``model.train()``
     (no stochastic depth in a frozen body).
     """
     names = [name for name, _ in model.named_parameters()]
-    unknown = [p for p in prefixes if not any(name.startswith(p) for name in names)]
+    unknown = [p for p in prefixes if not any(_names(p, name) for name in names)]
     if unknown:
         groups = sorted({".".join(n.split(".")[:2]) + "." if n.startswith("heads.") else n.split(".")[0] + "."
                          for n in names})
-        raise UserError(f"train.learn: no parameter of the model starts with {unknown}; its groups are {groups}")
+        raise UserError(f"train.learn: no parameter of the model is or starts with {unknown}; its groups are {groups}")
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(tuple(prefixes)))
+        param.requires_grad_(any(_names(p, name) for p in prefixes))
     frozen: list[str] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(f + ".") for f in frozen):
@@ -140,3 +142,9 @@ def learn_only(model: Medformer, prefixes: tuple[str, ...] | list[str]) -> int:
     model.frozen_modules = frozen
     model.train(model.training)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _names(prefix: str, name: str) -> bool:
+    """Whether ``prefix`` is ``name`` or its first dotted parts (a trailing dot allowed)."""
+    prefix = prefix.rstrip(".")
+    return name == prefix or name.startswith(prefix + ".")

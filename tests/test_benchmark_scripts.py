@@ -141,7 +141,8 @@ def test_lesions_on_real_images_prints_a_row_per_file_and_model_and_names_an_emp
     assert [r[0].strip("| ") for r in rows] == ["adrenalmnist3d", "breastmnist"]
     for row in rows:
         assert row[2].endswith("%") and 0 <= float(row[2][:-1]) <= 100 and 0 <= float(row[4]) <= 100
-        assert 0 <= float(row[5]) <= 1 and float(row[6].strip(" |")) >= 0  # P(lesion), the count head's answer
+        # P(lesion), and the count head's answer (a regression: slightly negative on noise like this)
+        assert 0 <= float(row[5]) <= 1 and abs(float(row[6].strip(" |"))) < 10
     empty = subprocess.run([sys.executable, script, "--root", str(tmp_path / "none")], cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
     assert empty.returncode != 0 and "no MedMNIST .npz files in" in empty.stderr
